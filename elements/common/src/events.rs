@@ -1,0 +1,222 @@
+//! Custom events and element messages shared by the elements.
+//!
+//! Speech boundaries travel as serialized custom downstream events (in order with the audio)
+//! and are also posted as element messages for applications. Transcripts travel as text
+//! buffers, each preceded by a serialized `vox-transcript` event holding the structured data
+//! (segments, words, partial/final), and are posted as element messages with the same fields.
+
+use gst::prelude::*;
+
+pub const SPEECH_START: &str = "vox-speech-start";
+pub const SPEECH_END: &str = "vox-speech-end";
+pub const TRANSCRIPT: &str = "vox-transcript";
+
+/// A speech boundary found by the VAD.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpeechBoundary {
+    /// `true` for speech-start, `false` for speech-end.
+    pub start: bool,
+    /// Stream time (buffer timestamps) of the boundary, padding included.
+    pub pts: gst::ClockTime,
+    /// Running time of the boundary.
+    pub running_time: gst::ClockTime,
+    /// Speech probability: of the first speech chunk (start) or the mean over the utterance (end).
+    pub probability: f64,
+    /// Utterance counter, from 0, per stream.
+    pub utterance: u64,
+}
+
+impl SpeechBoundary {
+    pub fn to_structure(&self) -> gst::Structure {
+        gst::Structure::builder(if self.start { SPEECH_START } else { SPEECH_END })
+            .field("pts", self.pts)
+            .field("running-time", self.running_time)
+            .field("probability", self.probability)
+            .field("utterance", self.utterance)
+            .build()
+    }
+
+    pub fn from_structure(s: &gst::StructureRef) -> Option<Self> {
+        let start = match s.name().as_str() {
+            SPEECH_START => true,
+            SPEECH_END => false,
+            _ => return None,
+        };
+        Some(Self {
+            start,
+            pts: s.get("pts").ok()?,
+            running_time: s.get("running-time").ok()?,
+            probability: s.get("probability").ok()?,
+            utterance: s.get("utterance").ok()?,
+        })
+    }
+
+    pub fn to_event(&self) -> gst::Event {
+        gst::event::CustomDownstream::new(self.to_structure())
+    }
+
+    pub fn from_event(event: &gst::EventRef) -> Option<Self> {
+        if event.type_() != gst::EventType::CustomDownstream {
+            return None;
+        }
+        Self::from_structure(event.structure()?)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Word {
+    pub start: gst::ClockTime,
+    pub end: gst::ClockTime,
+    pub text: String,
+    pub probability: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Segment {
+    /// Stream time of the segment's start and end.
+    pub start: gst::ClockTime,
+    pub end: gst::ClockTime,
+    pub text: String,
+    pub words: Vec<Word>,
+}
+
+/// One utterance's transcript.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Transcript {
+    pub text: String,
+    /// Stream time of the utterance's start, and its length.
+    pub pts: gst::ClockTime,
+    pub duration: gst::ClockTime,
+    /// Interim result while speech continues; a final one follows.
+    pub partial: bool,
+    pub language: String,
+    pub utterance: u64,
+    pub segments: Vec<Segment>,
+    /// Wall time spent in the model for this result.
+    pub inference_time: gst::ClockTime,
+}
+
+impl Transcript {
+    pub fn to_structure(&self) -> gst::Structure {
+        let segments: Vec<gst::glib::SendValue> = self
+            .segments
+            .iter()
+            .map(|seg| {
+                let words: Vec<gst::glib::SendValue> = seg
+                    .words
+                    .iter()
+                    .map(|w| {
+                        gst::Structure::builder("word")
+                            .field("start", w.start)
+                            .field("end", w.end)
+                            .field("text", &w.text)
+                            .field("probability", w.probability)
+                            .build()
+                            .to_send_value()
+                    })
+                    .collect();
+                gst::Structure::builder("segment")
+                    .field("start", seg.start)
+                    .field("end", seg.end)
+                    .field("text", &seg.text)
+                    .field("words", gst::Array::from_values(words))
+                    .build()
+                    .to_send_value()
+            })
+            .collect();
+        gst::Structure::builder(TRANSCRIPT)
+            .field("text", &self.text)
+            .field("pts", self.pts)
+            .field("duration", self.duration)
+            .field("partial", self.partial)
+            .field("language", &self.language)
+            .field("utterance", self.utterance)
+            .field("inference-time", self.inference_time)
+            .field("segments", gst::Array::from_values(segments))
+            .build()
+    }
+
+    pub fn from_structure(s: &gst::StructureRef) -> Option<Self> {
+        if s.name() != TRANSCRIPT {
+            return None;
+        }
+        let segments = s
+            .get::<gst::Array>("segments")
+            .ok()?
+            .iter()
+            .filter_map(|v| v.get::<gst::Structure>().ok())
+            .map(|seg| Segment {
+                start: seg.get("start").unwrap_or_default(),
+                end: seg.get("end").unwrap_or_default(),
+                text: seg.get("text").unwrap_or_default(),
+                words: seg
+                    .get::<gst::Array>("words")
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.get::<gst::Structure>().ok())
+                            .map(|w| Word {
+                                start: w.get("start").unwrap_or_default(),
+                                end: w.get("end").unwrap_or_default(),
+                                text: w.get("text").unwrap_or_default(),
+                                probability: w.get("probability").unwrap_or_default(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Some(Self {
+            text: s.get("text").ok()?,
+            pts: s.get("pts").ok()?,
+            duration: s.get("duration").ok()?,
+            partial: s.get("partial").ok()?,
+            language: s.get("language").unwrap_or_default(),
+            utterance: s.get("utterance").unwrap_or_default(),
+            inference_time: s.get("inference-time").unwrap_or_default(),
+            segments,
+        })
+    }
+
+    pub fn to_event(&self) -> gst::Event {
+        gst::event::CustomDownstream::new(self.to_structure())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn structures_round_trip() {
+        gst::init().unwrap();
+        let b = SpeechBoundary {
+            start: true,
+            pts: gst::ClockTime::from_mseconds(1500),
+            running_time: gst::ClockTime::from_mseconds(1500),
+            probability: 0.93,
+            utterance: 2,
+        };
+        assert_eq!(SpeechBoundary::from_event(&b.to_event()), Some(b));
+        let t = Transcript {
+            text: "hello world".into(),
+            pts: gst::ClockTime::from_seconds(1),
+            duration: gst::ClockTime::from_seconds(2),
+            partial: false,
+            language: "en".into(),
+            utterance: 1,
+            segments: vec![Segment {
+                start: gst::ClockTime::from_seconds(1),
+                end: gst::ClockTime::from_seconds(3),
+                text: "hello world".into(),
+                words: vec![Word {
+                    start: gst::ClockTime::from_seconds(1),
+                    end: gst::ClockTime::from_mseconds(1500),
+                    text: "hello".into(),
+                    probability: 0.9,
+                }],
+            }],
+            inference_time: gst::ClockTime::from_mseconds(120),
+        };
+        assert_eq!(Transcript::from_structure(&t.to_structure()), Some(t));
+    }
+}

