@@ -40,6 +40,9 @@ enum Command {
         /// Inference threads.
         #[arg(short, long, default_value_t = 2)]
         threads: u32,
+        /// Beam width: 1 decodes greedily (fastest), 5 is more accurate.
+        #[arg(long, default_value_t = 5)]
+        beam_size: u32,
         /// Silence that ends an utterance, in milliseconds.
         #[arg(long, default_value_t = 500)]
         min_silence_ms: u32,
@@ -115,6 +118,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             model,
             language,
             threads,
+            beam_size,
             min_silence_ms,
         } => {
             let format = Format::parse(&format).with_context(|| {
@@ -124,6 +128,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 model,
                 language,
                 threads,
+                beam_size,
                 min_silence_ms,
             };
             cmd_transcribe(&files, format, output.as_deref(), &options)?;

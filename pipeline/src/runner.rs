@@ -218,7 +218,7 @@ pub fn check_writable(path: &Path) -> Result<()> {
         })
 }
 
-/// One line for a bus error: the element, GStreamer's message, and the debug detail.
+/// One line for a bus error: the element, the message, and GStreamer's detail when it adds one.
 pub fn describe_error(err: &gst::message::Error) -> String {
     let src = err
         .src()
@@ -226,10 +226,10 @@ pub fn describe_error(err: &gst::message::Error) -> String {
         .unwrap_or_else(|| "pipeline".into());
     let mut line = format!("{src}: {}", err.error());
     if let Some(debug) = err.debug() {
-        let debug = debug.replace('\n', " ");
-        // GStreamer's debug strings start with the source location; keep the human part.
-        let detail = debug.rsplit_once("):\n").map(|(_, d)| d.to_string()).unwrap_or(debug);
-        let detail = detail.rsplit(": ").next().unwrap_or(&detail).trim().to_string();
+        // "file.c(123): function (): /GstPipeline:pipeline0/...:\ndetail" → "detail".
+        let detail = debug.split_once(":\n").map(|(_, d)| d).unwrap_or(&debug);
+        let detail = detail.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>();
+        let detail = detail.join("; ");
         if !detail.is_empty() && !line.contains(&detail) {
             line.push_str(&format!(" ({detail})"));
         }

@@ -28,6 +28,7 @@ pub struct Options {
     pub model: String,
     pub language: String,
     pub threads: u32,
+    pub beam_size: u32,
     pub min_silence_ms: u32,
 }
 
@@ -37,6 +38,7 @@ impl Default for Options {
             model: "tiny.en".into(),
             language: "en".into(),
             threads: 2,
+            beam_size: 5,
             min_silence_ms: 500,
         }
     }
@@ -109,6 +111,7 @@ pub fn transcribe_file(
         ("model", options.model.clone()),
         ("language", options.language.clone()),
         ("threads", options.threads.to_string()),
+        ("beam-size", options.beam_size.to_string()),
         ("min-silence-ms", options.min_silence_ms.to_string()),
     ]
     .into_iter()

