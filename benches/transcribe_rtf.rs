@@ -81,7 +81,9 @@ fn main() {
             .join(" ");
     }
     let d = median(direct);
-    println!("\nOffline transcription, tiny.en, 2 threads, {seconds:.1} s of speech with 1.2 s pauses");
+    println!(
+        "\nOffline transcription, tiny.en, 2 threads, {seconds:.1} s of speech with 1.2 s pauses"
+    );
     println!("| system | wall (median of {RUNS}) | RTF | WER |");
     println!("|---|---|---|---|");
     println!(

@@ -26,8 +26,12 @@ fn bench(c: &mut Criterion) {
         .expect("Silero model and ONNX Runtime: run scripts/setup");
     let (silence, speech) = chunks();
     let mut group = c.benchmark_group("silero_vad_chunk_16k_1thread");
-    group.bench_function("silence", |b| b.iter(|| vad.process(black_box(&silence)).unwrap()));
-    group.bench_function("speech", |b| b.iter(|| vad.process(black_box(&speech)).unwrap()));
+    group.bench_function("silence", |b| {
+        b.iter(|| vad.process(black_box(&silence)).unwrap())
+    });
+    group.bench_function("speech", |b| {
+        b.iter(|| vad.process(black_box(&speech)).unwrap())
+    });
     group.finish();
 }
 

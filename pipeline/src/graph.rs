@@ -101,12 +101,18 @@ impl ParamType {
                     Err(bad("no such file"))
                 }
             }
-            Self::Int => value.parse::<i64>().map(|_| ()).map_err(|_| bad("expected an integer")),
+            Self::Int => value
+                .parse::<i64>()
+                .map(|_| ())
+                .map_err(|_| bad("expected an integer")),
             Self::UInt => value
                 .parse::<u64>()
                 .map(|_| ())
                 .map_err(|_| bad("expected a non-negative integer")),
-            Self::Float => value.parse::<f64>().map(|_| ()).map_err(|_| bad("expected a number")),
+            Self::Float => value
+                .parse::<f64>()
+                .map(|_| ())
+                .map_err(|_| bad("expected a number")),
             Self::Bool => match value {
                 "true" | "false" => Ok(()),
                 _ => Err(bad("expected true or false")),
@@ -160,12 +166,15 @@ impl GraphFile {
                     let name = parts
                         .next()
                         .ok_or_else(|| malformed(line_no, "@param without a name".into()))?;
-                    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                    if !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    {
                         return Err(malformed(line_no, format!("bad parameter name {name:?}")));
                     }
-                    let ty_spec = parts.next().ok_or_else(|| {
-                        malformed(line_no, format!("@param {name} needs a type"))
-                    })?;
+                    let ty_spec = parts
+                        .next()
+                        .ok_or_else(|| malformed(line_no, format!("@param {name} needs a type")))?;
                     let (ty, default) = match ty_spec.split_once('=') {
                         Some((t, d)) => (t, Some(d.to_string())),
                         None => (ty_spec, None),
@@ -179,12 +188,16 @@ impl GraphFile {
                         )
                     })?;
                     if params.iter().any(|p| p.name == name) {
-                        return Err(malformed(line_no, format!("parameter {name} declared twice")));
+                        return Err(malformed(
+                            line_no,
+                            format!("parameter {name} declared twice"),
+                        ));
                     }
                     if let Some(d) = &default
                         && ty != ParamType::File
                     {
-                        ty.check(name, d).map_err(|e| malformed(line_no, e.to_string()))?;
+                        ty.check(name, d)
+                            .map_err(|e| malformed(line_no, e.to_string()))?;
                     }
                     params.push(Param {
                         name: name.to_string(),
@@ -202,7 +215,10 @@ impl GraphFile {
             }
         }
         if body.is_empty() {
-            return Err(malformed(text.lines().count().max(1), "no pipeline description".into()));
+            return Err(malformed(
+                text.lines().count().max(1),
+                "no pipeline description".into(),
+            ));
         }
         let body = body.join(" ");
         // Every ${name} must be declared, and every declared parameter used.
@@ -258,7 +274,12 @@ impl GraphFile {
                 GraphError::UnknownParam {
                     graph: self.name.clone(),
                     name: k.clone(),
-                    known: self.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+                    known: self
+                        .params
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 }
             })?;
             param.ty.check(k, v)?;
@@ -335,7 +356,11 @@ pub fn find(name_or_path: &str) -> Result<GraphFile, GraphError> {
         path: PathBuf::from(format!("{name_or_path}.graph")),
         why: format!(
             "no such graph; `vox graphs` lists the ready ones (looked in {})",
-            graph_dirs().iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            graph_dirs()
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     })
 }
@@ -345,14 +370,20 @@ pub fn list() -> Vec<Result<GraphFile, GraphError>> {
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for dir in graph_dirs() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         let mut paths: Vec<_> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "graph"))
             .collect();
         paths.sort();
         for p in paths {
-            let stem = p.file_stem().unwrap_or_default().to_string_lossy().to_string();
+            let stem = p
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
             if seen.insert(stem) {
                 out.push(GraphFile::load(&p));
             }
@@ -396,7 +427,10 @@ mod tests {
     #[test]
     fn errors_name_the_problem() {
         let g = graph();
-        assert!(matches!(g.bind(&["n=1"]), Err(GraphError::MissingParam { .. })));
+        assert!(matches!(
+            g.bind(&["n=1"]),
+            Err(GraphError::MissingParam { .. })
+        ));
         assert!(matches!(
             g.bind(&["input=/etc/hostname", "bogus=1"]),
             Err(GraphError::UnknownParam { .. })
@@ -409,7 +443,10 @@ mod tests {
             g.bind(&["input=/no/such/file"]),
             Err(GraphError::BadValue { .. })
         ));
-        assert!(matches!(g.bind(&["input"]), Err(GraphError::NotKeyValue(_))));
+        assert!(matches!(
+            g.bind(&["input"]),
+            Err(GraphError::NotKeyValue(_))
+        ));
     }
 
     #[test]

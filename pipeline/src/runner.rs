@@ -57,7 +57,10 @@ pub fn plugin_dirs() -> Vec<PathBuf> {
 pub fn init() -> Result<()> {
     gst::init().map_err(|e| RunError::Init(e.to_string()))?;
     for (file, _) in PLUGINS {
-        let found = plugin_dirs().into_iter().map(|d| d.join(file)).find(|p| p.is_file());
+        let found = plugin_dirs()
+            .into_iter()
+            .map(|d| d.join(file))
+            .find(|p| p.is_file());
         if let Some(path) = found {
             gst::Plugin::load_file(&path).map_err(|e| {
                 RunError::Init(format!("cannot load plugin {}: {e}", path.display()))
@@ -129,9 +132,7 @@ impl AtomicOutputs {
     pub fn redirect(pipeline: &gst::Pipeline) -> Result<Self> {
         let mut files = Vec::new();
         for element in pipeline.iterate_recurse().into_iter().flatten() {
-            let is_filesink = element
-                .factory()
-                .is_some_and(|f| f.name() == "filesink");
+            let is_filesink = element.factory().is_some_and(|f| f.name() == "filesink");
             if !is_filesink {
                 continue;
             }
@@ -228,7 +229,11 @@ pub fn describe_error(err: &gst::message::Error) -> String {
     if let Some(debug) = err.debug() {
         // "file.c(123): function (): /GstPipeline:pipeline0/...:\ndetail" → "detail".
         let detail = debug.split_once(":\n").map(|(_, d)| d).unwrap_or(&debug);
-        let detail = detail.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>();
+        let detail = detail
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>();
         let detail = detail.join("; ");
         if !detail.is_empty() && !line.contains(&detail) {
             line.push_str(&format!(" ({detail})"));

@@ -63,10 +63,8 @@ pub fn check_input(path: &Path) -> Result<(), TranscribeError> {
     })?;
     let n = f.read(&mut head).unwrap_or(0);
     if n == 12 && &head[0..4] == b"RIFF" && &head[8..12] == b"WAVE" {
-        check_wav(path, meta.len()).map_err(|why| TranscribeError::TruncatedWav {
-            path: shown,
-            why,
-        })?;
+        check_wav(path, meta.len())
+            .map_err(|why| TranscribeError::TruncatedWav { path: shown, why })?;
     }
     Ok(())
 }
@@ -178,7 +176,11 @@ pub fn document(mut transcripts: Vec<Transcript>, length: gst::ClockTime) -> Doc
         .max()
         .unwrap_or_default();
     Document {
-        text: segments.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" "),
+        text: segments
+            .iter()
+            .map(|s| s.text.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
         language: transcripts
             .first()
             .map(|t| t.language.clone())

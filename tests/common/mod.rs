@@ -7,7 +7,9 @@ use std::process::{Command, Output};
 
 /// `../shared/fixtures` beside the checkout.
 pub fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures")
+        .join(name);
     assert!(
         p.is_file(),
         "fixture {} is missing: the tests read ../shared/fixtures beside the checkout",
@@ -23,7 +25,13 @@ pub const JFK_TEXT: &str = "And so, my fellow Americans, ask not what your count
 pub fn normalize(text: &str) -> String {
     text.to_lowercase()
         .chars()
-        .map(|c| if c.is_alphanumeric() || c == '\'' { c } else { ' ' })
+        .map(|c| {
+            if c.is_alphanumeric() || c == '\'' {
+                c
+            } else {
+                ' '
+            }
+        })
         .collect::<String>()
         .split_whitespace()
         .collect::<Vec<_>>()
@@ -33,7 +41,11 @@ pub fn normalize(text: &str) -> String {
 /// Word error rate of `hyp` against `reference`, after normalisation.
 pub fn wer(reference: &str, hyp: &str) -> f64 {
     let r: Vec<String> = normalize(reference).split(' ').map(String::from).collect();
-    let h: Vec<String> = normalize(hyp).split(' ').filter(|w| !w.is_empty()).map(String::from).collect();
+    let h: Vec<String> = normalize(hyp)
+        .split(' ')
+        .filter(|w| !w.is_empty())
+        .map(String::from)
+        .collect();
     let mut prev: Vec<usize> = (0..=h.len()).collect();
     for (i, rw) in r.iter().enumerate() {
         let mut cur = vec![i + 1; h.len() + 1];
@@ -47,8 +59,8 @@ pub fn wer(reference: &str, hyp: &str) -> f64 {
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    out
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 pub fn check(cmd: &mut Command) -> String {
@@ -69,15 +81,28 @@ pub fn tool(name: &str) -> Command {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(found, "{name} is missing: run scripts/setup (it installs espeak-ng and sox)");
+    assert!(
+        found,
+        "{name} is missing: run scripts/setup (it installs espeak-ng and sox)"
+    );
     Command::new(name)
 }
 
 /// Speaks `text` with espeak-ng into a 16 kHz mono s16 WAV file.
 pub fn speak(text: &str, out: &Path) {
     let raw = out.with_extension("raw.wav");
-    check(tool("espeak-ng").args(["-v", "en-us", "-s", "160", "-w"]).arg(&raw).arg(text));
-    check(tool("sox").arg(&raw).args(["-r", "16000", "-c", "1", "-b", "16"]).arg(out));
+    check(
+        tool("espeak-ng")
+            .args(["-v", "en-us", "-s", "160", "-w"])
+            .arg(&raw)
+            .arg(text),
+    );
+    check(
+        tool("sox")
+            .arg(&raw)
+            .args(["-r", "16000", "-c", "1", "-b", "16"])
+            .arg(out),
+    );
     std::fs::remove_file(raw).ok();
 }
 
@@ -165,7 +190,8 @@ pub fn vox() -> Command {
 }
 
 pub fn isolate(c: &mut Command) {
-    let registry = std::env::temp_dir().join(format!("vox-test-registry-{}.bin", std::process::id()));
+    let registry =
+        std::env::temp_dir().join(format!("vox-test-registry-{}.bin", std::process::id()));
     c.env("GST_REGISTRY_1_0", registry);
     c.env("GST_PLUGIN_SYSTEM_PATH_1_0", system_plugin_dir());
     c.env_remove("GST_PLUGIN_PATH_1_0");
@@ -184,8 +210,15 @@ pub fn system_plugin_dir() -> String {
 /// panic.
 pub fn assert_one_line_error(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
-    assert_ne!(out.status.code(), Some(101), "exit code 101 means a panic: {stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "exit code 101 means a panic: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");

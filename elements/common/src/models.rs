@@ -202,7 +202,10 @@ pub fn resolve(name_or_path: &str, kind: ModelKind) -> Result<PathBuf> {
         Some(spec) if in_models_dir => verify(&path, spec)?,
         _ if !path.is_file() => {
             return Err(ModelError::Missing {
-                fix: format!("check the path, or give a model name such as {}", default_name(kind)),
+                fix: format!(
+                    "check the path, or give a model name such as {}",
+                    default_name(kind)
+                ),
                 path,
             });
         }

@@ -234,7 +234,10 @@ mod tests {
             }
         );
         match b[1] {
-            Boundary::End { sample, probability } => {
+            Boundary::End {
+                sample,
+                probability,
+            } => {
                 assert_eq!(sample, 30 * N + 100);
                 assert!(probability > 0.5 && probability < 0.9);
             }
@@ -267,7 +270,13 @@ mod tests {
         let b = run(&p);
         assert_eq!(b.len(), 2);
         // Weak chunks after strong ones: the end is placed after the last strong chunk.
-        assert_eq!(b[1], Boundary::End { sample: 10 * N + 100, probability: b[1].probability() });
+        assert_eq!(
+            b[1],
+            Boundary::End {
+                sample: 10 * N + 100,
+                probability: b[1].probability()
+            }
+        );
     }
 
     #[test]

@@ -129,8 +129,11 @@ impl SileroVad {
             )));
         }
         let infer = |e: ort::Error| Error::Inference(e.to_string());
-        let input = Tensor::from_array(([1usize, context_len + chunk], vec![0f32; context_len + chunk]))
-            .map_err(infer)?;
+        let input = Tensor::from_array((
+            [1usize, context_len + chunk],
+            vec![0f32; context_len + chunk],
+        ))
+        .map_err(infer)?;
         let state = Tensor::from_array(([2usize, 1, 128], vec![0f32; STATE_LEN])).map_err(infer)?;
         let sr = Tensor::from_array(ndarray::arr0(i64::from(rate))).map_err(infer)?;
         Ok(Self {
@@ -179,8 +182,13 @@ impl SileroVad {
             .session
             .run(ort::inputs![&self.input, &self.state, &self.sr])
             .map_err(infer)?;
-        let probability = outputs["output"].try_extract_tensor::<f32>().map_err(infer)?.1[0];
-        let (_, new_state) = outputs["stateN"].try_extract_tensor::<f32>().map_err(infer)?;
+        let probability = outputs["output"]
+            .try_extract_tensor::<f32>()
+            .map_err(infer)?
+            .1[0];
+        let (_, new_state) = outputs["stateN"]
+            .try_extract_tensor::<f32>()
+            .map_err(infer)?;
         if new_state.len() != STATE_LEN {
             return Err(Error::Inference(format!(
                 "state of {} values, expected {STATE_LEN}",
@@ -189,7 +197,10 @@ impl SileroVad {
         }
         let new_state = new_state.to_vec();
         drop(outputs);
-        self.state.extract_tensor_mut().1.copy_from_slice(&new_state);
+        self.state
+            .extract_tensor_mut()
+            .1
+            .copy_from_slice(&new_state);
         Ok(probability)
     }
 }

@@ -43,8 +43,12 @@ fn buffer(samples: &[f32], offset: usize, rate: u64) -> gst::Buffer {
     let mut buf = gst::Buffer::from_mut_slice(data);
     {
         let b = buf.get_mut().unwrap();
-        b.set_pts(gst::ClockTime::from_nseconds(offset as u64 * 1_000_000_000 / rate));
-        b.set_duration(gst::ClockTime::from_nseconds(samples.len() as u64 * 1_000_000_000 / rate));
+        b.set_pts(gst::ClockTime::from_nseconds(
+            offset as u64 * 1_000_000_000 / rate,
+        ));
+        b.set_duration(gst::ClockTime::from_nseconds(
+            samples.len() as u64 * 1_000_000_000 / rate,
+        ));
     }
     buf
 }
@@ -59,7 +63,10 @@ fn harness(props: &str) -> Harness {
 /// Pushes audio in 20 ms buffers; returns the speech boundaries seen downstream.
 fn push_all(h: &mut Harness, samples: &[f32]) -> Vec<SpeechBoundary> {
     for (i, chunk) in samples.chunks(320).enumerate() {
-        assert_eq!(h.push(buffer(chunk, i * 320, 16000)), Ok(gst::FlowSuccess::Ok));
+        assert_eq!(
+            h.push(buffer(chunk, i * 320, 16000)),
+            Ok(gst::FlowSuccess::Ok)
+        );
     }
     drain_events(h)
 }
@@ -95,13 +102,16 @@ fn passes_audio_through_unchanged_and_marks_speech() {
         let out = h.pull().unwrap();
         assert_eq!(out.pts(), input.pts());
         assert_eq!(out.duration(), input.duration());
-        assert_eq!(out.map_readable().unwrap().as_slice(), input.map_readable().unwrap().as_slice());
+        assert_eq!(
+            out.map_readable().unwrap().as_slice(),
+            input.map_readable().unwrap().as_slice()
+        );
     }
     let events = drain_events(&mut h);
     h.push_event(gst::event::Eos::new());
     let mut events = events;
     events.extend(drain_events(&mut h));
-    assert!(events.len() >= 2 && events.len() % 2 == 0, "{events:?}");
+    assert!(events.len() >= 2 && events.len().is_multiple_of(2), "{events:?}");
     for pair in events.chunks(2) {
         assert!(pair[0].start && !pair[1].start, "{events:?}");
         assert!(pair[0].pts < pair[1].pts);
@@ -155,7 +165,9 @@ fn flush_resets_state() {
     assert_eq!(events.len(), 1);
     assert!(h.push_event(gst::event::FlushStart::new()));
     assert!(h.push_event(gst::event::FlushStop::new(true)));
-    h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<gst::ClockTime>::new()));
+    h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<
+        gst::ClockTime,
+    >::new()));
     // Silence after the flush: the interrupted utterance does not produce a speech-end.
     let silence = vec![0.0f32; 16000 * 2];
     let events = push_all(&mut h, &silence);
@@ -172,14 +184,29 @@ fn latency_query_reports_what_it_adds() {
     h.set_upstream_latency(gst::ClockTime::from_mseconds(10));
     h.play();
     let mut q = gst::query::Latency::new();
-    assert!(h.element().unwrap().static_pad("src").unwrap().query(&mut q));
+    assert!(
+        h.element()
+            .unwrap()
+            .static_pad("src")
+            .unwrap()
+            .query(&mut q)
+    );
     assert_eq!(q.result().1, gst::ClockTime::from_mseconds(10));
 
     let mut h = harness("mode=drop-silence min-speech-ms=200 speech-pad-ms=30");
     h.set_upstream_latency(gst::ClockTime::from_mseconds(10));
     let mut q = gst::query::Latency::new();
-    assert!(h.element().unwrap().static_pad("src").unwrap().query(&mut q));
-    assert_eq!(q.result().1, gst::ClockTime::from_mseconds(10 + 200 + 30 + 32));
+    assert!(
+        h.element()
+            .unwrap()
+            .static_pad("src")
+            .unwrap()
+            .query(&mut q)
+    );
+    assert_eq!(
+        q.result().1,
+        gst::ClockTime::from_mseconds(10 + 200 + 30 + 32)
+    );
 }
 
 #[test]
@@ -206,7 +233,12 @@ fn drop_silence_passes_only_speech() {
     assert!(first.flags().contains(gst::BufferFlags::DISCONT));
     let start = drain_events(&mut h);
     assert_eq!(start.len(), 1);
-    assert!(first.pts().unwrap() <= start[0].pts, "{:?} > {:?}", first.pts(), start[0].pts);
+    assert!(
+        first.pts().unwrap() <= start[0].pts,
+        "{:?} > {:?}",
+        first.pts(),
+        start[0].pts
+    );
 }
 
 #[test]
@@ -235,7 +267,17 @@ fn missing_model_fails_at_start_naming_the_file() {
     let bus = gst::Bus::new();
     el.set_bus(Some(&bus));
     assert!(el.set_state(gst::State::Ready).is_err());
-    let msg = bus.pop_filtered(&[gst::MessageType::Error]).expect("error message");
-    let gst::MessageView::Error(e) = msg.view() else { unreachable!() };
-    assert!(e.error().to_string().contains("/nonexistent/silero_vad.onnx"), "{}", e.error());
+    let msg = bus
+        .pop_filtered(&[gst::MessageType::Error])
+        .expect("error message");
+    let gst::MessageView::Error(e) = msg.view() else {
+        unreachable!()
+    };
+    assert!(
+        e.error()
+            .to_string()
+            .contains("/nonexistent/silero_vad.onnx"),
+        "{}",
+        e.error()
+    );
 }

@@ -110,8 +110,7 @@ pub fn load(path: &Path) -> Result<Arc<WhisperContext>> {
 
 /// Resolves a model name (`tiny.en`) or path, verifies it, and loads it.
 pub fn load_model(name_or_path: &str) -> Result<Arc<WhisperContext>> {
-    let path =
-        vox_common::models::resolve(name_or_path, vox_common::models::ModelKind::Whisper)?;
+    let path = vox_common::models::resolve(name_or_path, vox_common::models::ModelKind::Whisper)?;
     load(&path)
 }
 
@@ -123,6 +122,43 @@ pub fn audio_ctx_for(samples: usize, model_ctx: i32) -> i32 {
     let seconds = samples as f64 / SAMPLE_RATE as f64;
     let frames = (seconds * FRAMES_PER_SECOND).ceil() as i32 + 128;
     ((frames + 63) / 64 * 64).max(256).min(model_ctx)
+}
+
+/// Removes decoding loops: a run of three or more words repeated right after itself, or a run
+/// of two words repeated three times or more ("and so my fellow Americans, and so my fellow
+/// Americans" → once), Whisper's typical failure on short clips. Words are compared without case
+/// and punctuation; the first occurrence is kept as written.
+pub fn collapse_repeats(text: &str) -> String {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let keys: Vec<String> = words
+        .iter()
+        .map(|w| {
+            w.chars()
+                .filter(|c| c.is_alphanumeric())
+                .flat_map(char::to_lowercase)
+                .collect()
+        })
+        .collect();
+    let mut kept = Vec::with_capacity(words.len());
+    let mut i = 0;
+    'scan: while i < words.len() {
+        for n in (2..=(words.len() - i) / 2).rev() {
+            let mut copies = 1;
+            while i + (copies + 1) * n <= words.len()
+                && keys[i..i + n] == keys[i + copies * n..i + (copies + 1) * n]
+            {
+                copies += 1;
+            }
+            if (n >= 3 && copies >= 2) || copies >= 3 {
+                kept.extend(&words[i..i + n]);
+                i += copies * n;
+                continue 'scan;
+            }
+        }
+        kept.push(words[i]);
+        i += 1;
+    }
+    kept.join(" ")
 }
 
 /// Segments that are only a non-speech annotation ("[BLANK_AUDIO]", "(music)").
@@ -182,7 +218,11 @@ impl Engine {
         params.set_n_threads(opts.threads.max(1) as i32);
         params.set_translate(opts.translate);
         let multilingual = self.ctx.is_multilingual();
-        let language = if multilingual { opts.language.as_str() } else { "en" };
+        let language = if multilingual {
+            opts.language.as_str()
+        } else {
+            "en"
+        };
         params.set_language(Some(language));
         params.set_no_context(true);
         params.set_print_special(false);
@@ -190,6 +230,12 @@ impl Engine {
         params.set_print_realtime(false);
         params.set_print_timestamps(false);
         params.set_suppress_blank(true);
+        // One utterance is at most 30 s: one segment, and a token budget that a speaker cannot
+        // exceed (about 3 tokens per second of speech is typical), so a decoder that starts to
+        // loop is cut short instead of repeating a phrase for seconds of compute.
+        params.set_single_segment(true);
+        let seconds = samples.len() as f64 / SAMPLE_RATE as f64;
+        params.set_max_tokens((seconds * 8.0).ceil() as i32 + 16);
         params.set_token_timestamps(opts.word_timestamps);
         if !opts.initial_prompt.is_empty() {
             params.set_initial_prompt(&opts.initial_prompt);
@@ -200,9 +246,10 @@ impl Engine {
             0 => {}
             n => params.set_audio_ctx(n.min(model_ctx)),
         }
-        params.set_abort_callback_safe::<_, Box<dyn FnMut() -> bool>>(Some(Box::new(
-            move || cancelled(),
-        ) as Box<dyn FnMut() -> bool>));
+        params.set_abort_callback_safe::<_, Box<dyn FnMut() -> bool>>(Some(Box::new(move || {
+            cancelled()
+        })
+            as Box<dyn FnMut() -> bool>));
 
         let result = self.state.full(params, audio);
         if let Err(e) = result {
@@ -263,12 +310,25 @@ impl Engine {
             }
             out.segments.push(seg);
         }
-        out.text = out
-            .segments
-            .iter()
-            .map(|s| s.text.as_str())
-            .collect::<Vec<_>>()
-            .join(" ");
+        // A loop can span segments: drop segments that only repeat the previous one, then
+        // collapse what remains inside each.
+        let mut segments: Vec<SegmentOut> = Vec::with_capacity(out.segments.len());
+        for mut seg in std::mem::take(&mut out.segments) {
+            seg.text = collapse_repeats(&seg.text);
+            let same = |a: &str, b: &str| collapse_repeats(&format!("{a} {b}")) == a;
+            match segments.last_mut() {
+                Some(prev) if same(&prev.text, &seg.text) => prev.end_ms = seg.end_ms,
+                _ => segments.push(seg),
+            }
+        }
+        out.segments = segments;
+        out.text = collapse_repeats(
+            &out.segments
+                .iter()
+                .map(|s| s.text.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
         Ok(out)
     }
 }
@@ -282,6 +342,25 @@ mod tests {
         assert_eq!(audio_ctx_for(16_000, 1500), 256);
         assert_eq!(audio_ctx_for(16_000 * 11, 1500), 704);
         assert_eq!(audio_ctx_for(16_000 * 40, 1500), 1500);
+    }
+
+    #[test]
+    fn repeats_are_collapsed() {
+        assert_eq!(
+            collapse_repeats("And so, my fellow Americans, and so, my fellow Americans, ask not."),
+            "And so, my fellow Americans, ask not."
+        );
+        assert_eq!(
+            collapse_repeats("\"S NOT\" \"S NOT\" \"S NOT\""),
+            "\"S NOT\""
+        );
+        assert_eq!(
+            collapse_repeats("go home go home, now"),
+            "go home go home, now"
+        );
+        assert_eq!(collapse_repeats("a b c a b c a b c d"), "a b c d");
+        assert_eq!(collapse_repeats("no no no"), "no no no");
+        assert_eq!(collapse_repeats(""), "");
     }
 
     #[test]

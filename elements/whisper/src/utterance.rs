@@ -70,6 +70,16 @@ impl UtteranceBuffer {
         self.current = None;
     }
 
+    /// Moves the position to `pos` without audio (a new stream, or a jump too long to fill).
+    /// An open utterance that starts before `pos` is dropped; one that starts later is kept.
+    pub fn seek(&mut self, pos: u64) {
+        self.history.clear();
+        self.history_start = pos;
+        if self.current.as_ref().is_some_and(|u| u.start < pos) {
+            self.current = None;
+        }
+    }
+
     /// Appends audio; returns utterances cut at the maximum length.
     pub fn push(&mut self, samples: &[f32]) -> Vec<Utterance> {
         let mut out = Vec::new();

@@ -119,7 +119,9 @@ fn one_buffer_per_utterance_with_pts_and_duration() {
     let out = collect(&mut h);
     assert_eq!(out.len(), 2, "{out:?}");
     let (buf, t) = &out[1];
-    let text = std::str::from_utf8(&buf.map_readable().unwrap()).unwrap().to_string();
+    let text = std::str::from_utf8(&buf.map_readable().unwrap())
+        .unwrap()
+        .to_string();
     assert_eq!(text, t.text);
     assert_eq!(normalize(&text), "ask what you can do for your country");
     // PTS = utterance start (VAD start less half the 200 ms context padding).
@@ -129,7 +131,11 @@ fn one_buffer_per_utterance_with_pts_and_duration() {
     assert!(!t.partial);
     assert_eq!(t.utterance, 1);
     assert!(!t.segments.is_empty() && t.segments[0].start >= t.pts);
-    assert!(normalize(&out[0].1.text).starts_with("and so my fellow americ"), "{}", out[0].1.text);
+    assert!(
+        normalize(&out[0].1.text).starts_with("and so my fellow americ"),
+        "{}",
+        out[0].1.text
+    );
     let caps = h.sinkpad().unwrap().current_caps().unwrap();
     assert_eq!(caps.structure(0).unwrap().name(), "text/x-raw");
 }
@@ -147,8 +153,14 @@ fn without_vad_transcribes_on_eos_and_at_max_utterance() {
     assert_eq!(out[1].0.duration(), Some(gst::ClockTime::from_seconds(5)));
     // A cut in mid-sentence may cost a word at the seam; the rest must be there.
     let all = normalize(&format!("{} {}", out[0].1.text, out[1].1.text));
-    assert!(all.starts_with("and so my fellow americans ask not"), "{all}");
-    assert!(all.ends_with("ask what you can do for your country"), "{all}");
+    assert!(
+        all.starts_with("and so my fellow americans ask not"),
+        "{all}"
+    );
+    assert!(
+        all.ends_with("ask what you can do for your country"),
+        "{all}"
+    );
 }
 
 #[test]
@@ -168,7 +180,16 @@ fn word_timestamps_are_ordered_and_inside_the_utterance() {
         assert!(w.end <= t.pts + t.duration + gst::ClockTime::from_mseconds(10));
         last = w.start;
     }
-    assert_eq!(normalize(&words.iter().map(|w| w.text.as_str()).collect::<Vec<_>>().join(" ")), normalize(&t.text));
+    assert_eq!(
+        normalize(
+            &words
+                .iter()
+                .map(|w| w.text.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        normalize(&t.text)
+    );
 }
 
 #[test]
@@ -200,14 +221,19 @@ fn flush_drops_work_in_flight() {
     h.push_event(boundary(false, 2270, 0));
     assert!(h.push_event(gst::event::FlushStart::new()));
     assert!(h.push_event(gst::event::FlushStop::new(true)));
-    h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<gst::ClockTime>::new()));
+    h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<
+        gst::ClockTime,
+    >::new()));
     h.push_event(boundary(true, 5378, 1));
     push_range(&mut h, &audio, 5000, 8000);
     h.push_event(boundary(false, 7678, 1));
     h.push_event(gst::event::Eos::new());
     let out = collect(&mut h);
     assert_eq!(out.len(), 1, "only the utterance after the flush: {out:?}");
-    assert_eq!(normalize(&out[0].1.text), "what your country can do for you");
+    assert_eq!(
+        normalize(&out[0].1.text),
+        "what your country can do for you"
+    );
 }
 
 #[test]
@@ -215,7 +241,13 @@ fn latency_query_adds_configured_latency() {
     let mut h = harness("latency-ms=1500");
     h.set_upstream_latency(gst::ClockTime::from_mseconds(20));
     let mut q = gst::query::Latency::new();
-    assert!(h.element().unwrap().static_pad("src").unwrap().query(&mut q));
+    assert!(
+        h.element()
+            .unwrap()
+            .static_pad("src")
+            .unwrap()
+            .query(&mut q)
+    );
     assert_eq!(q.result().1, gst::ClockTime::from_mseconds(1520));
 }
 
@@ -230,11 +262,22 @@ fn model_is_loaded_once_per_process() {
 #[test]
 fn missing_model_fails_at_start_with_fetch_command() {
     init();
-    let el = gst::ElementFactory::make("whisperstt").property("model", "huge").build().unwrap();
+    let el = gst::ElementFactory::make("whisperstt")
+        .property("model", "huge")
+        .build()
+        .unwrap();
     let bus = gst::Bus::new();
     el.set_bus(Some(&bus));
     assert!(el.set_state(gst::State::Ready).is_err());
-    let msg = bus.pop_filtered(&[gst::MessageType::Error]).expect("error message");
-    let gst::MessageView::Error(e) = msg.view() else { unreachable!() };
-    assert!(e.error().to_string().contains("unknown model \"huge\""), "{}", e.error());
+    let msg = bus
+        .pop_filtered(&[gst::MessageType::Error])
+        .expect("error message");
+    let gst::MessageView::Error(e) = msg.view() else {
+        unreachable!()
+    };
+    assert!(
+        e.error().to_string().contains("unknown model \"huge\""),
+        "{}",
+        e.error()
+    );
 }

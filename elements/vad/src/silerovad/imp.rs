@@ -162,14 +162,16 @@ impl SileroVad {
     }
 
     fn settings(&self) -> Settings {
-        self.settings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn load_model(&self, rate: u32) -> Result<SileroModel, gst::ErrorMessage> {
         let model = self.settings().model;
-        SileroModel::load(&model, rate).map_err(|e| {
-            gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e))
-        })
+        SileroModel::load(&model, rate)
+            .map_err(|e| gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e)))
     }
 
     fn boundary(&self, state: &mut State, b: Boundary) -> SpeechBoundary {
@@ -211,7 +213,8 @@ impl SileroVad {
                 gst::element_imp_error!(
                     self,
                     gst::CoreError::Negotiation,
-                    ("no caps received before the first buffer"));
+                    ("no caps received before the first buffer")
+                );
                 return Err(gst::FlowError::NotNegotiated);
             }
             let rate = u64::from(state.rate);
@@ -230,9 +233,10 @@ impl SileroVad {
                 gst::element_imp_error!(self, gst::StreamError::Decode, ("unreadable buffer"));
                 gst::FlowError::Error
             })?;
-            state
-                .pending
-                .extend(map.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            state.pending.extend(
+                map.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
             drop(map);
 
             let chunk = state.model.as_ref().map(|m| m.chunk_len()).unwrap_or(512);
@@ -311,7 +315,9 @@ impl SileroVad {
             .and_then(|b| b.pts().map(|p| p + b.duration().unwrap_or_default()));
         while state.held.len() > 1 {
             let front = &state.held[0];
-            let front_end = front.pts().map(|p| p + front.duration().unwrap_or_default());
+            let front_end = front
+                .pts()
+                .map(|p| p + front.duration().unwrap_or_default());
             match (front_end, newest_end) {
                 (Some(fe), Some(ne)) if ne.saturating_sub(fe) > keep => {
                     let buf = state.held.pop_front().expect("len > 1");
@@ -336,12 +342,7 @@ impl SileroVad {
                     );
                     self.srcpad.push_event(boundary.to_event());
                 }
-                Output::Buffer(buffer) => {
-                    flow = self.srcpad.push(buffer);
-                    if flow.is_err() {
-                        return flow;
-                    }
-                }
+                Output::Buffer(buffer) => flow = Ok(self.srcpad.push(buffer)?),
                 Output::Gap(pts, duration) => {
                     self.srcpad
                         .push_event(gst::event::Gap::builder(pts).duration(duration).build());
@@ -423,9 +424,9 @@ impl SileroVad {
                 state.model.as_ref().map(|m| m.chunk_len()).unwrap_or(512) as u64
             };
             let rate = u64::from(self.lock_state().rate.max(8000));
-            let ours = self
-                .settings()
-                .latency(gst::ClockTime::from_nseconds(chunk_len * 1_000_000_000 / rate));
+            let ours = self.settings().latency(gst::ClockTime::from_nseconds(
+                chunk_len * 1_000_000_000 / rate,
+            ));
             gst::debug!(CAT, imp = self, "adding {ours} latency");
             q.set(live, min + ours, max.map(|m| m + ours));
             return true;

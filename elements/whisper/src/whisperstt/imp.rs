@@ -100,8 +100,10 @@ struct Shared {
 }
 
 struct State {
+    /// Sample positions are stream time in samples: position p is at p / 16000 s.
     buffer: UtteranceBuffer,
-    anchor: Option<(u64, gst::ClockTime)>,
+    /// Whether audio arrived since the start (or the last flush).
+    started: bool,
     utterance_id: u64,
     last_interim_len: usize,
     worker: Option<Worker>,
@@ -111,7 +113,7 @@ impl Default for State {
     fn default() -> Self {
         Self {
             buffer: UtteranceBuffer::new(0, 1),
-            anchor: None,
+            started: false,
             utterance_id: 0,
             last_interim_len: 0,
             worker: None,
@@ -121,22 +123,11 @@ impl Default for State {
 
 impl State {
     fn pts_of(&self, sample: u64) -> gst::ClockTime {
-        let (s0, p0) = self.anchor.unwrap_or((0, gst::ClockTime::ZERO));
-        if sample >= s0 {
-            p0 + samples_to_time(sample - s0)
-        } else {
-            p0.saturating_sub(samples_to_time(s0 - sample))
-        }
+        samples_to_time(sample)
     }
 
     fn sample_of(&self, pts: gst::ClockTime) -> u64 {
-        let (s0, p0) = self.anchor.unwrap_or((0, gst::ClockTime::ZERO));
-        let rate = engine::SAMPLE_RATE as u64;
-        if pts >= p0 {
-            s0 + (pts - p0).nseconds() * rate / 1_000_000_000
-        } else {
-            s0.saturating_sub((p0 - pts).nseconds() * rate / 1_000_000_000)
-        }
+        pts.nseconds() * engine::SAMPLE_RATE as u64 / 1_000_000_000
     }
 }
 
@@ -155,7 +146,10 @@ pub struct WhisperStt {
 
 impl WhisperStt {
     fn settings(&self) -> Settings {
-        self.settings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -167,15 +161,24 @@ impl WhisperStt {
     }
 
     fn queue(&self, state: &State, work: Work) {
-        match (&state.worker, work) {
-            (Some(worker), work) => {
-                let _ = worker.tx.send(work);
-            }
-            // Not started (no worker): serialized events go straight on.
-            (None, Work::Event(event, _)) => {
-                self.srcpad.push_event(event);
-            }
-            (None, _) => {}
+        if let Some(worker) = &state.worker {
+            let _ = worker.tx.send(work);
+        }
+    }
+
+    /// Sends a serialized event downstream in order with the transcripts: through the worker's
+    /// queue, or straight on when no worker runs (element not started).
+    fn forward_serialized(
+        &self,
+        state: std::sync::MutexGuard<'_, State>,
+        event: gst::Event,
+    ) -> bool {
+        if state.worker.is_some() {
+            self.queue(&state, Work::Event(event, self.generation()));
+            true
+        } else {
+            drop(state);
+            self.srcpad.push_event(event)
         }
     }
 
@@ -211,8 +214,8 @@ impl WhisperStt {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or_else(|| gst::error_msg!(gst::CoreError::StateChange, ("model not loaded")))?;
-        let engine = Engine::new(ctx)
-            .map_err(|e| gst::error_msg!(gst::LibraryError::Init, ("{}", e)))?;
+        let engine =
+            Engine::new(ctx).map_err(|e| gst::error_msg!(gst::LibraryError::Init, ("{}", e)))?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let element = self.obj().downgrade();
         let handle = std::thread::Builder::new()
@@ -248,17 +251,35 @@ impl WhisperStt {
             .collect();
         drop(map);
         let mut state = self.lock_state();
+        let mut samples = &samples[..];
+        // Keep sample positions equal to stream time: fill short gaps with silence, skip
+        // overlaps, jump over long gaps.
         if let Some(pts) = buffer.pts() {
+            let at = state.sample_of(pts);
             let position = state.buffer.position();
-            let drift = state.anchor.map(|_| state.pts_of(position).absdiff(pts));
-            if state.anchor.is_none()
-                || buffer.flags().contains(gst::BufferFlags::DISCONT)
-                || drift.is_some_and(|d| d > gst::ClockTime::from_mseconds(20))
-            {
-                state.anchor = Some((position, pts));
+            let tolerance = engine::SAMPLE_RATE as u64 / 50;
+            if !state.started {
+                state.buffer.seek(at);
+            } else if at > position + tolerance {
+                let gap = at - position;
+                if gap <= u64::from(settings.max_utterance_ms) * engine::SAMPLE_RATE as u64 / 1000 {
+                    let cut = state.buffer.push(&vec![0.0; gap as usize]);
+                    for utterance in cut {
+                        self.queue_utterance(&mut state, utterance, false);
+                    }
+                } else {
+                    if let Some(u) = state.buffer.finish() {
+                        self.queue_utterance(&mut state, u, false);
+                    }
+                    state.buffer.seek(at);
+                }
+            } else if at + tolerance < position {
+                let overlap = ((position - at) as usize).min(samples.len());
+                samples = &samples[overlap..];
             }
         }
-        let cut = state.buffer.push(&samples);
+        state.started = true;
+        let cut = state.buffer.push(samples);
         for utterance in cut {
             self.queue_utterance(&mut state, utterance, false);
         }
@@ -303,32 +324,27 @@ impl WhisperStt {
                 {
                     let mut state = self.lock_state();
                     state.buffer.reset();
-                    state.anchor = None;
+                    state.started = false;
                     state.last_interim_len = 0;
                 }
                 self.shared.busy.store(false, Ordering::SeqCst);
                 self.srcpad.push_event(event)
             }
             EventView::Caps(_) => {
-                let caps = gst::Caps::builder("text/x-raw").field("format", "utf8").build();
-                let state = self.lock_state();
-                self.queue(&state, Work::Event(gst::event::Caps::new(&caps), self.generation()));
-                true
+                let caps = gst::Caps::builder("text/x-raw")
+                    .field("format", "utf8")
+                    .build();
+                self.forward_serialized(self.lock_state(), gst::event::Caps::new(&caps))
             }
             EventView::Eos(_) => {
                 let mut state = self.lock_state();
                 if let Some(u) = state.buffer.finish() {
                     self.queue_utterance(&mut state, u, false);
                 }
-                self.queue(&state, Work::Event(event, self.generation()));
-                true
+                self.forward_serialized(state, event)
             }
             EventView::Gap(_) => true,
-            _ if event.is_serialized() => {
-                let state = self.lock_state();
-                self.queue(&state, Work::Event(event, self.generation()));
-                true
-            }
+            _ if event.is_serialized() => self.forward_serialized(self.lock_state(), event),
             _ => gst::Pad::event_default(pad, Some(&*self.obj()), event),
         }
     }
@@ -405,7 +421,11 @@ impl WhisperStt {
     }
 }
 
-fn worker_loop(element: glib::WeakRef<super::WhisperSttElement>, mut engine: Engine, rx: Receiver<Work>) {
+fn worker_loop(
+    element: glib::WeakRef<super::WhisperSttElement>,
+    mut engine: Engine,
+    rx: Receiver<Work>,
+) {
     for work in rx {
         let Some(obj) = element.upgrade() else { return };
         let imp = obj.imp();
@@ -438,7 +458,8 @@ fn worker_loop(element: glib::WeakRef<super::WhisperSttElement>, mut engine: Eng
                         gst::element_imp_warning!(
                             imp,
                             gst::StreamError::Failed,
-                            ("utterance {} at {}: {}", job.id, job.pts, e));
+                            ("utterance {} at {}: {}", job.id, job.pts, e)
+                        );
                     }
                 }
             }
@@ -589,11 +610,19 @@ impl ObjectImpl for WhisperStt {
         match pspec.name() {
             "model" => {
                 let m = string(value);
-                s.model = if m.is_empty() { DEFAULT_MODEL.into() } else { m };
+                s.model = if m.is_empty() {
+                    DEFAULT_MODEL.into()
+                } else {
+                    m
+                };
             }
             "language" => {
                 let l = string(value);
-                s.options.language = if l.is_empty() { DEFAULT_LANGUAGE.into() } else { l };
+                s.options.language = if l.is_empty() {
+                    DEFAULT_LANGUAGE.into()
+                } else {
+                    l
+                };
             }
             "translate" => s.options.translate = value.get().expect("type checked upstream"),
             "threads" => s.options.threads = value.get().expect("type checked upstream"),
@@ -664,7 +693,9 @@ impl ElementImpl for WhisperStt {
                 .field("channels", 1i32)
                 .field("rate", engine::SAMPLE_RATE as i32)
                 .build();
-            let src_caps = gst::Caps::builder("text/x-raw").field("format", "utf8").build();
+            let src_caps = gst::Caps::builder("text/x-raw")
+                .field("format", "utf8")
+                .build();
             vec![
                 gst::PadTemplate::new(
                     "src",
@@ -697,7 +728,8 @@ impl ElementImpl for WhisperStt {
                     Err(e) => {
                         self.post_error_message(gst::error_msg!(
                             gst::ResourceError::OpenRead,
-                            ("{}", e)));
+                            ("{}", e)
+                        ));
                         return Err(gst::StateChangeError);
                     }
                 }
@@ -711,7 +743,7 @@ impl ElementImpl for WhisperStt {
                         LOOKBACK_MS as usize * per_ms,
                         settings.max_utterance_ms as usize * per_ms,
                     );
-                    state.anchor = None;
+                    state.started = false;
                     state.utterance_id = 0;
                     state.last_interim_len = 0;
                 }
