@@ -22,14 +22,14 @@ fn main() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // Two passes over the six sentences with 1.2 s pauses: about a minute.
+    // Three passes over the six sentences with 1.2 s pauses: about a minute.
     let once = common::multi_utterance_file(dir.path(), 1.2);
     let input = dir.path().join("minute.wav");
-    common::concat(&[once.clone(), once], &input);
+    common::concat(&[once.clone(), once.clone(), once], &input);
     let (samples, rate) = common::read_wav(&input);
     assert_eq!(rate, 16000);
     let seconds = samples.len() as f64 / 16000.0;
-    let reference = format!("{0} {0}", common::SENTENCES.join(" "));
+    let reference = format!("{0} {0} {0}", common::SENTENCES.join(" "));
 
     // Ours, in process (plugins from the build directory, model loaded once).
     vox_pipeline::runner::init().expect("GStreamer and our plugins");

@@ -80,6 +80,10 @@ enum ModelsCommand {
         /// Download the file from this URL instead of the package registry.
         #[arg(long)]
         url: Option<String>,
+        /// With --url: the file's sha256, for files other than the catalogue's (e.g. the
+        /// official ggml files); it is pinned beside the file and checked from then on.
+        #[arg(long, requires = "url")]
+        sha256: Option<String>,
     },
     /// Convert a CTranslate2 Whisper model directory (model.bin, vocabulary.txt) to ggml.
     ConvertCt2 {
@@ -337,7 +341,7 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
                 );
             }
         }
-        ModelsCommand::Fetch { names, url } => {
+        ModelsCommand::Fetch { names, url, sha256 } => {
             let specs: Vec<_> = if names.is_empty() {
                 CATALOGUE.iter().filter(|s| s.default).collect()
             } else {
@@ -362,7 +366,7 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
             }
             for spec in specs {
                 let result = match &url {
-                    Some(u) => fetch::fetch_url(spec, &dir, u),
+                    Some(u) => fetch::fetch_url(spec, &dir, u, sha256.as_deref()),
                     None => fetch::fetch(spec, &dir),
                 }
                 .with_context(|| format!("cannot fetch {}", spec.name))?;

@@ -542,3 +542,150 @@ fn gst_inspect_documents_every_property() {
         assert!(out.contains("Default:"), "{out}");
     }
 }
+
+/// A loopback HTTP server (Python's http.server) serving `dir`, for the `--url` source.
+struct FileServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl FileServer {
+    fn start(dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = tool("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Self { child, port };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("http.server did not start");
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn models_fetch_from_a_url_verifies_or_pins_the_digest() {
+    let real = check(vox().args(["models", "dir"]));
+    let served = tempfile::tempdir().unwrap();
+    fs::copy(
+        Path::new(real.trim()).join("silero_vad.onnx"),
+        served.path().join("silero_vad.onnx"),
+    )
+    .unwrap();
+    fs::write(served.path().join("other.onnx"), b"somebody else's model").unwrap();
+    let server = FileServer::start(served.path());
+    let models = tempfile::tempdir().unwrap();
+    let url = |f: &str| format!("http://127.0.0.1:{}/{f}", server.port);
+
+    // The catalogue's file from a URL: verified against the catalogue digest.
+    let out = check(
+        vox()
+            .args([
+                "models",
+                "fetch",
+                "silero-vad",
+                "--url",
+                &url("silero_vad.onnx"),
+            ])
+            .env("VOX_MODELS", models.path()),
+    );
+    assert!(out.contains("fetched and verified"), "{out}");
+    // Another file: refused without a digest, and nothing is left behind.
+    let res = run(vox()
+        .args(["models", "fetch", "silero-vad", "--url", &url("other.onnx")])
+        .env("VOX_MODELS", tempfile::tempdir().unwrap().path()));
+    assert_one_line_error(&res, "sha256");
+    // With the user's digest it is pinned, and `models list` accepts it.
+    let sha = "5b1ad3bd1a7b9b0a8a4fb5c8ebb4a6e0fd7b6b4e1b0b7c1f3d7a0fb3d5a1e9c2";
+    let res = run(vox()
+        .args([
+            "models",
+            "fetch",
+            "silero-vad",
+            "--url",
+            &url("other.onnx"),
+            "--sha256",
+            sha,
+        ])
+        .env("VOX_MODELS", models.path()));
+    assert_one_line_error(&res, "sha256");
+    let actual = {
+        use std::process::Command;
+        let o = Command::new("sha256sum")
+            .arg(served.path().join("other.onnx"))
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    check(
+        vox()
+            .args([
+                "models",
+                "fetch",
+                "silero-vad",
+                "--url",
+                &url("other.onnx"),
+                "--sha256",
+                &actual,
+            ])
+            .env("VOX_MODELS", models.path()),
+    );
+    let list = check(
+        vox()
+            .args(["models", "list"])
+            .env("VOX_MODELS", models.path()),
+    );
+    let line = list.lines().find(|l| l.starts_with("silero-vad")).unwrap();
+    assert!(line.contains("present"), "{list}");
+    // The user's choice stands: a plain fetch (as scripts/setup runs) keeps it.
+    let out = check(
+        vox()
+            .args(["models", "fetch", "silero-vad"])
+            .env("VOX_MODELS", models.path()),
+    );
+    assert!(out.contains("already present"), "{out}");
+    // Changing the pinned file is detected.
+    fs::write(
+        models.path().join("silero_vad.onnx"),
+        b"somebody else's modeL",
+    )
+    .unwrap();
+    let list = check(
+        vox()
+            .args(["models", "list"])
+            .env("VOX_MODELS", models.path()),
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("silero-vad") && l.contains("corrupt")),
+        "{list}"
+    );
+}

@@ -203,6 +203,7 @@ pub fn fetch(spec: &ModelSpec, dir: &Path) -> Result<Fetched> {
     if models::verify(&dest, spec).is_ok() {
         return Ok(Fetched::AlreadyPresent);
     }
+    models::unpin(&dest);
     fs::create_dir_all(dir).map_err(|e| io(dir.display(), e))?;
     let work = tempfile::Builder::new()
         .prefix(".fetch-")
@@ -254,11 +255,28 @@ pub fn fetch(spec: &ModelSpec, dir: &Path) -> Result<Fetched> {
 }
 
 /// Downloads a model file from a plain URL (for users with wider internet access, e.g. the
-/// official ggml files); `sha256` is required unless the catalogue has the file's digest.
-pub fn fetch_url(spec: &ModelSpec, dir: &Path, url: &str) -> Result<Fetched> {
+/// official ggml files). The file must match the catalogue's digest, or the `sha256` the user
+/// gives, which is then pinned beside the file so later checks use it.
+pub fn fetch_url(spec: &ModelSpec, dir: &Path, url: &str, sha256: Option<&str>) -> Result<Fetched> {
     let dest = dir.join(spec.file);
     fs::create_dir_all(dir).map_err(|e| io(dir.display(), e))?;
-    download(url, &dest, spec.sha256, spec.name)?;
+    let staged = dir.join(format!(".{}.download", spec.file));
+    let expected = sha256.or(spec.sha256);
+    download(url, &staged, expected, spec.name)?;
+    match sha256 {
+        Some(sha) => {
+            let size = fs::metadata(&staged)
+                .map_err(|e| io(staged.display(), e))?
+                .len();
+            fs::rename(&staged, &dest).map_err(|e| io(dest.display(), e))?;
+            models::pin(&dest, size, sha).map_err(|e| io(dest.display(), e))?;
+        }
+        None => {
+            models::verify(&staged, spec)?;
+            fs::rename(&staged, &dest).map_err(|e| io(dest.display(), e))?;
+            models::unpin(&dest);
+        }
+    }
     models::verify(&dest, spec)?;
     Ok(Fetched::Downloaded)
 }

@@ -112,12 +112,18 @@ fn latencies(outputs: &[(f64, String)], truth: &[(f64, f64)]) -> Vec<f64> {
             let next = truth.get(i + 1).map(|t| t.0).unwrap_or(f64::MAX);
             let last = outputs
                 .iter()
-                .filter(|(t, text)| *t > *start && *t < next && !text.trim().is_empty())
+                .filter(|(t, text)| *t > *start && *t < next && is_words(text))
                 .map(|(t, _)| *t)
                 .fold(f64::NAN, f64::max);
             last - end
         })
         .collect()
+}
+
+/// Text that is words, not empty or an annotation such as whisper.cpp's "[BLANK_AUDIO]".
+fn is_words(text: &str) -> bool {
+    let t = text.trim();
+    !t.is_empty() && !(t.starts_with('[') && t.ends_with(']'))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -239,7 +239,33 @@ pub fn status(path: &Path, spec: &ModelSpec) -> Status {
     }
 }
 
-/// Checks that `path` exists and has the catalogue's size and sha256.
+/// A digest the user chose for a file fetched from elsewhere (`vox models fetch NAME --url URL
+/// --sha256 HEX`, e.g. the official ggml files): `<file>.pinned` holds "SIZE SHA256".
+fn pinned(path: &Path) -> Option<(u64, String)> {
+    let mut name = path.file_name()?.to_os_string();
+    name.push(".pinned");
+    let text = fs::read_to_string(path.with_file_name(name)).ok()?;
+    let mut parts = text.split_whitespace();
+    let size = parts.next()?.parse().ok()?;
+    let sha = parts.next()?.to_string();
+    Some((size, sha))
+}
+
+/// Records the digest of a file the user fetched from a URL of their choice.
+pub fn pin(path: &Path, size: u64, sha256: &str) -> std::io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".pinned");
+    fs::write(path.with_file_name(name), format!("{size} {sha256}\n"))
+}
+
+/// Removes a pin (the catalogue's file replaces a user's file).
+pub fn unpin(path: &Path) {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".pinned");
+    let _ = fs::remove_file(path.with_file_name(name));
+}
+
+/// Checks that `path` exists and has the catalogue's size and sha256 (or the pinned ones).
 pub fn verify(path: &Path, spec: &ModelSpec) -> Result<()> {
     let fix = fetch_command(spec);
     let meta = match fs::metadata(path) {
@@ -251,14 +277,19 @@ pub fn verify(path: &Path, spec: &ModelSpec) -> Result<()> {
             });
         }
     };
-    if meta.len() != spec.size {
+    let pin = pinned(path);
+    let (size, expected) = match &pin {
+        Some((size, sha)) => (*size, Some(sha.as_str())),
+        None => (spec.size, spec.sha256),
+    };
+    if meta.len() != size {
         return Err(ModelError::Corrupt {
             path: path.to_path_buf(),
-            why: format!("{} bytes, expected {}", meta.len(), spec.size),
+            why: format!("{} bytes, expected {}", meta.len(), size),
             fix,
         });
     }
-    let Some(expected) = spec.sha256 else {
+    let Some(expected) = expected else {
         return Ok(());
     };
     let mtime = meta

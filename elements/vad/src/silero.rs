@@ -114,7 +114,7 @@ impl SileroVad {
         };
         let session = Session::builder(env)
             .map_err(|e| load_err(&e))?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(|e| load_err(&e))?
             .with_intra_threads(1)
             .map_err(|e| load_err(&e))?

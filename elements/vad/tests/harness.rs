@@ -111,7 +111,10 @@ fn passes_audio_through_unchanged_and_marks_speech() {
     h.push_event(gst::event::Eos::new());
     let mut events = events;
     events.extend(drain_events(&mut h));
-    assert!(events.len() >= 2 && events.len().is_multiple_of(2), "{events:?}");
+    assert!(
+        events.len() >= 2 && events.len().is_multiple_of(2),
+        "{events:?}"
+    );
     for pair in events.chunks(2) {
         assert!(pair[0].start && !pair[1].start, "{events:?}");
         assert!(pair[0].pts < pair[1].pts);
