@@ -96,11 +96,10 @@ fn same_text_at_48k_stereo_and_as_flac_and_ogg() {
     check(tool("sox").arg(fixture("jfk.wav")).arg(&ogg));
     for input in [&stereo, &flac, &ogg] {
         let text = check(vox().arg("transcribe").arg(input));
-        // Resampled (48 kHz → 16 kHz) or lossy (Vorbis) audio is not the same samples, and
-        // tiny.en's output on JFK's 1.2 s "ask not" is fragile (seen: "S NOT S NOT"); every
-        // other utterance must come out the same.
+        // Resampled (48 kHz → 16 kHz) or lossy (Vorbis) audio is not the same samples; the
+        // words must still be the same (a margin of one word in twenty for lossy codecs).
         assert!(
-            wer(&reference, &text) <= 0.15,
+            wer(&reference, &text) <= 0.05,
             "{}: {text:?} vs {reference:?}",
             input.display()
         );
@@ -569,9 +568,11 @@ impl FileServer {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // Dropping the server kills and waits for the child, also when it fails to start.
+        let server = Self { child, port };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Self { child, port };
+                return server;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

@@ -12,6 +12,11 @@ use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextPar
 pub const SAMPLE_RATE: usize = 16_000;
 /// whisper.cpp ignores input shorter than 1 s (100 mel frames): shorter utterances are padded.
 const MIN_SAMPLES: usize = SAMPLE_RATE * 11 / 10;
+/// Silence put between utterances transcribed together.
+pub const BATCH_GAP: usize = SAMPLE_RATE * 4 / 10;
+/// In a batch, a word belongs to the utterance that started at most this long before its DTW
+/// time: the last word of an utterance is often timed a little after the utterance's end.
+const OWNER_LEAD_MS: u64 = 100;
 /// Encoder frames per second of audio (1500 frames for the 30 s window).
 const FRAMES_PER_SECOND: f64 = 50.0;
 
@@ -99,6 +104,16 @@ pub fn load(path: &Path) -> Result<Arc<WhisperContext>> {
     }
     let mut params = WhisperContextParameters::default();
     params.use_gpu(cfg!(feature = "cuda"));
+    // DTW token timestamps (Whisper's alignment heads) place words far better than the
+    // probability heuristic; batches use them to give each word back to its utterance.
+    if let Some(preset) = dtw_preset(&key) {
+        params.dtw_parameters = whisper_rs::DtwParameters {
+            mode: whisper_rs::DtwMode::ModelPreset {
+                model_preset: preset,
+            },
+            dtw_mem_size: 32 << 20,
+        };
+    }
     let ctx = WhisperContext::new_with_params(&key, params).map_err(|e| Error::Load {
         path: key.clone(),
         why: format!("{e} (is it a whisper.cpp ggml file?)"),
@@ -106,6 +121,39 @@ pub fn load(path: &Path) -> Result<Arc<WhisperContext>> {
     let ctx = Arc::new(ctx);
     models.insert(key, ctx.clone());
     Ok(ctx)
+}
+
+/// The alignment-head preset for a ggml Whisper file, from its header (vocabulary size tells
+/// English-only from multilingual, layer count the size); `None` for unknown shapes.
+fn dtw_preset(path: &Path) -> Option<whisper_rs::DtwModelPreset> {
+    use std::io::Read;
+    use whisper_rs::DtwModelPreset as P;
+    let mut header = [0u8; 48];
+    std::fs::File::open(path)
+        .ok()?
+        .read_exact(&mut header)
+        .ok()?;
+    let field =
+        |i: usize| i32::from_le_bytes(header[4 + 4 * i..8 + 4 * i].try_into().unwrap_or_default());
+    if u32::from_le_bytes([header[0], header[1], header[2], header[3]]) != 0x6767_6d6c {
+        return None;
+    }
+    let (n_vocab, n_audio_state, n_text_layer) = (field(0), field(2), field(8));
+    let english = n_vocab == 51864;
+    Some(match (n_audio_state, n_text_layer, english) {
+        (384, 4, true) => P::TinyEn,
+        (384, 4, false) => P::Tiny,
+        (512, 6, true) => P::BaseEn,
+        (512, 6, false) => P::Base,
+        (768, 12, true) => P::SmallEn,
+        (768, 12, false) => P::Small,
+        (1024, 24, true) => P::MediumEn,
+        (1024, 24, false) => P::Medium,
+        (1280, 4, false) => P::LargeV3Turbo,
+        (1280, 32, false) if n_vocab == 51866 => P::LargeV3,
+        (1280, 32, false) => P::LargeV2,
+        _ => return None,
+    })
 }
 
 /// Resolves a model name (`tiny.en`) or path, verifies it, and loads it.
@@ -187,6 +235,66 @@ impl Engine {
         self.ctx.is_multilingual()
     }
 
+    fn params<'a>(
+        &self,
+        opts: &'a Options,
+        samples: usize,
+        cancelled: impl Fn() -> bool + 'static,
+    ) -> FullParams<'a, 'a> {
+        let strategy = if opts.beam_size > 1 {
+            SamplingStrategy::BeamSearch {
+                beam_size: opts.beam_size as i32,
+                patience: -1.0,
+            }
+        } else {
+            SamplingStrategy::Greedy { best_of: 1 }
+        };
+        let mut params = FullParams::new(strategy);
+        params.set_n_threads(opts.threads.max(1) as i32);
+        params.set_translate(opts.translate);
+        params.set_language(Some(self.language(opts)));
+        params.set_no_context(true);
+        params.set_print_special(false);
+        params.set_print_progress(false);
+        params.set_print_realtime(false);
+        params.set_print_timestamps(false);
+        params.set_suppress_blank(true);
+        params.set_token_timestamps(opts.word_timestamps);
+        if !opts.initial_prompt.is_empty() {
+            params.set_initial_prompt(&opts.initial_prompt);
+        }
+        let model_ctx = self.ctx.model_n_audio_ctx();
+        match opts.audio_ctx {
+            -1 => params.set_audio_ctx(audio_ctx_for(samples, model_ctx)),
+            0 => {}
+            n => params.set_audio_ctx(n.min(model_ctx)),
+        }
+        params.set_abort_callback_safe::<_, Box<dyn FnMut() -> bool>>(Some(Box::new(move || {
+            cancelled()
+        })
+            as Box<dyn FnMut() -> bool>));
+        params
+    }
+
+    fn language<'a>(&self, opts: &'a Options) -> &'a str {
+        if self.ctx.is_multilingual() {
+            opts.language.as_str()
+        } else {
+            "en"
+        }
+    }
+
+    fn detected_language(&self, opts: &Options) -> String {
+        let language = self.language(opts);
+        if self.ctx.is_multilingual() && language == "auto" {
+            whisper_rs::get_lang_str(self.state.full_lang_id_from_state())
+                .unwrap_or("auto")
+                .to_string()
+        } else {
+            language.to_string()
+        }
+    }
+
     /// Transcribes 16 kHz mono audio. `cancelled` is polled during inference.
     pub fn transcribe(
         &mut self,
@@ -206,64 +314,19 @@ impl Engine {
         } else {
             samples
         };
-        let strategy = if opts.beam_size > 1 {
-            SamplingStrategy::BeamSearch {
-                beam_size: opts.beam_size as i32,
-                patience: -1.0,
-            }
-        } else {
-            SamplingStrategy::Greedy { best_of: 1 }
-        };
-        let mut params = FullParams::new(strategy);
-        params.set_n_threads(opts.threads.max(1) as i32);
-        params.set_translate(opts.translate);
-        let multilingual = self.ctx.is_multilingual();
-        let language = if multilingual {
-            opts.language.as_str()
-        } else {
-            "en"
-        };
-        params.set_language(Some(language));
-        params.set_no_context(true);
-        params.set_print_special(false);
-        params.set_print_progress(false);
-        params.set_print_realtime(false);
-        params.set_print_timestamps(false);
-        params.set_suppress_blank(true);
+        let mut params = self.params(opts, audio.len(), cancelled);
         // One utterance is at most 30 s: one segment, and a token budget that a speaker cannot
         // exceed (about 3 tokens per second of speech is typical), so a decoder that starts to
         // loop is cut short instead of repeating a phrase for seconds of compute.
         params.set_single_segment(true);
         let seconds = samples.len() as f64 / SAMPLE_RATE as f64;
         params.set_max_tokens((seconds * 8.0).ceil() as i32 + 16);
-        params.set_token_timestamps(opts.word_timestamps);
-        if !opts.initial_prompt.is_empty() {
-            params.set_initial_prompt(&opts.initial_prompt);
-        }
-        let model_ctx = self.ctx.model_n_audio_ctx();
-        match opts.audio_ctx {
-            -1 => params.set_audio_ctx(audio_ctx_for(audio.len(), model_ctx)),
-            0 => {}
-            n => params.set_audio_ctx(n.min(model_ctx)),
-        }
-        params.set_abort_callback_safe::<_, Box<dyn FnMut() -> bool>>(Some(Box::new(move || {
-            cancelled()
-        })
-            as Box<dyn FnMut() -> bool>));
-
-        let result = self.state.full(params, audio);
-        if let Err(e) = result {
-            return Err(Error::Inference(e.to_string()));
-        }
+        self.state
+            .full(params, audio)
+            .map_err(|e| Error::Inference(e.to_string()))?;
         let eot = self.ctx.token_eot();
         let mut out = Output {
-            language: if multilingual && language == "auto" {
-                whisper_rs::get_lang_str(self.state.full_lang_id_from_state())
-                    .unwrap_or("auto")
-                    .to_string()
-            } else {
-                language.to_string()
-            },
+            language: self.detected_language(opts),
             ..Default::default()
         };
         for segment in self.state.as_iter() {
@@ -292,19 +355,13 @@ impl Engine {
                     }
                     let piece = token.to_str_lossy().unwrap_or_default().to_string();
                     let data = token.token_data();
-                    let starts_word = piece.starts_with(' ') || seg.words.is_empty();
-                    if starts_word {
-                        seg.words.push(WordOut {
-                            start_ms: clamp(data.t0),
-                            end_ms: clamp(data.t1),
-                            text: piece.trim_start().to_string(),
-                            probability: data.p,
-                        });
-                    } else if let Some(w) = seg.words.last_mut() {
-                        w.text.push_str(&piece);
-                        w.end_ms = clamp(data.t1).max(w.end_ms);
-                        w.probability = w.probability.min(data.p);
-                    }
+                    add_token(
+                        &mut seg.words,
+                        &piece,
+                        clamp(data.t0),
+                        clamp(data.t1),
+                        data.p,
+                    );
                 }
                 seg.words.retain(|w| !w.text.trim().is_empty());
             }
@@ -330,6 +387,126 @@ impl Engine {
                 .join(" "),
         );
         Ok(out)
+    }
+
+    /// Transcribes several utterances in one pass: they are joined with `BATCH_GAP` of silence
+    /// (at most 30 s in all), Whisper sees them with each other's context, and every word is
+    /// given back to the utterance its DTW timestamp falls in. Far fewer encoder passes than one
+    /// per utterance, and the accuracy of long-form transcription on short utterances.
+    pub fn transcribe_batch(
+        &mut self,
+        pieces: &[&[f32]],
+        opts: &Options,
+        cancelled: impl Fn() -> bool + 'static,
+    ) -> Result<Vec<Output>> {
+        let mut joined = Vec::new();
+        let mut spans = Vec::with_capacity(pieces.len());
+        for (i, p) in pieces.iter().enumerate() {
+            if i > 0 {
+                joined.resize(joined.len() + BATCH_GAP, 0.0);
+            }
+            spans.push((joined.len(), p.len()));
+            joined.extend_from_slice(p);
+        }
+        if joined.len() < MIN_SAMPLES {
+            joined.resize(MIN_SAMPLES, 0.0);
+        }
+        let mut params = self.params(opts, joined.len(), cancelled);
+        params.set_token_timestamps(true);
+        self.state
+            .full(params, &joined)
+            .map_err(|e| Error::Inference(e.to_string()))?;
+        let ms = |samples: usize| (samples * 1000 / SAMPLE_RATE) as u64;
+        // Piece i owns the words timed from OWNER_LEAD_MS before its start to the next's.
+        let owner = |t_ms: u64| {
+            spans
+                .iter()
+                .rposition(|&(start, _)| ms(start).saturating_sub(OWNER_LEAD_MS) <= t_ms)
+                .unwrap_or(0)
+        };
+        let mut words: Vec<Vec<WordOut>> = vec![Vec::new(); pieces.len()];
+        let mut current = usize::MAX;
+        let eot = self.ctx.token_eot();
+        for segment in self.state.as_iter() {
+            let seg_text = segment.to_str_lossy().unwrap_or_default().to_string();
+            if is_annotation(&seg_text) {
+                continue;
+            }
+            for i in 0..segment.n_tokens() {
+                let Some(token) = segment.get_token(i) else {
+                    continue;
+                };
+                if token.token_id() >= eot {
+                    continue;
+                }
+                let piece = token.to_str_lossy().unwrap_or_default().to_string();
+                let data = token.token_data();
+                let (t0, t1) = ((data.t0.max(0) as u64) * 10, (data.t1.max(0) as u64) * 10);
+                // A token continuing a word stays with the word's utterance.
+                let starts_word = piece.starts_with(' ') || current == usize::MAX;
+                if starts_word {
+                    let at = if data.t_dtw >= 0 {
+                        data.t_dtw as u64 * 10
+                    } else {
+                        (t0 + t1) / 2
+                    };
+                    current = owner(at);
+                }
+                let (start, len) = spans[current];
+                let rel = |t: u64| t.saturating_sub(ms(start)).min(ms(len));
+                add_token(&mut words[current], &piece, rel(t0), rel(t1), data.p);
+            }
+        }
+        let language = self.detected_language(opts);
+        Ok(words
+            .into_iter()
+            .zip(&spans)
+            .map(|(mut words, &(_, len))| {
+                words.retain(|w| !w.text.trim().is_empty());
+                let text = collapse_repeats(
+                    &words
+                        .iter()
+                        .map(|w| w.text.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
+                let segments = if text.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![SegmentOut {
+                        start_ms: 0,
+                        end_ms: ms(len),
+                        text: text.clone(),
+                        words: if opts.word_timestamps {
+                            words
+                        } else {
+                            Vec::new()
+                        },
+                    }]
+                };
+                Output {
+                    text,
+                    language: language.clone(),
+                    segments,
+                }
+            })
+            .collect())
+    }
+}
+
+/// Adds a token to a word list: a token with a leading space (or the first) starts a word.
+fn add_token(words: &mut Vec<WordOut>, piece: &str, t0: u64, t1: u64, p: f32) {
+    if piece.starts_with(' ') || words.is_empty() {
+        words.push(WordOut {
+            start_ms: t0,
+            end_ms: t1,
+            text: piece.trim_start().to_string(),
+            probability: p,
+        });
+    } else if let Some(w) = words.last_mut() {
+        w.text.push_str(piece);
+        w.end_ms = t1.max(w.end_ms);
+        w.probability = w.probability.min(p);
     }
 }
 

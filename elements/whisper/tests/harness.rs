@@ -281,3 +281,43 @@ fn missing_model_fails_at_start_with_fetch_command() {
         e.error()
     );
 }
+
+#[test]
+fn batch_mode_gives_each_utterance_its_own_words() {
+    let mut h = harness("batch-ms=25000");
+    let audio = jfk();
+    // jfk.wav's four utterances as silerovad marks them (ms).
+    let spans = [(322, 2270), (3266, 4446), (5378, 7678), (8162, 10800)];
+    let mut pushed = 0;
+    for (i, (start, end)) in spans.iter().enumerate() {
+        push_range(&mut h, &audio, pushed, start + 300);
+        h.push_event(boundary(true, *start as u64, i as u64));
+        push_range(&mut h, &audio, start + 300, end + 500);
+        h.push_event(boundary(false, *end as u64, i as u64));
+        pushed = end + 500;
+    }
+    push_range(&mut h, &audio, pushed, 11000);
+    // Nothing comes out before the batch is complete (EOS here).
+    assert!(h.try_pull().is_none());
+    h.push_event(gst::event::Eos::new());
+    let out = collect(&mut h);
+    let texts: Vec<String> = out.iter().map(|(_, t)| normalize(&t.text)).collect();
+    assert_eq!(
+        texts,
+        [
+            "and so my fellow americans",
+            "ask not",
+            "what your country can do for you",
+            "ask what you can do for your country"
+        ],
+        "{out:?}"
+    );
+    for ((buf, t), (start, _)) in out.iter().zip(spans) {
+        assert_eq!(
+            buf.pts(),
+            Some(gst::ClockTime::from_mseconds(start as u64 - 100))
+        );
+        assert_eq!(buf.pts(), Some(t.pts));
+        assert!(!t.partial);
+    }
+}

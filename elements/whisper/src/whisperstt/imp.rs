@@ -46,6 +46,7 @@ const DEFAULT_AUDIO_CTX: i32 = -1;
 const DEFAULT_INTERIM_MS: u32 = 0;
 const DEFAULT_LATENCY_MS: u32 = 0;
 const DEFAULT_CONTEXT_PAD_MS: u32 = 200;
+const DEFAULT_BATCH_MS: u32 = 0;
 /// Audio kept before the current position for speech starts that refer back in time.
 const LOOKBACK_MS: u64 = 2_000;
 
@@ -57,6 +58,7 @@ struct Settings {
     interim_ms: u32,
     latency_ms: u32,
     context_pad_ms: u32,
+    batch_ms: u32,
 }
 
 impl Default for Settings {
@@ -68,6 +70,7 @@ impl Default for Settings {
             interim_ms: DEFAULT_INTERIM_MS,
             latency_ms: DEFAULT_LATENCY_MS,
             context_pad_ms: DEFAULT_CONTEXT_PAD_MS,
+            batch_ms: DEFAULT_BATCH_MS,
         }
     }
 }
@@ -81,6 +84,8 @@ struct Job {
 
 enum Work {
     Transcribe(Job, u64),
+    /// Utterances transcribed together (batch-ms > 0).
+    Batch(Vec<Job>, u64),
     Event(gst::Event, u64),
     Stop,
 }
@@ -107,6 +112,8 @@ struct State {
     utterance_id: u64,
     last_interim_len: usize,
     worker: Option<Worker>,
+    /// Final utterances waiting to be transcribed together (batch-ms > 0).
+    batch: Vec<Job>,
 }
 
 impl Default for State {
@@ -117,6 +124,7 @@ impl Default for State {
             utterance_id: 0,
             last_interim_len: 0,
             worker: None,
+            batch: Vec::new(),
         }
     }
 }
@@ -203,8 +211,31 @@ impl WhisperStt {
             job.pts,
             job.utterance.samples.len()
         );
+        let batch_ms = self.settings().batch_ms as usize;
+        if batch_ms > 0 && !partial {
+            let limit = batch_ms * engine::SAMPLE_RATE / 1000;
+            let len = |b: &[Job]| {
+                b.iter()
+                    .map(|j| j.utterance.samples.len() + engine::BATCH_GAP)
+                    .sum::<usize>()
+            };
+            if !state.batch.is_empty() && len(&state.batch) + job.utterance.samples.len() > limit {
+                self.flush_batch(state);
+            }
+            state.batch.push(job);
+            return;
+        }
         let generation = self.generation();
         self.queue(state, Work::Transcribe(job, generation));
+    }
+
+    fn flush_batch(&self, state: &mut State) {
+        if state.batch.is_empty() {
+            return;
+        }
+        let jobs = std::mem::take(&mut state.batch);
+        let generation = self.generation();
+        self.queue(state, Work::Batch(jobs, generation));
     }
 
     fn start_worker(&self) -> Result<(), gst::ErrorMessage> {
@@ -283,7 +314,10 @@ impl WhisperStt {
         for utterance in cut {
             self.queue_utterance(&mut state, utterance, false);
         }
-        if settings.interim_ms > 0 && !self.shared.busy.load(Ordering::SeqCst) {
+        if settings.interim_ms > 0
+            && settings.batch_ms == 0
+            && !self.shared.busy.load(Ordering::SeqCst)
+        {
             let interval = settings.interim_ms as usize * engine::SAMPLE_RATE / 1000;
             let due = state
                 .buffer
@@ -325,6 +359,7 @@ impl WhisperStt {
                     let mut state = self.lock_state();
                     state.buffer.reset();
                     state.started = false;
+                    state.batch.clear();
                     state.last_interim_len = 0;
                 }
                 self.shared.busy.store(false, Ordering::SeqCst);
@@ -341,6 +376,7 @@ impl WhisperStt {
                 if let Some(u) = state.buffer.finish() {
                     self.queue_utterance(&mut state, u, false);
                 }
+                self.flush_batch(&mut state);
                 self.forward_serialized(state, event)
             }
             EventView::Gap(_) => true,
@@ -434,6 +470,42 @@ fn worker_loop(
             Work::Event(event, generation) => {
                 if generation == imp.generation() {
                     imp.srcpad.push_event(event);
+                }
+            }
+            Work::Batch(jobs, generation) => {
+                if generation != imp.generation() {
+                    continue;
+                }
+                let options = imp.settings().options;
+                let shared = imp.shared.clone();
+                let started = Instant::now();
+                let pieces: Vec<&[f32]> = jobs
+                    .iter()
+                    .map(|j| j.utterance.samples.as_slice())
+                    .collect();
+                let result = engine.transcribe_batch(&pieces, &options, move || {
+                    shared.generation.load(Ordering::SeqCst) != generation
+                });
+                if generation != imp.generation() {
+                    continue;
+                }
+                match result {
+                    Ok(outputs) => {
+                        let took = started.elapsed() / jobs.len().max(1) as u32;
+                        for (job, out) in jobs.iter().zip(outputs) {
+                            imp.deliver(job, out, took);
+                        }
+                    }
+                    Err(e) => gst::element_imp_warning!(
+                        imp,
+                        gst::StreamError::Failed,
+                        (
+                            "utterances {}..{}: {}",
+                            jobs[0].id,
+                            jobs[jobs.len() - 1].id,
+                            e
+                        )
+                    ),
                 }
             }
             Work::Transcribe(job, generation) => {
@@ -592,6 +664,13 @@ impl ObjectImpl for WhisperStt {
                     .default_value(DEFAULT_CONTEXT_PAD_MS)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecUInt::builder("batch-ms")
+                    .nick("Batch")
+                    .blurb("Offline use: transcribe utterances together, up to this much audio (0: each utterance as soon as it ends, for live use)")
+                    .maximum(29_000)
+                    .default_value(DEFAULT_BATCH_MS)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt::builder("latency-ms")
                     .nick("Latency")
                     .blurb("Latency added in the latency query, for pipelines that sync text to a clock (subtitles)")
@@ -636,6 +715,7 @@ impl ObjectImpl for WhisperStt {
             "interim-interval-ms" => s.interim_ms = value.get().expect("type checked upstream"),
             "latency-ms" => s.latency_ms = value.get().expect("type checked upstream"),
             "context-pad-ms" => s.context_pad_ms = value.get().expect("type checked upstream"),
+            "batch-ms" => s.batch_ms = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -655,6 +735,7 @@ impl ObjectImpl for WhisperStt {
             "interim-interval-ms" => s.interim_ms.to_value(),
             "latency-ms" => s.latency_ms.to_value(),
             "context-pad-ms" => s.context_pad_ms.to_value(),
+            "batch-ms" => s.batch_ms.to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }
