@@ -44,8 +44,9 @@ enum Command {
         /// Inference threads.
         #[arg(short, long, default_value_t = 2)]
         threads: u32,
-        /// Beam width: 1 decodes greedily (fastest), 5 is more accurate.
-        #[arg(long, default_value_t = 5)]
+        /// Beam width: 1 decodes greedily (fastest; as accurate on batched utterances), more
+        /// searches that many beams.
+        #[arg(long, default_value_t = 1)]
         beam_size: u32,
         /// Silence that ends an utterance, in milliseconds.
         #[arg(long, default_value_t = 500)]

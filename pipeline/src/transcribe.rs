@@ -38,7 +38,7 @@ impl Default for Options {
             model: "tiny.en".into(),
             language: "en".into(),
             threads: 2,
-            beam_size: 5,
+            beam_size: 1,
             min_silence_ms: 500,
         }
     }
