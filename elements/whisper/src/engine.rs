@@ -432,6 +432,15 @@ impl Engine {
             if is_annotation(&seg_text) {
                 continue;
             }
+            // Whisper usually starts a segment at a pause, with timestamps the model predicted:
+            // a segment that lies within one utterance goes to it whole, which is sturdier than
+            // per-word times at an utterance's last word. Segments spanning utterances are split
+            // word by word.
+            let (s0, s1) = (
+                (segment.start_timestamp().max(0) as u64) * 10,
+                (segment.end_timestamp().max(0) as u64) * 10,
+            );
+            let whole = segment_owner(&spans, s0, s1);
             for i in 0..segment.n_tokens() {
                 let Some(token) = segment.get_token(i) else {
                     continue;
@@ -450,7 +459,7 @@ impl Engine {
                     } else {
                         (t0 + t1) / 2
                     };
-                    current = owner(at);
+                    current = whole.unwrap_or_else(|| owner(at));
                 }
                 let (start, len) = spans[current];
                 let rel = |t: u64| t.saturating_sub(ms(start)).min(ms(len));
@@ -492,6 +501,22 @@ impl Engine {
             })
             .collect())
     }
+}
+
+/// The utterance a segment `[s0, s1)` (ms in the joined audio) lies in: the one whose span
+/// (with half the gap on each side) covers at least 80% of it, if any.
+fn segment_owner(spans: &[(usize, usize)], s0: u64, s1: u64) -> Option<usize> {
+    let ms = |samples: usize| (samples * 1000 / SAMPLE_RATE) as u64;
+    let half_gap = ms(BATCH_GAP) / 2;
+    let length = s1.saturating_sub(s0).max(1);
+    spans.iter().position(|&(start, len)| {
+        let (a, b) = (
+            ms(start).saturating_sub(half_gap),
+            ms(start + len) + half_gap,
+        );
+        let overlap = s1.min(b).saturating_sub(s0.max(a));
+        overlap * 5 >= length * 4
+    })
 }
 
 /// Adds a token to a word list: a token with a leading space (or the first) starts a word.
