@@ -177,7 +177,11 @@ pub fn fetch_command(spec: &ModelSpec) -> String {
 /// A name (`tiny.en`) must be in the catalogue with the given kind. A path is used as it is;
 /// when its file name is a catalogue file, its digest is checked too.
 pub fn resolve(name_or_path: &str, kind: ModelKind) -> Result<PathBuf> {
-    let looks_like_path = name_or_path.contains('/') || name_or_path.ends_with(".bin");
+    let looks_like_path = name_or_path.contains('/')
+        || [".bin", ".onnx", ".gguf"]
+            .iter()
+            .any(|e| name_or_path.ends_with(e))
+        || Path::new(name_or_path).is_file();
     if !looks_like_path {
         let spec = CATALOGUE
             .iter()

@@ -210,11 +210,7 @@ impl SileroVad {
         {
             let mut state = self.lock_state();
             if state.model.is_none() {
-                gst::element_imp_error!(
-                    self,
-                    gst::CoreError::Negotiation,
-                    ("no caps received before the first buffer")
-                );
+                // Only after a failed model load on a rate change (already reported).
                 return Err(gst::FlowError::NotNegotiated);
             }
             let rate = u64::from(state.rate);
@@ -374,6 +370,7 @@ impl SileroVad {
                             state.reset_stream();
                         }
                         Err(err) => {
+                            self.lock_state().model = None;
                             self.post_error_message(err);
                             return false;
                         }

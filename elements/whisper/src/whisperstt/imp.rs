@@ -445,6 +445,14 @@ impl WhisperStt {
                 .build(),
         );
         self.srcpad.push_event(transcript.to_event());
+        if transcript.text.is_empty() {
+            // Nothing was said (noise, a cough): downstream learns the span is covered.
+            if !job.partial {
+                self.srcpad
+                    .push_event(gst::event::Gap::builder(job.pts).duration(duration).build());
+            }
+            return;
+        }
         let mut buffer = gst::Buffer::from_mut_slice(transcript.text.clone().into_bytes());
         {
             let b = buffer.get_mut().expect("new buffer");
