@@ -346,15 +346,7 @@ impl Engine {
                 words: Vec::new(),
             };
             if opts.word_timestamps {
-                for i in 0..segment.n_tokens() {
-                    let Some(token) = segment.get_token(i) else {
-                        continue;
-                    };
-                    if token.token_id() >= eot {
-                        continue;
-                    }
-                    let piece = token.to_str_lossy().unwrap_or_default().to_string();
-                    let data = token.token_data();
+                for (piece, data) in text_tokens(&segment, eot) {
                     add_token(
                         &mut seg.words,
                         &piece,
@@ -441,15 +433,7 @@ impl Engine {
                 (segment.end_timestamp().max(0) as u64) * 10,
             );
             let whole = segment_owner(&spans, s0, s1);
-            for i in 0..segment.n_tokens() {
-                let Some(token) = segment.get_token(i) else {
-                    continue;
-                };
-                if token.token_id() >= eot {
-                    continue;
-                }
-                let piece = token.to_str_lossy().unwrap_or_default().to_string();
-                let data = token.token_data();
+            for (piece, data) in text_tokens(&segment, eot) {
                 let (t0, t1) = ((data.t0.max(0) as u64) * 10, (data.t1.max(0) as u64) * 10);
                 // A token continuing a word stays with the word's utterance.
                 let starts_word = piece.starts_with(' ') || current == usize::MAX;
@@ -501,6 +485,23 @@ impl Engine {
             })
             .collect())
     }
+}
+
+/// The text tokens of a segment (special and timestamp tokens skipped), with their data.
+fn text_tokens(
+    segment: &whisper_rs::WhisperSegment<'_>,
+    eot: whisper_rs::WhisperTokenId,
+) -> Vec<(String, whisper_rs::WhisperTokenData)> {
+    (0..segment.n_tokens())
+        .filter_map(|i| segment.get_token(i))
+        .filter(|t| t.token_id() < eot)
+        .map(|t| {
+            (
+                t.to_str_lossy().unwrap_or_default().to_string(),
+                t.token_data(),
+            )
+        })
+        .collect()
 }
 
 /// The utterance a segment `[s0, s1)` (ms in the joined audio) lies in: the one whose span

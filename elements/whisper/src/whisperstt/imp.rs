@@ -83,9 +83,8 @@ struct Job {
 }
 
 enum Work {
-    Transcribe(Job, u64),
-    /// Utterances transcribed together (batch-ms > 0).
-    Batch(Vec<Job>, u64),
+    /// One utterance, or several transcribed together (batch-ms > 0).
+    Transcribe(Vec<Job>, u64),
     Event(gst::Event, u64),
     Stop,
 }
@@ -226,7 +225,7 @@ impl WhisperStt {
             return;
         }
         let generation = self.generation();
-        self.queue(state, Work::Transcribe(job, generation));
+        self.queue(state, Work::Transcribe(vec![job], generation));
     }
 
     fn flush_batch(&self, state: &mut State) {
@@ -235,7 +234,7 @@ impl WhisperStt {
         }
         let jobs = std::mem::take(&mut state.batch);
         let generation = self.generation();
-        self.queue(state, Work::Batch(jobs, generation));
+        self.queue(state, Work::Transcribe(jobs, generation));
     }
 
     fn start_worker(&self) -> Result<(), gst::ErrorMessage> {
@@ -480,67 +479,44 @@ fn worker_loop(
                     imp.srcpad.push_event(event);
                 }
             }
-            Work::Batch(jobs, generation) => {
-                if generation != imp.generation() {
+            Work::Transcribe(jobs, generation) => {
+                if generation != imp.generation() || jobs.is_empty() {
                     continue;
                 }
                 let options = imp.settings().options;
                 let shared = imp.shared.clone();
-                let started = Instant::now();
-                let pieces: Vec<&[f32]> = jobs
-                    .iter()
-                    .map(|j| j.utterance.samples.as_slice())
-                    .collect();
-                let result = engine.transcribe_batch(&pieces, &options, move || {
-                    shared.generation.load(Ordering::SeqCst) != generation
-                });
-                if generation != imp.generation() {
-                    continue;
-                }
-                match result {
-                    Ok(outputs) => {
-                        let took = started.elapsed() / jobs.len().max(1) as u32;
-                        for (job, out) in jobs.iter().zip(outputs) {
-                            imp.deliver(job, out, took);
-                        }
-                    }
-                    Err(e) => gst::element_imp_warning!(
-                        imp,
-                        gst::StreamError::Failed,
-                        (
-                            "utterances {}..{}: {}",
-                            jobs[0].id,
-                            jobs[jobs.len() - 1].id,
-                            e
-                        )
-                    ),
-                }
-            }
-            Work::Transcribe(job, generation) => {
-                if generation != imp.generation() {
-                    continue;
-                }
-                let options = imp.settings().options;
-                let shared = imp.shared.clone();
+                let cancelled = move || shared.generation.load(Ordering::SeqCst) != generation;
                 let started = Instant::now();
                 imp.shared.busy.store(true, Ordering::SeqCst);
-                let result = engine.transcribe(&job.utterance.samples, &options, move || {
-                    shared.generation.load(Ordering::SeqCst) != generation
-                });
+                let result = match jobs.as_slice() {
+                    [job] => engine
+                        .transcribe(&job.utterance.samples, &options, cancelled)
+                        .map(|out| vec![out]),
+                    _ => {
+                        let pieces: Vec<&[f32]> = jobs
+                            .iter()
+                            .map(|j| j.utterance.samples.as_slice())
+                            .collect();
+                        engine.transcribe_batch(&pieces, &options, cancelled)
+                    }
+                };
                 imp.shared.busy.store(false, Ordering::SeqCst);
                 if generation != imp.generation() {
                     continue;
                 }
                 match result {
-                    Ok(out) => imp.deliver(&job, out, started.elapsed()),
-                    Err(e) => {
-                        // One bad utterance never stops the stream.
-                        gst::element_imp_warning!(
-                            imp,
-                            gst::StreamError::Failed,
-                            ("utterance {} at {}: {}", job.id, job.pts, e)
-                        );
+                    Ok(outputs) => {
+                        let took = started.elapsed() / jobs.len() as u32;
+                        for (job, out) in jobs.iter().zip(outputs) {
+                            imp.deliver(job, out, took);
+                        }
                     }
+                    // One bad utterance never stops the stream.
+                    Err(e) => gst::element_imp_warning!(
+                        imp,
+                        gst::StreamError::Failed,
+                        ("utterance {} at {}: {}", jobs[0].id, jobs[0].pts, e)
+                    ),
                 }
             }
         }
