@@ -705,3 +705,46 @@ fn models_fetch_from_a_url_verifies_or_pins_the_digest() {
         "{list}"
     );
 }
+
+#[test]
+fn convert_ct2_rejects_what_is_not_a_float_ct2_whisper_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.bin");
+    let res = run(vox()
+        .args(["models", "convert-ct2"])
+        .arg(dir.path().join("nope"))
+        .arg(&out));
+    assert_one_line_error(&res, "model.bin");
+    // A CTranslate2 file of another model type.
+    let mut bin = Vec::new();
+    bin.extend(6u32.to_le_bytes());
+    let spec = b"TransformerSpec\0";
+    bin.extend((spec.len() as u16).to_le_bytes());
+    bin.extend(spec);
+    bin.extend(1u32.to_le_bytes());
+    bin.extend(0u32.to_le_bytes());
+    fs::write(dir.path().join("model.bin"), &bin).unwrap();
+    fs::write(dir.path().join("vocabulary.txt"), "a\n").unwrap();
+    let res = run(vox()
+        .args(["models", "convert-ct2"])
+        .arg(dir.path())
+        .arg(&out));
+    assert_one_line_error(&res, "expected WhisperSpec");
+    assert!(!out.exists());
+    // A Whisper header promising five variables, then nothing.
+    let ws = b"WhisperSpec\0";
+    let mut whisper = Vec::new();
+    whisper.extend(6u32.to_le_bytes());
+    whisper.extend((ws.len() as u16).to_le_bytes());
+    whisper.extend(ws);
+    whisper.extend(3u32.to_le_bytes());
+    whisper.extend(5u32.to_le_bytes());
+    fs::write(dir.path().join("model.bin"), &whisper).unwrap();
+    let res = run(vox()
+        .args(["models", "convert-ct2"])
+        .arg(dir.path())
+        .arg(&out));
+    assert_one_line_error(&res, "truncated");
+    assert!(!out.exists());
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "stray files");
+}
