@@ -191,7 +191,14 @@ fn cmd_transcribe(
                 .collect()
         }
     };
+    let mut seen = std::collections::HashSet::new();
     for target in targets.iter().flatten() {
+        if !seen.insert(target) {
+            bail!(
+                "two inputs would both be written to {}: transcribe them separately",
+                target.display()
+            );
+        }
         runner::check_writable(target)?;
     }
     for file in files {
@@ -261,13 +268,26 @@ fn structure_json(s: &gst::StructureRef) -> serde_json::Value {
     let mut map = serde_json::Map::new();
     map.insert("type".into(), s.name().as_str().into());
     for (field, value) in s.iter() {
-        map.insert(field.to_string(), value_json(value));
+        map.insert(field.to_string(), value_json(field, value));
     }
     serde_json::Value::Object(map)
 }
 
-fn value_json(value: &gst::glib::Value) -> serde_json::Value {
-    if let Ok(t) = value.get::<gst::ClockTime>() {
+/// Fields of our structures that hold clock times (printed in seconds).
+const TIME_FIELDS: &[&str] = &[
+    "pts",
+    "running-time",
+    "duration",
+    "start",
+    "end",
+    "inference-time",
+];
+
+fn value_json(field: &str, value: &gst::glib::Value) -> serde_json::Value {
+    // A ClockTime is a plain u64 to GLib: only known time fields are converted.
+    if TIME_FIELDS.contains(&field)
+        && let Ok(t) = value.get::<gst::ClockTime>()
+    {
         return serde_json::json!(t.nseconds() as f64 / 1e9);
     }
     if let Ok(v) = value.get::<String>() {
@@ -286,7 +306,11 @@ fn value_json(value: &gst::glib::Value) -> serde_json::Value {
         return structure_json(&v);
     }
     if let Ok(a) = value.get::<gst::Array>() {
-        return a.iter().map(|v| value_json(v)).collect::<Vec<_>>().into();
+        return a
+            .iter()
+            .map(|v| value_json(field, v))
+            .collect::<Vec<_>>()
+            .into();
     }
     value
         .serialize()

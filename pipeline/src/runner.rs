@@ -139,6 +139,9 @@ impl AtomicOutputs {
             let Some(location) = element.property::<Option<String>>("location") else {
                 continue;
             };
+            if element.property::<bool>("append") {
+                continue;
+            }
             let target = PathBuf::from(&location);
             if target.starts_with("/dev/") {
                 continue;
@@ -167,6 +170,7 @@ impl AtomicOutputs {
 
     pub fn commit(self) -> Result<()> {
         for (target, tmp) in self.files {
+            set_output_permissions(&tmp, &target);
             tmp.persist(&target).map_err(|e| RunError::Output {
                 path: target.clone(),
                 why: e.to_string(),
@@ -193,8 +197,19 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
         .tempfile_in(&dir)
         .map_err(|e| out(e.to_string()))?;
     tmp.write_all(contents).map_err(|e| out(e.to_string()))?;
+    set_output_permissions(tmp.path(), path);
     tmp.persist(path).map_err(|e| out(e.error.to_string()))?;
     Ok(())
+}
+
+/// Temporary files are created owner-only; an output gets the permissions of the file it
+/// replaces, or the usual 0644.
+fn set_output_permissions(tmp: &Path, target: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let perms = std::fs::metadata(target)
+        .map(|m| m.permissions())
+        .unwrap_or_else(|_| std::fs::Permissions::from_mode(0o644));
+    let _ = std::fs::set_permissions(tmp, perms);
 }
 
 /// Checks up front that a file can be created at `path` (so a long run does not fail at the end).

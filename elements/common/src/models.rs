@@ -137,9 +137,9 @@ pub fn spec_for_file(path: &Path) -> Option<&'static ModelSpec> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("model file {path} is missing: run `{fix}`")]
+    #[error("model file {path} is missing: {fix}")]
     Missing { path: PathBuf, fix: String },
-    #[error("model file {path} is corrupt ({why}): run `{fix}`")]
+    #[error("model file {path} is corrupt ({why}): {fix}")]
     Corrupt {
         path: PathBuf,
         why: String,
@@ -169,7 +169,7 @@ pub fn models_dir() -> PathBuf {
 
 /// The command that fetches a catalogue model, for error messages.
 pub fn fetch_command(spec: &ModelSpec) -> String {
-    format!("vox models fetch {}", spec.name)
+    format!("run `vox models fetch {}`", spec.name)
 }
 
 /// Resolves a model name or path to a verified file.

@@ -18,6 +18,8 @@ pub enum Error {
     Runtime { path: PathBuf, why: String },
     #[error("cannot load Silero VAD model {path}: {why}")]
     Load { path: PathBuf, why: String },
+    #[error("{0}")]
+    Environment(String),
     #[error("Silero VAD inference failed: {0}")]
     Inference(String),
     #[error("unsupported sample rate {0}: Silero VAD takes 8000 or 16000 Hz")]
@@ -29,41 +31,26 @@ pub type Result<T> = std::result::Result<T, Error>;
 const STATE_LEN: usize = 2 * 128;
 
 /// The process's ONNX Runtime environment: loaded once, from the verified library in the models
-/// directory (or `$ORT_DYLIB_PATH`).
+/// directory (or `$ORT_DYLIB_PATH`). A failure is remembered and reported the same way again.
 fn environment() -> Result<&'static ort::environment::Environment> {
-    static ENV: OnceLock<std::result::Result<ort::environment::Environment, Error>> =
+    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> =
         OnceLock::new();
     let env = ENV.get_or_init(|| {
-        let path = vox_common::models::onnxruntime_library()?;
-        let builder = ort::init_from(&path).map_err(|e| Error::Runtime {
-            path: path.clone(),
-            why: e.to_string(),
-        })?;
+        let path = vox_common::models::onnxruntime_library().map_err(|e| e.to_string())?;
+        let fail = |why: String| {
+            Error::Runtime {
+                path: path.clone(),
+                why,
+            }
+            .to_string()
+        };
+        let builder = ort::init_from(&path).map_err(|e| fail(e.to_string()))?;
         builder
             .with_name("vox")
             .build()
-            .map_err(|e| Error::Runtime {
-                path,
-                why: e.to_string(),
-            })
+            .map_err(|e| fail(e.to_string()))
     });
-    match env {
-        Ok(env) => Ok(env),
-        Err(e) => Err(clone_error(e)),
-    }
-}
-
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::Runtime { path, why } => Error::Runtime {
-            path: path.clone(),
-            why: why.clone(),
-        },
-        other => Error::Runtime {
-            path: PathBuf::new(),
-            why: other.to_string(),
-        },
-    }
+    env.as_ref().map_err(|e| Error::Environment(e.clone()))
 }
 
 /// Model bytes, read and verified once per process and shared by every instance.

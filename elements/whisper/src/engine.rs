@@ -433,10 +433,11 @@ impl Engine {
                 (segment.end_timestamp().max(0) as u64) * 10,
             );
             let whole = segment_owner(&spans, s0, s1);
-            for (piece, data) in text_tokens(&segment, eot) {
+            for (i, (piece, data)) in text_tokens(&segment, eot).into_iter().enumerate() {
                 let (t0, t1) = ((data.t0.max(0) as u64) * 10, (data.t1.max(0) as u64) * 10);
-                // A token continuing a word stays with the word's utterance.
-                let starts_word = piece.starts_with(' ') || current == usize::MAX;
+                // A token continuing a word stays with the word's utterance; each segment decides
+                // afresh (languages written without spaces have one "word" per segment).
+                let starts_word = piece.starts_with(' ') || i == 0 || current == usize::MAX;
                 if starts_word {
                     let at = if data.t_dtw >= 0 {
                         data.t_dtw as u64 * 10

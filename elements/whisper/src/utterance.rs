@@ -103,7 +103,7 @@ impl UtteranceBuffer {
                 continue;
             }
             let take = match &self.current {
-                Some(u) => (self.max_len - u.samples.len()).min(rest.len()),
+                Some(u) => self.max_len.saturating_sub(u.samples.len()).min(rest.len()),
                 None => rest.len(),
             };
             let (now, later) = rest.split_at(take);
@@ -150,7 +150,10 @@ impl UtteranceBuffer {
             });
             return;
         }
-        let at = at.max(self.history_start);
+        // The look-back may not exceed the maximum length: keep its most recent part.
+        let at = at
+            .max(self.history_start)
+            .max(self.position().saturating_sub(self.max_len as u64));
         let offset = (at - self.history_start) as usize;
         self.current = Some(Utterance {
             start: at,
@@ -213,6 +216,18 @@ mod tests {
         let u = b.end(140).unwrap();
         assert_eq!(u.start, 120);
         assert_eq!(u.samples, ramp(120, 20));
+    }
+
+    #[test]
+    fn look_back_never_exceeds_max_len() {
+        let mut b = UtteranceBuffer::new(1000, 100);
+        b.set_gated();
+        b.push(&ramp(0, 500));
+        b.start(0);
+        assert_eq!(b.current().unwrap().start, 400);
+        let cut = b.push(&ramp(500, 10));
+        assert_eq!(cut.len(), 1);
+        assert_eq!(cut[0].samples.len(), 100);
     }
 
     #[test]

@@ -297,7 +297,8 @@ fn batch_mode_gives_each_utterance_its_own_words() {
         pushed = end + 500;
     }
     push_range(&mut h, &audio, pushed, 11000);
-    // Nothing comes out before the batch is complete (EOS here).
+    // Nothing comes out before the batch is complete (EOS here), however long we wait.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(h.try_pull().is_none());
     h.push_event(gst::event::Eos::new());
     let out = collect(&mut h);

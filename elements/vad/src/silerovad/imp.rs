@@ -215,7 +215,8 @@ impl SileroVad {
             }
             let rate = u64::from(state.rate);
             if let Some(pts) = buffer.pts() {
-                let expected = state.anchor.map(|_| state.sample_pts(state.samples));
+                let next = state.samples + state.pending.len() as u64;
+                let expected = state.anchor.map(|_| state.sample_pts(next));
                 let drift = expected.map(|e| e.absdiff(pts));
                 if state.anchor.is_none()
                     || buffer.flags().contains(gst::BufferFlags::DISCONT)

@@ -134,12 +134,14 @@ impl State {
     }
 
     fn sample_of(&self, pts: gst::ClockTime) -> u64 {
-        pts.nseconds() * engine::SAMPLE_RATE as u64 / 1_000_000_000
+        (u128::from(pts.nseconds()) * engine::SAMPLE_RATE as u128 / 1_000_000_000) as u64
     }
 }
 
 fn samples_to_time(n: u64) -> gst::ClockTime {
-    gst::ClockTime::from_nseconds(n * 1_000_000_000 / engine::SAMPLE_RATE as u64)
+    gst::ClockTime::from_nseconds(
+        (u128::from(n) * 1_000_000_000 / engine::SAMPLE_RATE as u128) as u64,
+    )
 }
 
 pub struct WhisperStt {
@@ -149,6 +151,9 @@ pub struct WhisperStt {
     state: Mutex<State>,
     shared: Arc<Shared>,
     model: Mutex<Option<Arc<whisper_rs::WhisperContext>>>,
+    /// Held by the worker from its generation check to the end of a push, and by FlushStop:
+    /// output of work from before a flush never slips out after the flush has ended.
+    push_lock: Mutex<()>,
 }
 
 impl WhisperStt {
@@ -257,6 +262,7 @@ impl WhisperStt {
     }
 
     fn stop_worker(&self) {
+        self.shared.busy.store(false, Ordering::SeqCst);
         let worker = self.lock_state().worker.take();
         if let Some(worker) = worker {
             self.shared.generation.fetch_add(1, Ordering::SeqCst);
@@ -354,6 +360,7 @@ impl WhisperStt {
                 self.srcpad.push_event(event)
             }
             EventView::FlushStop(_) => {
+                let _push = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
                 {
                     let mut state = self.lock_state();
                     state.buffer.reset();
@@ -475,7 +482,11 @@ fn worker_loop(
         match work {
             Work::Stop => return,
             Work::Event(event, generation) => {
-                if generation == imp.generation() {
+                let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+                // Sticky events (stream-start, caps, tags) still hold after a flush; a segment
+                // from before it does not.
+                let keep = event.is_sticky() && event.type_() != gst::EventType::Segment;
+                if generation == imp.generation() || keep {
                     imp.srcpad.push_event(event);
                 }
             }
@@ -501,6 +512,7 @@ fn worker_loop(
                     }
                 };
                 imp.shared.busy.store(false, Ordering::SeqCst);
+                let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
                 if generation != imp.generation() {
                     continue;
                 }
@@ -564,6 +576,7 @@ impl ObjectSubclass for WhisperStt {
             state: Mutex::new(State::default()),
             shared: Arc::new(Shared::default()),
             model: Mutex::new(None),
+            push_lock: Mutex::new(()),
         }
     }
 }
@@ -811,6 +824,7 @@ impl ElementImpl for WhisperStt {
                     state.started = false;
                     state.utterance_id = 0;
                     state.last_interim_len = 0;
+                    state.batch.clear();
                 }
                 if let Err(err) = self.start_worker() {
                     self.post_error_message(err);
