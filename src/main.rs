@@ -108,6 +108,9 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let cli = Cli::parse();
+    // Ctrl-C: the first press finishes the running pipeline (outputs are completed), the
+    // second abandons it (outputs are discarded); no temporary files are left either way.
+    let _ = ctrlc::set_handler(vox_pipeline::runner::interrupt);
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -759,3 +759,96 @@ fn convert_ct2_rejects_what_is_not_a_float_ct2_whisper_model() {
     assert!(!out.exists());
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "stray files");
 }
+
+fn live_graph(dir: &Path) -> std::path::PathBuf {
+    let graph = dir.join("live.graph");
+    fs::write(
+        &graph,
+        "# A live tone into a WAV file until interrupted.\n# @param output path where to write\n\
+         audiotestsrc is-live=true ! audioconvert ! audio/x-raw,format=S16LE,rate=16000,channels=1 ! \
+         wavenc ! filesink location=${output}\n",
+    )
+    .unwrap();
+    graph
+}
+
+fn interrupt(child: &std::process::Child) {
+    check(std::process::Command::new("kill").args(["-INT", &child.id().to_string()]));
+}
+
+/// Waits until the run's temporary output holds some audio (the pipeline is running).
+fn wait_for_output(dir: &Path) {
+    for _ in 0..400 {
+        let growing = fs::read_dir(dir).unwrap().any(|e| {
+            let e = e.unwrap();
+            e.file_name().to_string_lossy().ends_with(".vox-tmp")
+                && e.metadata().map(|m| m.len() > 16_000).unwrap_or(false)
+        });
+        if growing {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("the live graph never started writing");
+}
+
+#[test]
+fn ctrl_c_finishes_a_live_graph_and_a_second_abandons_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = live_graph(dir.path());
+    let out = dir.path().join("tone.wav");
+    let mut child = vox()
+        .arg("run")
+        .arg(&graph)
+        .arg(format!("output={}", out.display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_output(dir.path());
+    interrupt(&child);
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "first Ctrl-C ends the run cleanly: {status}"
+    );
+    // A complete WAV: its header matches its data.
+    let (samples, rate) = read_wav(&out);
+    assert_eq!(rate, 16000);
+    assert!(samples.len() > 8000, "{} samples", samples.len());
+    let names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+
+    let abandoned = dir.path().join("abandoned.wav");
+    let mut child = vox()
+        .arg("run")
+        .arg(&graph)
+        .arg(format!("output={}", abandoned.display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_output(dir.path());
+    // Two presses in quick succession: the second may come before EOS has gone through.
+    interrupt(&child);
+    interrupt(&child);
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        // EOS won the race: then the output must be complete.
+        assert!(read_wav(&abandoned).0.len() > 8000);
+    } else {
+        assert_one_line_error(&out, "interrupted");
+        assert!(!abandoned.exists());
+    }
+    let names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.to_string_lossy().ends_with(".vox-tmp")),
+        "{names:?}"
+    );
+}

@@ -4,6 +4,7 @@
 
 use gst::prelude::*;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Our plugin libraries and the elements each provides.
@@ -24,6 +25,17 @@ pub enum RunError {
     Pipeline(String),
     #[error("cannot write output {path}: {why}")]
     Output { path: PathBuf, why: String },
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// Ctrl-C presses seen by the process; the CLI's handler counts them here.
+static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
+
+/// Called from a Ctrl-C handler: the first press ends the running pipeline gracefully (EOS,
+/// outputs completed), a second one abandons it (outputs discarded).
+pub fn interrupt() {
+    INTERRUPTS.fetch_add(1, Ordering::SeqCst);
 }
 
 type Result<T> = std::result::Result<T, RunError>;
@@ -283,7 +295,22 @@ pub fn run(
             return Err(RunError::Pipeline("the pipeline failed to start".into()));
         }
         let mut last_progress = Instant::now();
+        let mut eos_sent = false;
         loop {
+            match INTERRUPTS.load(Ordering::SeqCst) {
+                0 => {}
+                1 if !eos_sent => {
+                    // Only a running pipeline can finish its outputs; one still starting is
+                    // abandoned.
+                    if pipeline.current_state() != gst::State::Playing {
+                        return Err(RunError::Interrupted);
+                    }
+                    eos_sent = true;
+                    pipeline.send_event(gst::event::Eos::new());
+                }
+                1 => {}
+                _ => return Err(RunError::Interrupted),
+            }
             if last_progress.elapsed() >= Duration::from_millis(100) {
                 last_progress = Instant::now();
                 on_progress(Progress {
