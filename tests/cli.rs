@@ -822,7 +822,7 @@ fn ctrl_c_finishes_a_live_graph_and_a_second_abandons_it() {
     assert_eq!(names.len(), 2, "{names:?}");
 
     let abandoned = dir.path().join("abandoned.wav");
-    let mut child = vox()
+    let child = vox()
         .arg("run")
         .arg(&graph)
         .arg(format!("output={}", abandoned.display()))
