@@ -7,6 +7,8 @@ import numpy as np
 import onnxruntime as ort
 
 model = sys.argv[1]
+# `--count N`: run N chunks and exit (a fixed workload for callgrind).
+count = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[2] == "--count" else None
 opts = ort.SessionOptions()
 opts.intra_op_num_threads = 1
 opts.inter_op_num_threads = 1
@@ -14,6 +16,10 @@ session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutio
 x = np.zeros((1, 576), np.float32)
 state = np.zeros((2, 1, 128), np.float32)
 sr = np.array(16000, dtype=np.int64)
+if count is not None:
+    for _ in range(count):
+        _, state = session.run(None, {"input": x, "state": state, "sr": sr})
+    sys.exit(0)
 for _ in range(500):
     _, state = session.run(None, {"input": x, "state": state, "sr": sr})
 runs = []
