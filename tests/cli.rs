@@ -359,9 +359,8 @@ fn missing_input() {
     no_output_after(&[], Path::new("/no/such/file.wav"), "/no/such/file.wav");
 }
 
-#[test]
-fn missing_model() {
-    let models = tempfile::tempdir().unwrap();
+/// `vox transcribe jfk.wav -o OUT` with `models` as the models directory; asserts no output.
+fn transcribe_with_models(models: &Path) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("out.txt");
     let res = run(vox()
@@ -369,12 +368,22 @@ fn missing_model() {
         .arg(fixture("jfk.wav"))
         .arg("-o")
         .arg(&out_path)
-        .env("VOX_MODELS", models.path()));
-    // The first model the pipeline needs is the VAD's ONNX Runtime / model: the line names the
-    // file and the command that fetches it.
+        .env("VOX_MODELS", models));
+    assert_eq!(
+        fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "output or stray files left"
+    );
+    res
+}
+
+#[test]
+fn missing_model() {
+    let models = tempfile::tempdir().unwrap();
+    let res = transcribe_with_models(models.path());
+    // The line names the missing file and the command that fetches it.
     assert_one_line_error(&res, "vox models fetch");
     assert!(String::from_utf8_lossy(&res.stderr).contains(&models.path().display().to_string()));
-    assert!(!out_path.exists());
 }
 
 #[test]
@@ -389,17 +398,9 @@ fn corrupt_model() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     fs::write(models.path().join("ggml-tiny.en.bin"), bytes).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let out_path = dir.path().join("out.txt");
-    let res = run(vox()
-        .arg("transcribe")
-        .arg(fixture("jfk.wav"))
-        .arg("-o")
-        .arg(&out_path)
-        .env("VOX_MODELS", models.path()));
+    let res = transcribe_with_models(models.path());
     assert_one_line_error(&res, "ggml-tiny.en.bin is corrupt");
     assert!(String::from_utf8_lossy(&res.stderr).contains("vox models fetch tiny.en"));
-    assert!(!out_path.exists());
 }
 
 #[test]

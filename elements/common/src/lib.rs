@@ -4,6 +4,7 @@
 
 pub mod events;
 pub mod models;
+pub mod testing;
 
 /// Caps of the text buffers our elements produce and consume.
 pub const TEXT_CAPS: &str = "text/x-raw,format=utf8";

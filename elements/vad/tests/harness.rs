@@ -3,8 +3,8 @@
 
 use gst::prelude::*;
 use gst_check::Harness;
-use std::path::Path;
 use vox_common::events::SpeechBoundary;
+use vox_common::testing::{audio_caps, f32_buffer, fixture_samples, min_latency};
 
 fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -14,49 +14,10 @@ fn init() {
     });
 }
 
-fn caps(rate: i32) -> gst::Caps {
-    gst::Caps::builder("audio/x-raw")
-        .field("format", "F32LE")
-        .field("layout", "interleaved")
-        .field("channels", 1i32)
-        .field("rate", rate)
-        .build()
-}
-
-/// JFK (16 kHz s16) as f32.
-fn jfk() -> Vec<f32> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/jfk.wav");
-    let bytes = std::fs::read(&p)
-        .unwrap_or_else(|e| panic!("fixture {} missing ({e}): ../shared/fixtures", p.display()));
-    // Canonical 44-byte header, 16-bit mono PCM.
-    bytes[44..]
-        .chunks_exact(2)
-        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
-        .collect()
-}
-
-fn buffer(samples: &[f32], offset: usize, rate: u64) -> gst::Buffer {
-    let mut data = Vec::with_capacity(samples.len() * 4);
-    for s in samples {
-        data.extend_from_slice(&s.to_le_bytes());
-    }
-    let mut buf = gst::Buffer::from_mut_slice(data);
-    {
-        let b = buf.get_mut().unwrap();
-        b.set_pts(gst::ClockTime::from_nseconds(
-            offset as u64 * 1_000_000_000 / rate,
-        ));
-        b.set_duration(gst::ClockTime::from_nseconds(
-            samples.len() as u64 * 1_000_000_000 / rate,
-        ));
-    }
-    buf
-}
-
 fn harness(props: &str) -> Harness {
     init();
     let mut h = Harness::new_parse(&format!("silerovad {props}"));
-    h.set_src_caps(caps(16000));
+    h.set_src_caps(audio_caps(16000));
     h
 }
 
@@ -64,7 +25,7 @@ fn harness(props: &str) -> Harness {
 fn push_all(h: &mut Harness, samples: &[f32]) -> Vec<SpeechBoundary> {
     for (i, chunk) in samples.chunks(320).enumerate() {
         assert_eq!(
-            h.push(buffer(chunk, i * 320, 16000)),
+            h.push(f32_buffer(chunk, i * 320, 16000)),
             Ok(gst::FlowSuccess::Ok)
         );
     }
@@ -95,9 +56,9 @@ fn reference_probability_of_silence() {
 #[test]
 fn passes_audio_through_unchanged_and_marks_speech() {
     let mut h = harness("");
-    let audio = jfk();
+    let audio = fixture_samples("jfk.wav");
     for (i, chunk) in audio.chunks(320).enumerate() {
-        let input = buffer(chunk, i * 320, 16000);
+        let input = f32_buffer(chunk, i * 320, 16000);
         h.push(input.clone()).unwrap();
         let out = h.pull().unwrap();
         assert_eq!(out.pts(), input.pts());
@@ -131,7 +92,7 @@ fn element_messages_mirror_events() {
     let mut h = harness("");
     let bus = gst::Bus::new();
     h.element().unwrap().set_bus(Some(&bus));
-    let events = push_all(&mut h, &jfk()[..16000 * 3]);
+    let events = push_all(&mut h, &fixture_samples("jfk.wav")[..16000 * 3]);
     assert!(!events.is_empty());
     let msg = bus
         .iter()
@@ -145,7 +106,7 @@ fn element_messages_mirror_events() {
 fn eos_closes_open_speech() {
     let mut h = harness("");
     // Two seconds of JFK: speech is open when the stream ends.
-    let events = push_all(&mut h, &jfk()[..32000]);
+    let events = push_all(&mut h, &fixture_samples("jfk.wav")[..32000]);
     assert_eq!(events.len(), 1, "{events:?}");
     assert!(h.push_event(gst::event::Eos::new()));
     let mut end = None;
@@ -164,7 +125,7 @@ fn eos_closes_open_speech() {
 #[test]
 fn flush_resets_state() {
     let mut h = harness("");
-    let events = push_all(&mut h, &jfk()[..32000]);
+    let events = push_all(&mut h, &fixture_samples("jfk.wav")[..32000]);
     assert_eq!(events.len(), 1);
     assert!(h.push_event(gst::event::FlushStart::new()));
     assert!(h.push_event(gst::event::FlushStop::new(true)));
@@ -176,7 +137,7 @@ fn flush_resets_state() {
     let events = push_all(&mut h, &silence);
     assert!(events.is_empty(), "{events:?}");
     // And new speech starts a new utterance from a clean state.
-    let events = push_all(&mut h, &jfk()[..32000]);
+    let events = push_all(&mut h, &fixture_samples("jfk.wav")[..32000]);
     assert_eq!(events.len(), 1, "{events:?}");
     assert!(events[0].start);
 }
@@ -186,28 +147,15 @@ fn latency_query_reports_what_it_adds() {
     let mut h = harness("");
     h.set_upstream_latency(gst::ClockTime::from_mseconds(10));
     h.play();
-    let mut q = gst::query::Latency::new();
-    assert!(
-        h.element()
-            .unwrap()
-            .static_pad("src")
-            .unwrap()
-            .query(&mut q)
+    assert_eq!(
+        min_latency(&h.element().unwrap()),
+        gst::ClockTime::from_mseconds(10)
     );
-    assert_eq!(q.result().1, gst::ClockTime::from_mseconds(10));
 
     let mut h = harness("mode=drop-silence min-speech-ms=200 speech-pad-ms=30");
     h.set_upstream_latency(gst::ClockTime::from_mseconds(10));
-    let mut q = gst::query::Latency::new();
-    assert!(
-        h.element()
-            .unwrap()
-            .static_pad("src")
-            .unwrap()
-            .query(&mut q)
-    );
     assert_eq!(
-        q.result().1,
+        min_latency(&h.element().unwrap()),
         gst::ClockTime::from_mseconds(10 + 200 + 30 + 32)
     );
 }
@@ -217,7 +165,7 @@ fn drop_silence_passes_only_speech() {
     let mut h = harness("mode=drop-silence");
     let silence = vec![0.0f32; 16000 * 2];
     for (i, chunk) in silence.chunks(320).enumerate() {
-        h.push(buffer(chunk, i * 320, 16000)).unwrap();
+        h.push(f32_buffer(chunk, i * 320, 16000)).unwrap();
     }
     assert!(h.try_pull().is_none(), "silence must not pass");
     let mut gaps = 0;
@@ -228,9 +176,9 @@ fn drop_silence_passes_only_speech() {
     }
     assert!(gaps > 0, "dropped audio is announced with gap events");
     // Speech passes, starting no later than the speech start (look-back included).
-    let speech = &jfk()[..16000 * 2];
+    let speech = &fixture_samples("jfk.wav")[..16000 * 2];
     for (i, chunk) in speech.chunks(320).enumerate() {
-        h.push(buffer(chunk, 32000 + i * 320, 16000)).unwrap();
+        h.push(f32_buffer(chunk, 32000 + i * 320, 16000)).unwrap();
     }
     let first = h.pull().unwrap();
     assert!(first.flags().contains(gst::BufferFlags::DISCONT));
@@ -247,11 +195,15 @@ fn drop_silence_passes_only_speech() {
 #[test]
 fn accepts_8khz() {
     let mut h = harness("");
-    h.set_src_caps(caps(8000));
+    h.set_src_caps(audio_caps(8000));
     // Decimate JFK to 8 kHz (every other sample; fine for a detector).
-    let audio: Vec<f32> = jfk().iter().step_by(2).copied().collect();
+    let audio: Vec<f32> = fixture_samples("jfk.wav")
+        .iter()
+        .step_by(2)
+        .copied()
+        .collect();
     for (i, chunk) in audio.chunks(160).enumerate() {
-        h.push(buffer(chunk, i * 160, 8000)).unwrap();
+        h.push(f32_buffer(chunk, i * 160, 8000)).unwrap();
         h.pull().unwrap();
     }
     let events = drain_events(&mut h);

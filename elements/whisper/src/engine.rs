@@ -231,10 +231,6 @@ impl Engine {
         Ok(Self { ctx, state })
     }
 
-    pub fn is_multilingual(&self) -> bool {
-        self.ctx.is_multilingual()
-    }
-
     fn params<'a>(
         &self,
         opts: &'a Options,

@@ -128,14 +128,9 @@ impl Default for State {
     }
 }
 
-impl State {
-    fn pts_of(&self, sample: u64) -> gst::ClockTime {
-        samples_to_time(sample)
-    }
-
-    fn sample_of(&self, pts: gst::ClockTime) -> u64 {
-        (u128::from(pts.nseconds()) * engine::SAMPLE_RATE as u128 / 1_000_000_000) as u64
-    }
+/// Sample position (stream time in samples) of a timestamp.
+fn time_to_samples(pts: gst::ClockTime) -> u64 {
+    (u128::from(pts.nseconds()) * engine::SAMPLE_RATE as u128 / 1_000_000_000) as u64
 }
 
 fn samples_to_time(n: u64) -> gst::ClockTime {
@@ -195,7 +190,7 @@ impl WhisperStt {
     }
 
     fn queue_utterance(&self, state: &mut State, utterance: Utterance, partial: bool) {
-        let pts = state.pts_of(utterance.start);
+        let pts = samples_to_time(utterance.start);
         let job = Job {
             pts,
             id: state.utterance_id,
@@ -291,7 +286,7 @@ impl WhisperStt {
         // Keep sample positions equal to stream time: fill short gaps with silence, skip
         // overlaps, jump over long gaps.
         if let Some(pts) = buffer.pts() {
-            let at = state.sample_of(pts);
+            let at = time_to_samples(pts);
             let position = state.buffer.position();
             let tolerance = engine::SAMPLE_RATE as u64 / 50;
             if !state.started {
@@ -344,7 +339,7 @@ impl WhisperStt {
             let pad = u64::from(self.settings().context_pad_ms) * engine::SAMPLE_RATE as u64 / 1000;
             let mut state = self.lock_state();
             state.buffer.set_gated();
-            let at = state.sample_of(boundary.pts);
+            let at = time_to_samples(boundary.pts);
             if boundary.start {
                 // Half the padding before: more leading audio made tiny.en stumble on jfk.wav.
                 state.buffer.start(at.saturating_sub(pad / 2));
