@@ -1,9 +1,10 @@
 //! Silero VAD cost per 32 ms chunk (512 samples at 16 kHz) on one thread, through our
-//! `SileroVad` core (ONNX Runtime 1.32 loaded dynamically). Anchor: Python onnxruntime on this
-//! machine, 0.113–0.12 ms per chunk (shared/notes/anchors.md). Target: ≤ 0.1 ms.
+//! `SileroVad` core on both engines: native (the default) and ONNX Runtime 1.32 (loaded
+//! dynamically). Anchor: Python onnxruntime on this machine, 0.113–0.12 ms per chunk
+//! (shared/notes/anchors.md; `scripts/bench` runs it beside this). Target: ≤ 0.1 ms.
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
-use gstvoxvad::silero::SileroVad;
+use gstvoxvad::silero::{EngineKind, SileroVad};
 
 fn chunks() -> (Vec<f32>, Vec<f32>) {
     let silence = vec![0.0f32; 512];
@@ -22,17 +23,22 @@ fn chunks() -> (Vec<f32>, Vec<f32>) {
 }
 
 fn bench(c: &mut Criterion) {
-    let mut vad = SileroVad::load("silero-vad", 16000)
-        .expect("Silero model and ONNX Runtime: run scripts/setup");
     let (silence, speech) = chunks();
-    let mut group = c.benchmark_group("silero_vad_chunk_16k_1thread");
-    group.bench_function("silence", |b| {
-        b.iter(|| vad.process(black_box(&silence)).unwrap())
-    });
-    group.bench_function("speech", |b| {
-        b.iter(|| vad.process(black_box(&speech)).unwrap())
-    });
-    group.finish();
+    for (name, kind) in [
+        ("native", EngineKind::Native),
+        ("onnxruntime", EngineKind::OnnxRuntime),
+    ] {
+        let mut vad = SileroVad::load_with("silero-vad", 16000, kind)
+            .expect("Silero model and ONNX Runtime: run scripts/setup");
+        let mut group = c.benchmark_group(format!("silero_vad_chunk_16k_1thread/{name}"));
+        group.bench_function("silence", |b| {
+            b.iter(|| vad.process(black_box(&silence)).unwrap())
+        });
+        group.bench_function("speech", |b| {
+            b.iter(|| vad.process(black_box(&speech)).unwrap())
+        });
+        group.finish();
+    }
 }
 
 criterion_group!(benches, bench);

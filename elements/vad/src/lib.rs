@@ -8,7 +8,7 @@ pub mod detector;
 pub mod silero;
 mod silerovad;
 
-pub use silerovad::VadMode;
+pub use silerovad::{VadEngine, VadMode};
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     silerovad::register(plugin)

@@ -1,6 +1,7 @@
 //! # silerovad
 //!
-//! Voice activity detection with Silero VAD v6 on ONNX Runtime. Audio passes through
+//! Voice activity detection with Silero VAD v6 (a native Rust forward pass over the weights in
+//! the model's ONNX file, or ONNX Runtime with `engine=onnxruntime`). Audio passes through
 //! unchanged; speech is marked with serialized custom downstream events `vox-speech-start` and
 //! `vox-speech-end` (fields `pts`, `running-time`, `probability`, `utterance`), which travel in
 //! order with the audio, and the same structures are posted as element messages.
@@ -22,7 +23,7 @@ use gst::subclass::prelude::*;
 use std::collections::VecDeque;
 use std::sync::{LazyLock, Mutex};
 
-use super::VadMode;
+use super::{VadEngine, VadMode};
 use crate::detector::{Boundary, Detector, DetectorConfig};
 use crate::silero::SileroVad as SileroModel;
 use vox_common::events::SpeechBoundary;
@@ -42,6 +43,7 @@ const DEFAULT_MIN_SPEECH_MS: u32 = 250;
 const DEFAULT_MIN_SILENCE_MS: u32 = 500;
 const DEFAULT_SPEECH_PAD_MS: u32 = 30;
 const DEFAULT_MODE: VadMode = VadMode::PassThrough;
+const DEFAULT_ENGINE: VadEngine = VadEngine::Auto;
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -52,6 +54,7 @@ struct Settings {
     min_silence_ms: u32,
     speech_pad_ms: u32,
     mode: VadMode,
+    engine: VadEngine,
 }
 
 impl Default for Settings {
@@ -64,6 +67,7 @@ impl Default for Settings {
             min_silence_ms: DEFAULT_MIN_SILENCE_MS,
             speech_pad_ms: DEFAULT_SPEECH_PAD_MS,
             mode: DEFAULT_MODE,
+            engine: DEFAULT_ENGINE,
         }
     }
 }
@@ -169,9 +173,16 @@ impl SileroVad {
     }
 
     fn load_model(&self, rate: u32) -> Result<SileroModel, gst::ErrorMessage> {
-        let model = self.settings().model;
-        SileroModel::load(&model, rate)
-            .map_err(|e| gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e)))
+        let settings = self.settings();
+        let model = SileroModel::load_with(&settings.model, rate, settings.engine.into())
+            .map_err(|e| gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e)))?;
+        gst::debug!(
+            CAT,
+            imp = self,
+            "Silero VAD at {rate} Hz on the {} engine",
+            model.engine()
+        );
+        Ok(model)
     }
 
     fn boundary(&self, state: &mut State, b: Boundary) -> SpeechBoundary {
@@ -530,6 +541,11 @@ impl ObjectImpl for SileroVad {
                     .blurb("Pass all audio through, or pass speech only")
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecEnum::builder_with_default("engine", DEFAULT_ENGINE)
+                    .nick("Engine")
+                    .blurb("Run the model natively (fast) or on ONNX Runtime (reference); auto picks native when it knows the model's layout")
+                    .mutable_ready()
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -550,6 +566,7 @@ impl ObjectImpl for SileroVad {
             "min-silence-ms" => s.min_silence_ms = value.get().expect("type checked upstream"),
             "speech-pad-ms" => s.speech_pad_ms = value.get().expect("type checked upstream"),
             "mode" => s.mode = value.get().expect("type checked upstream"),
+            "engine" => s.engine = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -564,6 +581,7 @@ impl ObjectImpl for SileroVad {
             "min-silence-ms" => s.min_silence_ms.to_value(),
             "speech-pad-ms" => s.speech_pad_ms.to_value(),
             "mode" => s.mode.to_value(),
+            "engine" => s.engine.to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }
