@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use vox_pipeline::models::{self, CATALOGUE};
 use vox_pipeline::transcript::Format;
-use vox_pipeline::{fetch, graph, runner, transcribe};
+use vox_pipeline::{fetch, graph, runner, speak, transcribe};
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +51,23 @@ enum Command {
         /// Silence that ends an utterance, in milliseconds.
         #[arg(long, default_value_t = 500)]
         min_silence_ms: u32,
+    },
+    /// Speak text with Kokoro into a WAV file (24 kHz mono).
+    Speak {
+        /// The text to speak; `-` reads it from standard input.
+        text: String,
+        /// Output WAV file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Voice name in the voices file (see `gst-inspect-1.0 kokorotts`).
+        #[arg(long, default_value = "jf_alpha")]
+        voice: String,
+        /// Speaking rate, 0.5 to 2.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f32,
+        /// Synthesis threads.
+        #[arg(short, long, default_value_t = 2)]
+        threads: u32,
     },
     /// Run a graph file (a name from `vox graphs`, or a path) with key=value parameters.
     Run {
@@ -145,6 +162,21 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             };
             cmd_transcribe(&files, format, output.as_deref(), &options)?;
         }
+        Command::Speak {
+            text,
+            output,
+            voice,
+            speed,
+            threads,
+        } => cmd_speak(
+            &text,
+            &output,
+            &speak::Options {
+                voice,
+                speed,
+                threads,
+            },
+        )?,
         Command::Run {
             graph,
             params,
@@ -233,6 +265,27 @@ fn cmd_transcribe(
     Ok(())
 }
 
+fn cmd_speak(text: &str, output: &Path, options: &speak::Options) -> Result<()> {
+    let text = if text == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the text from stdin")?
+    } else {
+        text.to_string()
+    };
+    runner::check_writable(output)?;
+    runner::init()?;
+    let report = speak::speak(&text, output, options)?;
+    let secs = |d: std::time::Duration| d.as_secs_f64();
+    eprintln!(
+        "{}: {:.2} s of audio in {:.2} s (RTF {:.2}), first audio after {:.2} s",
+        output.display(),
+        secs(report.audio),
+        secs(report.synthesis),
+        secs(report.synthesis) / secs(report.audio).max(1e-9),
+        report.first_audio.map(secs).unwrap_or_default(),
+    );
+    Ok(())
+}
+
 fn cmd_run(name: &str, params: &[String], json: bool) -> Result<()> {
     let graph = graph::find(name)?;
     let values = graph.bind(params)?;
@@ -284,6 +337,9 @@ const TIME_FIELDS: &[&str] = &[
     "start",
     "end",
     "inference-time",
+    "time-to-first-audio",
+    "audio-duration",
+    "synthesis-time",
 ];
 
 fn value_json(field: &str, value: &gst::glib::Value) -> serde_json::Value {

@@ -528,6 +528,13 @@ fn gst_inspect_documents_every_property() {
                 "min-silence-ms",
                 "speech-pad-ms",
                 "mode",
+                "engine",
+            ][..],
+        ),
+        (
+            "kokorotts",
+            &[
+                "model", "voices", "vocab", "voice", "language", "speed", "threads",
             ][..],
         ),
         (

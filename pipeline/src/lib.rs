@@ -5,6 +5,7 @@ pub mod ct2;
 pub mod fetch;
 pub mod graph;
 pub mod runner;
+pub mod speak;
 pub mod transcribe;
 pub mod transcript;
 

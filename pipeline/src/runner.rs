@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub const PLUGINS: &[(&str, &[&str])] = &[
     ("libgstvoxvad.so", &["silerovad"]),
     ("libgstvoxwhisper.so", &["whisperstt"]),
+    ("libgstvoxkokoro.so", &["kokorotts"]),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -248,14 +249,34 @@ pub fn check_writable(path: &Path) -> Result<()> {
 
 /// One line for a bus error: the element, the message, and GStreamer's detail when it adds one.
 pub fn describe_error(err: &gst::message::Error) -> String {
+    // The element's path below the pipeline ("decodebin0/typefind"), which says where in the
+    // graph it failed.
     let src = err
         .src()
-        .map(|s| s.name().to_string())
+        .map(|s| {
+            let mut names = vec![s.name().to_string()];
+            let mut parent = s.parent();
+            while let Some(p) = parent {
+                if p.parent().is_none() {
+                    break; // the pipeline itself
+                }
+                names.push(p.name().to_string());
+                parent = p.parent();
+            }
+            names.reverse();
+            names.join("/")
+        })
         .unwrap_or_else(|| "pipeline".into());
     let mut line = format!("{src}: {}", err.error());
     if let Some(debug) = err.debug() {
         // "file.c(123): function (): /GstPipeline:pipeline0/...:\ndetail" → "detail".
-        let detail = debug.split_once(":\n").map(|(_, d)| d).unwrap_or(&debug);
+        // A debug string that is only the location (Rust elements: "file.rs(123): fn (): /path")
+        // says nothing to a user.
+        let detail = match debug.split_once(":\n") {
+            Some((_, d)) => d,
+            None if debug.contains("(): /") => "",
+            None => &debug,
+        };
         let detail = detail
             .lines()
             .map(str::trim)

@@ -4,7 +4,9 @@
 
 pub mod events;
 pub mod models;
+pub mod onnx;
 pub mod testing;
+pub mod text;
 
 /// Caps of the text buffers our elements produce and consume.
 pub const TEXT_CAPS: &str = "text/x-raw,format=utf8";

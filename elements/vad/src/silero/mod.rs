@@ -19,8 +19,6 @@ use std::sync::{Arc, Mutex};
 pub enum Error {
     #[error(transparent)]
     Model(#[from] vox_common::models::ModelError),
-    #[error("cannot load the ONNX Runtime library {path}: {why}")]
-    Runtime { path: PathBuf, why: String },
     #[error("cannot load Silero VAD model {path}: {why}")]
     Load { path: PathBuf, why: String },
     #[error("{0}")]

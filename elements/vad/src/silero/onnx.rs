@@ -6,32 +6,8 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::Tensor;
 use std::path::Path;
-use std::sync::OnceLock;
 
 const STATE_LEN: usize = super::STATE_LEN;
-
-/// The process's ONNX Runtime environment: loaded once, from the verified library in the models
-/// directory (or `$ORT_DYLIB_PATH`). A failure is remembered and reported the same way again.
-fn environment() -> Result<&'static ort::environment::Environment> {
-    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> =
-        OnceLock::new();
-    let env = ENV.get_or_init(|| {
-        let path = vox_common::models::onnxruntime_library().map_err(|e| e.to_string())?;
-        let fail = |why: String| {
-            Error::Runtime {
-                path: path.clone(),
-                why,
-            }
-            .to_string()
-        };
-        let builder = ort::init_from(&path).map_err(|e| fail(e.to_string()))?;
-        builder
-            .with_name("vox")
-            .build()
-            .map_err(|e| fail(e.to_string()))
-    });
-    env.as_ref().map_err(|e| Error::Environment(e.clone()))
-}
 
 pub struct Onnx {
     session: Session,
@@ -42,7 +18,7 @@ pub struct Onnx {
 
 impl Onnx {
     pub fn new(path: &Path, bytes: &[u8], rate: u32, input_len: usize) -> Result<Self> {
-        let env = environment()?;
+        let env = vox_common::onnx::environment().map_err(Error::Environment)?;
         let load_err = |e: &dyn std::fmt::Display| Error::Load {
             path: path.to_path_buf(),
             why: e.to_string(),

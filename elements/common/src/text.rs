@@ -1,0 +1,246 @@
+//! Sentence and clause boundaries in text, for speaking a reply while it is still being written.
+//!
+//! [`SentenceSplitter`] takes text as it streams in (tokens from an LLM) and hands out each
+//! sentence as soon as its end is certain; [`sentences`] splits finished text. A boundary is a
+//! `.`, `!`, `?`, `…` or a line break followed by white space (or the end, for finished text),
+//! with closing quotes and brackets kept with the sentence. Not boundaries: decimals and times
+//! ("3.5", "7:30"), common abbreviations ("Dr.", "e.g.", "a.m."), initials ("J. R. R.") and
+//! list numbers at the start of a line ("1. ").
+
+const ABBREVIATIONS: &[&str] = &[
+    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "etc", "e.g", "i.e", "a.m",
+    "p.m", "approx", "no", "fig", "inc", "ltd", "co", "corp", "dept", "est", "gen", "gov", "lt",
+    "col", "sgt", "capt", "rev", "u.s", "u.k", "jan", "feb", "mar", "apr", "jun", "jul", "aug",
+    "sep", "sept", "oct", "nov", "dec",
+];
+
+/// Whether the `.` ending `before` ends a word that is an abbreviation, an initial or a list
+/// number, rather than a sentence. `line_start`: `before` begins at the start of a line.
+fn is_abbreviation(before: &str, line_start: bool) -> bool {
+    let word = before
+        .rsplit(|c: char| c.is_whitespace() || c == '(' || c == '"')
+        .next()
+        .unwrap_or("");
+    let lower = word.to_lowercase();
+    if ABBREVIATIONS.contains(&lower.as_str()) {
+        return true;
+    }
+    let letters: Vec<char> = word.chars().collect();
+    // A single capital initial ("J.") or dotted initials ("U.S").
+    if letters.len() == 1 && letters[0].is_uppercase() {
+        return true;
+    }
+    // "1." at the start of a line: a list item, not a sentence.
+    if !word.is_empty() && word.len() <= 2 && word.chars().all(|c| c.is_ascii_digit()) {
+        let ahead = &before[..before.len() - word.len()];
+        return match ahead.rfind('\n') {
+            Some(nl) => ahead[nl..].trim().is_empty(),
+            None => line_start && ahead.trim().is_empty(),
+        };
+    }
+    false
+}
+
+/// Where a sentence ending with the character `c` at `i` ends (past closing marks and quotes).
+enum Boundary {
+    At(usize),
+    No,
+    /// Depends on text not yet seen ("3." may become "3.5").
+    Undecided,
+}
+
+/// Whether the character `c` at byte `i` of `text` ends a sentence. `finished`: nothing more will
+/// follow `text`; `line_start`: `text` begins at the start of a line.
+fn boundary_after(text: &str, i: usize, c: char, finished: bool, line_start: bool) -> Boundary {
+    let mut end = i + c.len_utf8();
+    if c == '\n' {
+        return Boundary::At(end);
+    }
+    if !matches!(c, '.' | '!' | '?' | '…') {
+        return Boundary::No;
+    }
+    // Runs of marks ("?!", "...") and closing quotes or brackets stay with the sentence.
+    let rest = &text[end..];
+    for ch in rest.chars() {
+        if matches!(
+            ch,
+            '.' | '!' | '?' | '…' | '"' | '\'' | '”' | '’' | ')' | ']' | '»'
+        ) {
+            end += ch.len_utf8();
+        } else {
+            break;
+        }
+    }
+    match text[end..].chars().next() {
+        None if !finished => return Boundary::Undecided,
+        None => {}
+        Some(next) if !next.is_whitespace() => return Boundary::No, // "3.5", "e.g.x"
+        Some(_) => {}
+    }
+    if c == '.' && end == i + 1 && is_abbreviation(&text[..i], line_start) {
+        return Boundary::No;
+    }
+    Boundary::At(end)
+}
+
+/// Splits finished text into sentences (trimmed, empty ones dropped).
+pub fn sentences(text: &str) -> Vec<String> {
+    let mut splitter = SentenceSplitter::default();
+    let mut out = splitter.push(text);
+    out.extend(splitter.finish());
+    out
+}
+
+/// Splits streamed text into sentences as soon as each is complete.
+#[derive(Debug)]
+pub struct SentenceSplitter {
+    pending: String,
+    /// Byte offset in `pending` from which to look for the next boundary.
+    scanned: usize,
+    /// `pending` begins at the start of a line.
+    line_start: bool,
+}
+
+impl Default for SentenceSplitter {
+    fn default() -> Self {
+        Self {
+            pending: String::new(),
+            scanned: 0,
+            line_start: true,
+        }
+    }
+}
+
+impl SentenceSplitter {
+    /// Adds text; returns the sentences it completed.
+    pub fn push(&mut self, text: &str) -> Vec<String> {
+        self.pending.push_str(text);
+        self.split(false)
+    }
+
+    /// The text left over at the end of the stream, if any.
+    pub fn finish(&mut self) -> Vec<String> {
+        let out = self.split(true);
+        self.clear();
+        out
+    }
+
+    /// Drops whatever is pending (a cancelled reply).
+    pub fn clear(&mut self) {
+        self.pending.clear();
+        self.scanned = 0;
+        self.line_start = true;
+    }
+
+    fn split(&mut self, finished: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut i = self.scanned;
+        while let Some(c) = self.pending[i..].chars().next() {
+            let line_start = if start == 0 {
+                self.line_start
+            } else {
+                self.pending[..start].ends_with('\n')
+            };
+            match boundary_after(&self.pending[start..], i - start, c, finished, line_start) {
+                Boundary::At(end) => {
+                    let sentence = self.pending[start..start + end].trim();
+                    if !sentence.is_empty() {
+                        out.push(sentence.to_string());
+                    }
+                    start += end;
+                    i = start;
+                }
+                Boundary::Undecided => break,
+                Boundary::No => i += c.len_utf8(),
+            }
+        }
+        if finished {
+            let rest = self.pending[start..].trim();
+            if !rest.is_empty() {
+                out.push(rest.to_string());
+            }
+            start = self.pending.len();
+            i = start;
+        }
+        if start > 0 {
+            self.line_start = self.pending[..start].ends_with('\n');
+        }
+        self.pending.drain(..start);
+        self.scanned = i - start;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_finished_text() {
+        assert_eq!(
+            sentences("Hello there. How are you? Fine!  "),
+            ["Hello there.", "How are you?", "Fine!"]
+        );
+        assert_eq!(
+            sentences("Dr. Smith walked 3.5 km at 7:30 a.m. on Monday. Then he slept."),
+            [
+                "Dr. Smith walked 3.5 km at 7:30 a.m. on Monday.",
+                "Then he slept."
+            ]
+        );
+        assert_eq!(
+            sentences("He said \"Stop.\" Then left... Really?!"),
+            ["He said \"Stop.\"", "Then left...", "Really?!"]
+        );
+        assert_eq!(
+            sentences("J. R. R. Tolkien wrote it."),
+            ["J. R. R. Tolkien wrote it."]
+        );
+        assert_eq!(
+            sentences("Steps:\n1. Boil.\n2. Eat."),
+            ["Steps:", "1. Boil.", "2. Eat."]
+        );
+        assert_eq!(sentences("no end mark"), ["no end mark"]);
+        assert!(sentences("   ").is_empty());
+    }
+
+    #[test]
+    fn streams_sentences_as_soon_as_they_are_complete() {
+        let mut s = SentenceSplitter::default();
+        let mut got = Vec::new();
+        for token in [
+            "The", " capital", " is", " Paris", ".", " It", " has", " 2", ".", "1", " million",
+            " people", ".", " Nice", "!",
+        ] {
+            got.push(s.push(token));
+        }
+        // "Paris." is out once the space after it arrives; "2." waits for the "1".
+        assert_eq!(got[5], ["The capital is Paris."]);
+        assert!(
+            got.iter()
+                .flatten()
+                .all(|x| !x.contains("2.") || x.contains("2.1"))
+        );
+        assert_eq!(got[13], ["It has 2.1 million people."]);
+        assert_eq!(s.finish(), ["Nice!"]);
+        assert!(s.finish().is_empty());
+    }
+
+    #[test]
+    fn any_chunking_gives_the_same_sentences() {
+        let text =
+            "Mr. Brown paid $4.99 at 10:05 p.m. yesterday. Wow… that's cheap! Isn't it? Yes.";
+        let whole = sentences(text);
+        for size in 1..8 {
+            let mut s = SentenceSplitter::default();
+            let mut got = Vec::new();
+            let chars: Vec<char> = text.chars().collect();
+            for chunk in chars.chunks(size) {
+                got.extend(s.push(&chunk.iter().collect::<String>()));
+            }
+            got.extend(s.finish());
+            assert_eq!(got, whole, "chunks of {size}");
+        }
+    }
+}

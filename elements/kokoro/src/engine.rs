@@ -1,0 +1,94 @@
+//! Kokoro-82M on ONNX Runtime (no GStreamer types): token ids + style + speed → 24 kHz audio.
+//! One session per (model file, thread count) per process, shared by every element instance.
+
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::Tensor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub const SAMPLE_RATE: u32 = 24_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] vox_common::models::ModelError),
+    #[error("{0}")]
+    Runtime(String),
+    #[error("cannot load Kokoro model {path}: {why}")]
+    Load { path: PathBuf, why: String },
+    #[error("Kokoro inference failed: {0}")]
+    Inference(String),
+}
+
+pub struct Kokoro {
+    session: Mutex<Session>,
+}
+
+type Registry = Mutex<Vec<((PathBuf, usize), Arc<Kokoro>)>>;
+
+impl Kokoro {
+    /// The shared model named or pointed to by `model`, loaded on first use.
+    pub fn shared(model: &str, threads: usize) -> Result<Arc<Self>, Error> {
+        static MODELS: Registry = Mutex::new(Vec::new());
+        let path = vox_common::models::resolve(model, vox_common::models::ModelKind::Tts)?;
+        let mut models = MODELS.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (path.clone(), threads);
+        if let Some((_, m)) = models.iter().find(|(k, _)| *k == key) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(Self::load(&path, threads)?);
+        models.push((key, m.clone()));
+        Ok(m)
+    }
+
+    pub fn load(path: &Path, threads: usize) -> Result<Self, Error> {
+        let env = vox_common::onnx::environment().map_err(Error::Runtime)?;
+        let load_err = |e: &dyn std::fmt::Display| Error::Load {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        };
+        let session = Session::builder(env)
+            .map_err(|e| load_err(&e))?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| load_err(&e))?
+            .with_intra_threads(threads.max(1))
+            .map_err(|e| load_err(&e))?
+            .with_inter_threads(1)
+            .map_err(|e| load_err(&e))?
+            .commit_from_file(path)
+            .map_err(|e| load_err(&e))?;
+        let mut names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        names.sort_unstable();
+        if names != ["speed", "style", "tokens"] {
+            return Err(load_err(&format!(
+                "inputs {names:?}, expected tokens, style and speed (Kokoro v1.0 ONNX)"
+            )));
+        }
+        Ok(Self {
+            session: Mutex::new(session),
+        })
+    }
+
+    /// Audio for one chunk of ids (without the padding zeros, at most 509) in `style`.
+    pub fn synthesise(&self, ids: &[i64], style: &[f32], speed: f32) -> Result<Vec<f32>, Error> {
+        let infer = |e: ort::Error| Error::Inference(e.to_string());
+        let mut padded = Vec::with_capacity(ids.len() + 2);
+        padded.push(0);
+        padded.extend_from_slice(ids);
+        padded.push(0);
+        let tokens = Tensor::from_array(([1usize, padded.len()], padded)).map_err(infer)?;
+        let style = Tensor::from_array(([1usize, style.len()], style.to_vec())).map_err(infer)?;
+        let speed = Tensor::from_array(([1usize], vec![speed])).map_err(infer)?;
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let outputs = session
+            .run(ort::inputs![
+                "tokens" => tokens,
+                "style" => style,
+                "speed" => speed
+            ])
+            .map_err(infer)?;
+        let (_, audio) = outputs[0].try_extract_tensor::<f32>().map_err(infer)?;
+        Ok(audio.to_vec())
+    }
+}

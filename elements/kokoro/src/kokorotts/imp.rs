@@ -1,0 +1,611 @@
+//! # kokorotts
+//!
+//! Text to speech with Kokoro-82M (int8 ONNX on ONNX Runtime) and libespeak-ng phonemes. Each
+//! text buffer is one piece of text to speak (a sentence from `llmchat`, a transcript, a file's
+//! contents); it is split into sentences and clauses, and each sentence's audio is pushed as
+//! soon as it is synthesised, before the next one is started. Output buffers are contiguous,
+//! starting at the text's PTS (or where the previous audio ended, if later).
+//!
+//! Bus messages: `vox-tts-first-audio` (`time-to-first-audio` in ns from the text's arrival,
+//! `pts`) when a text's first audio is pushed, and `vox-tts-done` (`audio-duration`,
+//! `synthesis-time`, `sentences`) when it is finished. Flushing drops queued text and stops the
+//! synthesis in flight after the current chunk.
+//!
+//! ```sh
+//! echo "Hello there. How are you today?" > hello.txt
+//! gst-launch-1.0 filesrc location=hello.txt blocksize=1048576 ! text/x-raw,format=utf8 ! \
+//!     kokorotts voice=jf_alpha ! audioconvert ! wavenc ! filesink location=hello.wav
+//! ```
+
+use crossbeam_channel::{Receiver, Sender};
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::engine::{Kokoro, SAMPLE_RATE};
+use crate::phonemes::{self, Vocab};
+use crate::voices::{self, Voice};
+
+static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "kokorotts",
+        gst::DebugColorFlags::empty(),
+        Some("Kokoro text to speech"),
+    )
+});
+
+const DEFAULT_MODEL: &str = "kokoro";
+const DEFAULT_VOICES: &str = "kokoro-voices";
+const DEFAULT_VOCAB: &str = "kokoro-vocab";
+const DEFAULT_VOICE: &str = "jf_alpha";
+const DEFAULT_LANGUAGE: &str = "en-us";
+const DEFAULT_SPEED: f32 = 1.0;
+const DEFAULT_THREADS: u32 = 2;
+
+#[derive(Debug, Clone)]
+struct Settings {
+    model: String,
+    voices: String,
+    vocab: String,
+    voice: String,
+    language: String,
+    speed: f32,
+    threads: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            model: DEFAULT_MODEL.into(),
+            voices: DEFAULT_VOICES.into(),
+            vocab: DEFAULT_VOCAB.into(),
+            voice: DEFAULT_VOICE.into(),
+            language: DEFAULT_LANGUAGE.into(),
+            speed: DEFAULT_SPEED,
+            threads: DEFAULT_THREADS,
+        }
+    }
+}
+
+/// What the worker needs, loaded at start.
+struct Loaded {
+    model: Arc<Kokoro>,
+    voice: Voice,
+    vocab: Vocab,
+    language: String,
+    speed: f32,
+}
+
+struct Job {
+    text: String,
+    pts: Option<gst::ClockTime>,
+    arrived: Instant,
+}
+
+enum Work {
+    Speak(Job, u64),
+    Event(gst::Event, u64),
+    Stop,
+}
+
+struct Worker {
+    tx: Sender<Work>,
+    handle: JoinHandle<()>,
+}
+
+pub struct KokoroTts {
+    sinkpad: gst::Pad,
+    srcpad: gst::Pad,
+    settings: Mutex<Settings>,
+    loaded: Mutex<Option<Arc<Loaded>>>,
+    worker: Mutex<Option<Worker>>,
+    /// Bumped on flush: queued work from before it is dropped, synthesis in flight stops.
+    generation: Arc<AtomicU64>,
+    /// Where the next audio buffer starts.
+    next_pts: Mutex<Option<gst::ClockTime>>,
+    /// Held by the worker from its generation check to the end of a push, and by FlushStop.
+    push_lock: Mutex<()>,
+}
+
+fn audio_caps() -> gst::Caps {
+    gst::Caps::builder("audio/x-raw")
+        .field("format", "F32LE")
+        .field("layout", "interleaved")
+        .field("rate", SAMPLE_RATE as i32)
+        .field("channels", 1i32)
+        .build()
+}
+
+fn samples_to_time(n: u64) -> gst::ClockTime {
+    gst::ClockTime::from_nseconds(n * 1_000_000_000 / u64::from(SAMPLE_RATE))
+}
+
+impl KokoroTts {
+    fn settings(&self) -> Settings {
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn queue(&self, work: Work) -> bool {
+        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+        match worker.as_ref() {
+            Some(w) => w.tx.send(work).is_ok(),
+            None => false,
+        }
+    }
+
+    fn load(&self) -> Result<Loaded, String> {
+        let s = self.settings();
+        let resolve =
+            |name: &str, kind| vox_common::models::resolve(name, kind).map_err(|e| e.to_string());
+        let vocab_path = resolve(&s.vocab, vox_common::models::ModelKind::Vocab)?;
+        let vocab = Vocab::load(&vocab_path).map_err(|e| e.to_string())?;
+        let voices_path = resolve(&s.voices, vox_common::models::ModelKind::Voices)?;
+        let voice = voices::load(&voices_path, &s.voice).map_err(|e| e.to_string())?;
+        // Starts espeak-ng and checks the language now, not at the first sentence.
+        phonemes::phonemise("test", &s.language).map_err(|e| e.to_string())?;
+        let model = Kokoro::shared(&s.model, s.threads as usize).map_err(|e| e.to_string())?;
+        Ok(Loaded {
+            model,
+            voice,
+            vocab,
+            language: s.language,
+            speed: s.speed,
+        })
+    }
+
+    fn start_worker(&self) -> Result<(), gst::ErrorMessage> {
+        let loaded = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| gst::error_msg!(gst::CoreError::StateChange, ("model not loaded")))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let element = self.obj().downgrade();
+        let handle = std::thread::Builder::new()
+            .name("kokorotts".into())
+            .spawn(move || worker_loop(element, loaded, rx))
+            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ("cannot start worker: {}", e)))?;
+        *self.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(Worker { tx, handle });
+        Ok(())
+    }
+
+    fn stop_worker(&self) {
+        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(worker) = worker {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            let _ = worker.tx.send(Work::Stop);
+            let _ = worker.handle.join();
+        }
+    }
+
+    fn sink_chain(
+        &self,
+        _pad: &gst::Pad,
+        buffer: gst::Buffer,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let map = buffer.map_readable().map_err(|_| gst::FlowError::Error)?;
+        let text = match std::str::from_utf8(map.as_slice()) {
+            Ok(t) => t.to_string(),
+            Err(_) => {
+                gst::warning!(CAT, imp = self, "text buffer is not valid UTF-8");
+                String::from_utf8_lossy(map.as_slice()).into_owned()
+            }
+        };
+        if text.trim().is_empty() {
+            return Ok(gst::FlowSuccess::Ok);
+        }
+        let job = Job {
+            text,
+            pts: buffer.pts(),
+            arrived: Instant::now(),
+        };
+        if self.queue(Work::Speak(job, self.generation())) {
+            Ok(gst::FlowSuccess::Ok)
+        } else {
+            Err(gst::FlowError::Flushing)
+        }
+    }
+
+    fn sink_event(&self, pad: &gst::Pad, event: gst::Event) -> bool {
+        use gst::EventView;
+        match event.view() {
+            EventView::FlushStart(_) => {
+                self.generation.fetch_add(1, Ordering::SeqCst);
+                self.srcpad.push_event(event)
+            }
+            EventView::FlushStop(_) => {
+                let _push = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+                *self.next_pts.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.srcpad.push_event(event)
+            }
+            EventView::Caps(_) => {
+                let caps = gst::event::Caps::new(&audio_caps());
+                self.forward_serialized(caps)
+            }
+            _ if event.is_serialized() => self.forward_serialized(event),
+            _ => gst::Pad::event_default(pad, Some(&*self.obj()), event),
+        }
+    }
+
+    /// Sends a serialized event downstream in order with the audio: through the worker's queue,
+    /// or straight on when no worker runs.
+    fn forward_serialized(&self, event: gst::Event) -> bool {
+        if self.queue(Work::Event(event.clone(), self.generation())) {
+            true
+        } else {
+            self.srcpad.push_event(event)
+        }
+    }
+
+    /// Pushes one chunk of audio; returns its flow result.
+    fn push_audio(&self, samples: &[f32], pts: gst::ClockTime, discont: bool) -> bool {
+        let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let mut buffer = gst::Buffer::from_mut_slice(bytes);
+        {
+            let b = buffer.get_mut().expect("new buffer");
+            b.set_pts(pts);
+            b.set_duration(samples_to_time(samples.len() as u64));
+            if discont {
+                b.set_flags(gst::BufferFlags::DISCONT);
+            }
+        }
+        match self.srcpad.push(buffer) {
+            Ok(_) => true,
+            Err(gst::FlowError::Flushing) | Err(gst::FlowError::Eos) => false,
+            Err(err) => {
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Failed,
+                    ("cannot push audio: {:?}", err)
+                );
+                false
+            }
+        }
+    }
+
+    fn post(&self, structure: gst::Structure) {
+        let _ = self.obj().post_message(
+            gst::message::Element::builder(structure)
+                .src(&*self.obj())
+                .build(),
+        );
+    }
+}
+
+/// Speaks one job sentence by sentence, pushing each sentence's audio before synthesising the
+/// next. Stops early when the generation changes (flush).
+fn speak(imp: &KokoroTts, loaded: &Loaded, job: Job, generation: u64) {
+    let cancelled = || imp.generation() != generation;
+    let mut first_audio = true;
+    let mut total = 0u64;
+    let mut sentences = 0u32;
+    let started = Instant::now();
+    for sentence in vox_common::text::sentences(&job.text) {
+        let chunks = match phonemes::chunks(&sentence, &loaded.language, &loaded.vocab) {
+            Ok(c) => c,
+            Err(e) => {
+                gst::element_imp_warning!(imp, gst::StreamError::Failed, ("{}", e));
+                continue;
+            }
+        };
+        for chunk in chunks {
+            if cancelled() {
+                return;
+            }
+            let style = loaded.voice.style(chunk.ids.len());
+            let audio = match loaded.model.synthesise(&chunk.ids, style, loaded.speed) {
+                Ok(a) => a,
+                Err(e) => {
+                    // One bad sentence never stops the stream.
+                    gst::element_imp_warning!(
+                        imp,
+                        gst::StreamError::Failed,
+                        ("cannot speak {:?}: {}", sentence, e)
+                    );
+                    continue;
+                }
+            };
+            gst::debug!(
+                CAT,
+                imp = imp,
+                "{} ids → {} samples: {}",
+                chunk.ids.len(),
+                audio.len(),
+                chunk.phonemes
+            );
+            let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if cancelled() {
+                return;
+            }
+            let (pts, discont) = {
+                let mut next = imp.next_pts.lock().unwrap_or_else(|p| p.into_inner());
+                let pts = match (*next, job.pts) {
+                    (Some(n), Some(p)) => n.max(p),
+                    (Some(n), None) => n,
+                    (None, p) => p.unwrap_or(gst::ClockTime::ZERO),
+                };
+                let discont = *next != Some(pts);
+                *next = Some(pts + samples_to_time(audio.len() as u64));
+                (pts, discont)
+            };
+            if !imp.push_audio(&audio, pts, discont) {
+                return;
+            }
+            total += audio.len() as u64;
+            if first_audio {
+                first_audio = false;
+                imp.post(
+                    gst::Structure::builder("vox-tts-first-audio")
+                        .field(
+                            "time-to-first-audio",
+                            job.arrived.elapsed().as_nanos() as u64,
+                        )
+                        .field("pts", pts.nseconds())
+                        .build(),
+                );
+            }
+        }
+        sentences += 1;
+    }
+    imp.post(
+        gst::Structure::builder("vox-tts-done")
+            .field("audio-duration", samples_to_time(total).nseconds())
+            .field("synthesis-time", started.elapsed().as_nanos() as u64)
+            .field("sentences", sentences)
+            .build(),
+    );
+}
+
+fn worker_loop(
+    element: glib::WeakRef<super::KokoroTtsElement>,
+    loaded: Arc<Loaded>,
+    rx: Receiver<Work>,
+) {
+    for work in rx {
+        let Some(obj) = element.upgrade() else { return };
+        let imp = obj.imp();
+        match work {
+            Work::Stop => return,
+            Work::Event(event, generation) => {
+                let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+                // Sticky events (stream-start, caps, tags) still hold after a flush; a segment
+                // from before it does not.
+                let keep = event.is_sticky() && event.type_() != gst::EventType::Segment;
+                if generation == imp.generation() || keep {
+                    imp.srcpad.push_event(event);
+                }
+            }
+            Work::Speak(job, generation) => {
+                if generation == imp.generation() {
+                    speak(imp, &loaded, job, generation);
+                }
+            }
+        }
+    }
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for KokoroTts {
+    const NAME: &'static str = "GstKokoroTts";
+    type Type = super::KokoroTtsElement;
+    type ParentType = gst::Element;
+
+    fn with_class(klass: &Self::Class) -> Self {
+        let templ = klass.pad_template("sink").expect("sink template");
+        let sinkpad = gst::Pad::builder_from_template(&templ)
+            .chain_function(|pad, parent, buffer| {
+                KokoroTts::catch_panic_pad_function(
+                    parent,
+                    || Err(gst::FlowError::Error),
+                    |imp| imp.sink_chain(pad, buffer),
+                )
+            })
+            .event_function(|pad, parent, event| {
+                KokoroTts::catch_panic_pad_function(
+                    parent,
+                    || false,
+                    |imp| imp.sink_event(pad, event),
+                )
+            })
+            .build();
+        let templ = klass.pad_template("src").expect("src template");
+        let srcpad = gst::Pad::builder_from_template(&templ).build();
+        Self {
+            sinkpad,
+            srcpad,
+            settings: Mutex::new(Settings::default()),
+            loaded: Mutex::new(None),
+            worker: Mutex::new(None),
+            generation: Arc::new(AtomicU64::new(0)),
+            next_pts: Mutex::new(None),
+            push_lock: Mutex::new(()),
+        }
+    }
+}
+
+impl ObjectImpl for KokoroTts {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            vec![
+                glib::ParamSpecString::builder("model")
+                    .nick("Model")
+                    .blurb("Kokoro model: a name from `vox models list` or a path to an .onnx file")
+                    .default_value(Some(DEFAULT_MODEL))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("voices")
+                    .nick("Voices file")
+                    .blurb("Voices: a name from `vox models list` or a path to an .npz of [510,1,256] styles")
+                    .default_value(Some(DEFAULT_VOICES))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("vocab")
+                    .nick("Vocabulary")
+                    .blurb("Phoneme vocabulary: a name from `vox models list` or a path to vocab.json")
+                    .default_value(Some(DEFAULT_VOCAB))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("voice")
+                    .nick("Voice")
+                    .blurb("Voice name in the voices file (jf_alpha, jf_gongitsune, jf_nezumi, jf_tebukuro, jm_kumo; af_heart etc. with kokoro-onnx's English file)")
+                    .default_value(Some(DEFAULT_VOICE))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("language")
+                    .nick("Language")
+                    .blurb("espeak-ng language used for phonemes (en-us, en-gb, ...)")
+                    .default_value(Some(DEFAULT_LANGUAGE))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecFloat::builder("speed")
+                    .nick("Speed")
+                    .blurb("Speaking rate (1 = normal)")
+                    .minimum(0.5)
+                    .maximum(2.0)
+                    .default_value(DEFAULT_SPEED)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("threads")
+                    .nick("Threads")
+                    .blurb("ONNX Runtime threads for synthesis")
+                    .minimum(1)
+                    .maximum(64)
+                    .default_value(DEFAULT_THREADS)
+                    .mutable_ready()
+                    .build(),
+            ]
+        });
+        PROPERTIES.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let mut s = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        let string = |default: &str| {
+            value
+                .get::<Option<String>>()
+                .expect("type checked upstream")
+                .unwrap_or_else(|| default.into())
+        };
+        match pspec.name() {
+            "model" => s.model = string(DEFAULT_MODEL),
+            "voices" => s.voices = string(DEFAULT_VOICES),
+            "vocab" => s.vocab = string(DEFAULT_VOCAB),
+            "voice" => s.voice = string(DEFAULT_VOICE),
+            "language" => s.language = string(DEFAULT_LANGUAGE),
+            "speed" => s.speed = value.get().expect("type checked upstream"),
+            "threads" => s.threads = value.get().expect("type checked upstream"),
+            other => unreachable!("unknown property {other}"),
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let s = self.settings();
+        match pspec.name() {
+            "model" => s.model.to_value(),
+            "voices" => s.voices.to_value(),
+            "vocab" => s.vocab.to_value(),
+            "voice" => s.voice.to_value(),
+            "language" => s.language.to_value(),
+            "speed" => s.speed.to_value(),
+            "threads" => s.threads.to_value(),
+            other => unreachable!("unknown property {other}"),
+        }
+    }
+
+    fn constructed(&self) {
+        self.parent_constructed();
+        let obj = self.obj();
+        obj.add_pad(&self.sinkpad).expect("new pad");
+        obj.add_pad(&self.srcpad).expect("new pad");
+    }
+}
+
+impl GstObjectImpl for KokoroTts {}
+
+impl ElementImpl for KokoroTts {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static META: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "Kokoro text to speech",
+                "Filter/Converter/Audio/Text",
+                "Speaks text with Kokoro-82M (ONNX) and espeak-ng phonemes, sentence by sentence, \
+                 24 kHz mono. Example: gst-launch-1.0 filesrc location=hello.txt blocksize=1048576 ! \
+                 text/x-raw,format=utf8 ! kokorotts ! audioconvert ! wavenc ! filesink location=hello.wav",
+                "Local Voice AI",
+            )
+        });
+        Some(&*META)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            let text = vox_common::TEXT_CAPS
+                .parse::<gst::Caps>()
+                .expect("valid caps");
+            vec![
+                gst::PadTemplate::new(
+                    "sink",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Always,
+                    &text,
+                )
+                .expect("valid template"),
+                gst::PadTemplate::new(
+                    "src",
+                    gst::PadDirection::Src,
+                    gst::PadPresence::Always,
+                    &audio_caps(),
+                )
+                .expect("valid template"),
+            ]
+        });
+        TEMPLATES.as_ref()
+    }
+
+    fn change_state(
+        &self,
+        transition: gst::StateChange,
+    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        match transition {
+            gst::StateChange::NullToReady => match self.load() {
+                Ok(l) => *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(l)),
+                Err(e) => {
+                    self.post_error_message(gst::error_msg!(
+                        gst::ResourceError::OpenRead,
+                        ("{}", e)
+                    ));
+                    return Err(gst::StateChangeError);
+                }
+            },
+            gst::StateChange::ReadyToPaused => {
+                *self.next_pts.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                if let Err(err) = self.start_worker() {
+                    self.post_error_message(err);
+                    return Err(gst::StateChangeError);
+                }
+            }
+            gst::StateChange::PausedToReady => self.stop_worker(),
+            _ => {}
+        }
+        let ret = self.parent_change_state(transition);
+        if ret.is_err() && transition == gst::StateChange::ReadyToPaused {
+            self.stop_worker();
+        }
+        if transition == gst::StateChange::ReadyToNull {
+            *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        ret
+    }
+}

@@ -1,0 +1,180 @@
+//! `kokorotts` in a gst_check harness, on the real model and voices: caps, sentence-by-sentence
+//! audio with contiguous PTS, messages, text with nothing to say, long text, flush, and start-up
+//! errors.
+
+use gst::prelude::*;
+use gst_check::Harness;
+
+fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        gst::init().unwrap();
+        gstvoxkokoro::plugin_register_static().expect("register plugin");
+    });
+}
+
+/// The harness and a bus on the element, for its messages.
+fn harness(props: &str) -> (Harness, gst::Bus) {
+    init();
+    let mut h = Harness::new_parse(&format!("kokorotts {props}"));
+    let bus = gst::Bus::new();
+    h.element().unwrap().set_bus(Some(&bus));
+    h.set_src_caps_str(vox_common::TEXT_CAPS);
+    (h, bus)
+}
+
+fn text(s: &str, pts_ms: u64) -> gst::Buffer {
+    let mut b = gst::Buffer::from_slice(s.as_bytes().to_vec());
+    b.get_mut()
+        .unwrap()
+        .set_pts(gst::ClockTime::from_mseconds(pts_ms));
+    b
+}
+
+/// Pulls buffers until EOS; returns them.
+fn drain(h: &mut Harness) -> Vec<gst::Buffer> {
+    h.push_event(gst::event::Eos::new());
+    let mut out = Vec::new();
+    while let Ok(b) = h.pull_until_eos() {
+        match b {
+            Some(b) => out.push(b),
+            None => break,
+        }
+    }
+    out
+}
+
+fn messages(bus: &gst::Bus, name: &str) -> Vec<gst::Structure> {
+    let mut out = Vec::new();
+    while let Some(m) = bus.pop() {
+        if let Some(s) = m.structure()
+            && s.name() == name
+        {
+            out.push(s.to_owned());
+        }
+    }
+    out
+}
+
+#[test]
+fn speaks_sentence_by_sentence_with_contiguous_timestamps() {
+    let (mut h, bus) = harness("");
+    h.push(text("Hello there. How are you today? I am fine.", 2000))
+        .unwrap();
+    let buffers = drain(&mut h);
+    // One buffer per sentence, each pushed as soon as it was synthesised.
+    assert_eq!(buffers.len(), 3, "{buffers:?}");
+    let caps = h.sinkpad().unwrap().current_caps().unwrap();
+    let info = gst_audio::AudioInfo::from_caps(&caps).unwrap();
+    assert_eq!(
+        (info.rate(), info.channels(), info.format()),
+        (24000, 1, gst_audio::AudioFormat::F32le)
+    );
+    let mut expected = gst::ClockTime::from_mseconds(2000);
+    for b in &buffers {
+        assert_eq!(b.pts(), Some(expected));
+        let samples = b.size() / 4;
+        assert!(samples > 24000 / 4, "a sentence of {samples} samples");
+        expected += b.duration().unwrap();
+    }
+    let first = messages(&bus, "vox-tts-first-audio");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].get::<u64>("pts").unwrap(), 2_000_000_000);
+    assert!(first[0].get::<u64>("time-to-first-audio").unwrap() > 0);
+}
+
+#[test]
+fn later_text_never_overlaps_earlier_audio() {
+    let (mut h, _bus) = harness("");
+    h.push(text("This first sentence takes a while to say.", 0))
+        .unwrap();
+    // Arrives "at" 100 ms, while the first is still playing: it follows it.
+    h.push(text("Second.", 100)).unwrap();
+    let buffers = drain(&mut h);
+    assert_eq!(buffers.len(), 2);
+    assert_eq!(
+        buffers[1].pts(),
+        Some(buffers[0].pts().unwrap() + buffers[0].duration().unwrap())
+    );
+}
+
+#[test]
+fn text_with_nothing_to_say_gives_no_audio_and_no_error() {
+    let (mut h, bus) = harness("");
+    for t in ["", "   ", "?!...", "😀🎉", "\u{FFFD}"] {
+        h.push(text(t, 0)).unwrap();
+    }
+    h.push(gst::Buffer::from_slice(vec![0xff, 0xfe, 0x80]))
+        .unwrap();
+    assert!(drain(&mut h).is_empty());
+    assert!(
+        messages(&bus, "vox-tts-first-audio").is_empty(),
+        "no first-audio message without audio"
+    );
+}
+
+/// 5,000 characters in one buffer: spoken in pieces under the token limit, and a flush stops it
+/// (the rest of the text is dropped, no audio from it follows the flush).
+#[test]
+fn long_text_streams_and_flush_stops_it() {
+    let (mut h, _bus) = harness("");
+    let long = "This sentence is one of many in a very long text, and it goes on. ".repeat(80);
+    assert!(long.len() >= 5000);
+    h.push(text(&long, 0)).unwrap();
+    let first = h.pull().unwrap();
+    assert!(first.size() > 0);
+    h.push_event(gst::event::FlushStart::new());
+    h.push_event(gst::event::FlushStop::new(true));
+    // Drain what was already in flight; then a new text is spoken from a clean state.
+    while h.try_pull().is_some() {}
+    h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<
+        gst::ClockTime,
+    >::new()));
+    h.push(text("After the flush.", 0)).unwrap();
+    let after = drain(&mut h);
+    let total: usize = after.iter().map(|b| b.size() / 4).sum();
+    // Only the short sentence (about a second), not minutes of the old text.
+    assert!(total < 24000 * 4, "{total} samples after the flush");
+    assert!(!after.is_empty());
+}
+
+fn start_error(props: &str) -> String {
+    init();
+    let pipeline = gst::parse::launch(&format!("appsrc ! kokorotts {props} ! fakesink")).unwrap();
+    assert!(pipeline.set_state(gst::State::Ready).is_err());
+    let bus = pipeline.bus().unwrap();
+    let msg = bus
+        .iter_filtered(&[gst::MessageType::Error])
+        .next()
+        .expect("an error message");
+    let gst::MessageView::Error(err) = msg.view() else {
+        unreachable!()
+    };
+    let text = err.error().to_string();
+    pipeline.set_state(gst::State::Null).unwrap();
+    text
+}
+
+#[test]
+fn unknown_voice_fails_at_start_listing_the_voices() {
+    let err = start_error("voice=af_nobody");
+    assert!(
+        err.contains("af_nobody") && err.contains("jf_alpha"),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_voices_file_fails_at_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.npz");
+    std::fs::write(&path, b"not a zip").unwrap();
+    let err = start_error(&format!("voices={}", path.display()));
+    assert!(err.contains("broken.npz"), "{err}");
+}
+
+#[test]
+fn unknown_language_fails_at_start() {
+    let err = start_error("language=xx-nowhere");
+    assert!(err.contains("xx-nowhere"), "{err}");
+}
