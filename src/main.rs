@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use vox_pipeline::models::{self, CATALOGUE};
 use vox_pipeline::transcript::Format;
-use vox_pipeline::{fetch, graph, runner, speak, transcribe};
+use vox_pipeline::{fetch, graph, reply, runner, speak, transcribe};
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +66,31 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         speed: f32,
         /// Synthesis threads.
+        #[arg(short, long, default_value_t = 2)]
+        threads: u32,
+    },
+    /// Answer a spoken question out loud: VAD → Whisper → LLM → Kokoro into a WAV file, with
+    /// the time each stage took.
+    Reply {
+        /// The question: any audio GStreamer decodes.
+        input: PathBuf,
+        /// Output WAV file for the spoken answer.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// An OpenAI-compatible server (Ollama: http://127.0.0.1:11434/v1, llama-server); without
+        /// it the LLM runs in-process.
+        #[arg(long, default_value = "")]
+        llm_url: String,
+        /// Model name for the server, or a GGUF name or path in-process (default smollm2-135m).
+        #[arg(long, default_value = "")]
+        llm_model: String,
+        /// Whisper model.
+        #[arg(long, default_value = "tiny.en")]
+        stt_model: String,
+        /// Kokoro voice.
+        #[arg(long, default_value = "jf_alpha")]
+        voice: String,
+        /// Threads per model.
         #[arg(short, long, default_value_t = 2)]
         threads: u32,
     },
@@ -177,6 +202,26 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 threads,
             },
         )?,
+        Command::Reply {
+            input,
+            output,
+            llm_url,
+            llm_model,
+            stt_model,
+            voice,
+            threads,
+        } => cmd_reply(
+            &input,
+            &output,
+            &reply::Options {
+                stt_model,
+                llm_url,
+                llm_model,
+                voice,
+                threads,
+                ..reply::Options::default()
+            },
+        )?,
         Command::Run {
             graph,
             params,
@@ -282,6 +327,31 @@ fn cmd_speak(text: &str, output: &Path, options: &speak::Options) -> Result<()> 
         secs(report.synthesis),
         secs(report.synthesis) / secs(report.audio).max(1e-9),
         report.first_audio.map(secs).unwrap_or_default(),
+    );
+    Ok(())
+}
+
+fn cmd_reply(input: &Path, output: &Path, options: &reply::Options) -> Result<()> {
+    runner::check_writable(output)?;
+    runner::init()?;
+    let r = reply::reply(input, output, options)?;
+    println!("you:   {}", r.transcript);
+    println!("reply: {}", r.answer);
+    println!();
+    println!("| stage | since end of speech | step |");
+    println!("|---|---|---|");
+    let ms = |d: Option<std::time::Duration>| {
+        d.map(|d| format!("{} ms", d.as_millis()))
+            .unwrap_or_else(|| "-".into())
+    };
+    for (stage, at, step) in r.timings.rows() {
+        println!("| {stage} | {} | {} |", ms(at), ms(step));
+    }
+    println!(
+        "\nvoice to voice: {}; {:.2} s of answer audio in {}",
+        ms(r.timings.voice_to_voice()),
+        r.audio.as_secs_f64(),
+        output.display()
     );
     Ok(())
 }

@@ -532,6 +532,25 @@ fn gst_inspect_documents_every_property() {
             ][..],
         ),
         (
+            "llmchat",
+            &[
+                "backend",
+                "url",
+                "model",
+                "system-prompt",
+                "history",
+                "max-tokens",
+                "temperature",
+                "timeout-ms",
+                "first-token-timeout-ms",
+                "fallback",
+                "api-key-file",
+                "breaker-failures",
+                "breaker-backoff-ms",
+                "threads",
+            ][..],
+        ),
+        (
             "kokorotts",
             &[
                 "model", "voices", "vocab", "voice", "language", "speed", "threads",

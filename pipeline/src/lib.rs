@@ -4,6 +4,7 @@
 pub mod ct2;
 pub mod fetch;
 pub mod graph;
+pub mod reply;
 pub mod runner;
 pub mod speak;
 pub mod transcribe;

@@ -12,6 +12,7 @@ pub const PLUGINS: &[(&str, &[&str])] = &[
     ("libgstvoxvad.so", &["silerovad"]),
     ("libgstvoxwhisper.so", &["whisperstt"]),
     ("libgstvoxkokoro.so", &["kokorotts"]),
+    ("libgstvoxllm.so", &["llmchat"]),
 ];
 
 #[derive(Debug, thiserror::Error)]

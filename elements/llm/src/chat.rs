@@ -1,0 +1,237 @@
+//! Conversation memory, the circuit breaker and the outcome of a turn (no GStreamer types).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// What was said in one exchange.
+#[derive(Debug, Clone)]
+struct Turn {
+    user: String,
+    assistant: String,
+}
+
+/// The conversation of one element instance (one session): the last `max_turns` exchanges.
+#[derive(Debug, Clone)]
+pub struct History {
+    turns: VecDeque<Turn>,
+    max_turns: usize,
+}
+
+/// Appended to a reply that was cut off (barge-in, flush), so the model knows it was not heard
+/// in full.
+pub const CUT_OFF_MARK: &str = " [interrupted]";
+
+impl History {
+    pub fn new(max_turns: usize) -> Self {
+        Self {
+            turns: VecDeque::new(),
+            max_turns,
+        }
+    }
+
+    pub fn set_max_turns(&mut self, max_turns: usize) {
+        self.max_turns = max_turns;
+        self.trim();
+    }
+
+    /// The messages for a new user turn: system prompt, kept history, the new text.
+    pub fn messages(&self, system: &str, user: &str) -> Vec<Message> {
+        let mut out = Vec::with_capacity(2 * self.turns.len() + 2);
+        if !system.trim().is_empty() {
+            out.push(Message::new(Role::System, system));
+        }
+        for t in &self.turns {
+            out.push(Message::new(Role::User, t.user.clone()));
+            out.push(Message::new(Role::Assistant, t.assistant.clone()));
+        }
+        out.push(Message::new(Role::User, user));
+        out
+    }
+
+    /// Records an exchange. A reply that was cut off is kept with [`CUT_OFF_MARK`]; a turn that
+    /// produced nothing (a failed backend) is not kept, so the next turn retries cleanly.
+    pub fn record(&mut self, user: &str, reply: &str, cut_off: bool) {
+        let reply = reply.trim();
+        if reply.is_empty() && !cut_off {
+            return;
+        }
+        let assistant = if cut_off {
+            format!("{reply}{CUT_OFF_MARK}")
+        } else {
+            reply.to_string()
+        };
+        self.turns.push_back(Turn {
+            user: user.to_string(),
+            assistant,
+        });
+        self.trim();
+    }
+
+    pub fn clear(&mut self) {
+        self.turns.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.turns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.turns.is_empty()
+    }
+
+    fn trim(&mut self) {
+        while self.turns.len() > self.max_turns {
+            self.turns.pop_front();
+        }
+    }
+}
+
+/// Skips a failing backend for a while: after `threshold` failures in a row it opens for
+/// `backoff`, doubling (up to `max_backoff`) each time it opens again without a success between.
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    threshold: u32,
+    base: Duration,
+    max_backoff: Duration,
+    failures: u32,
+    opened: u32,
+    open_until: Option<Instant>,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, backoff: Duration) -> Self {
+        Self {
+            threshold: threshold.max(1),
+            base: backoff,
+            max_backoff: backoff * 16,
+            failures: 0,
+            opened: 0,
+            open_until: None,
+        }
+    }
+
+    /// Whether the backend may be called now.
+    pub fn allows(&self, now: Instant) -> bool {
+        self.open_until.is_none_or(|until| now >= until)
+    }
+
+    pub fn is_open(&self, now: Instant) -> bool {
+        !self.allows(now)
+    }
+
+    pub fn success(&mut self) {
+        self.failures = 0;
+        self.opened = 0;
+        self.open_until = None;
+    }
+
+    /// Counts a failure; returns the back-off if this opened the breaker.
+    pub fn failure(&mut self, now: Instant) -> Option<Duration> {
+        self.failures += 1;
+        if self.failures < self.threshold {
+            return None;
+        }
+        let backoff = (self.base * 2u32.saturating_pow(self.opened)).min(self.max_backoff);
+        self.opened += 1;
+        self.failures = 0;
+        self.open_until = Some(now + backoff);
+        Some(backoff)
+    }
+}
+
+/// Numbers of one generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub first_token: Option<Duration>,
+    pub total: Duration,
+}
+
+impl Usage {
+    /// Generation speed after the first token.
+    pub fn tokens_per_second(&self) -> f64 {
+        let generating = self
+            .total
+            .saturating_sub(self.first_token.unwrap_or_default())
+            .as_secs_f64();
+        if self.tokens_out > 1 && generating > 0.0 {
+            (self.tokens_out - 1) as f64 / generating
+        } else {
+            0.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_keeps_the_last_turns_and_marks_cut_offs() {
+        let mut h = History::new(2);
+        h.record("one", "1", false);
+        h.record("two", "2", false);
+        h.record("three", "thr", true);
+        h.record("four", "", false); // a failed turn is not kept
+        let m = h.messages("Be brief.", "five");
+        let text: Vec<(Role, &str)> = m.iter().map(|m| (m.role, m.content.as_str())).collect();
+        assert_eq!(
+            text,
+            [
+                (Role::System, "Be brief."),
+                (Role::User, "two"),
+                (Role::Assistant, "2"),
+                (Role::User, "three"),
+                (Role::Assistant, "thr [interrupted]"),
+                (Role::User, "five"),
+            ]
+        );
+        h.set_max_turns(0);
+        assert_eq!(h.messages("", "x").len(), 1);
+    }
+
+    #[test]
+    fn breaker_opens_after_repeated_failures_and_backs_off() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(3, Duration::from_secs(10));
+        assert_eq!(b.failure(t0), None);
+        assert_eq!(b.failure(t0), None);
+        assert_eq!(b.failure(t0), Some(Duration::from_secs(10)));
+        assert!(b.is_open(t0 + Duration::from_secs(9)));
+        assert!(b.allows(t0 + Duration::from_secs(10)));
+        // Failing again right after the back-off doubles it.
+        let t1 = t0 + Duration::from_secs(10);
+        b.failure(t1);
+        b.failure(t1);
+        assert_eq!(b.failure(t1), Some(Duration::from_secs(20)));
+        b.success();
+        assert!(b.allows(t1));
+        b.failure(t1);
+        b.failure(t1);
+        assert_eq!(b.failure(t1), Some(Duration::from_secs(10)));
+    }
+}

@@ -1,0 +1,791 @@
+//! # llmchat
+//!
+//! Chat with a language model: each final transcript (a text buffer; interim ones, marked by
+//! whisperstt's `vox-transcript` event, are ignored) is one user turn, and the reply goes out
+//! as text buffers, one per sentence as soon as it is complete, so speech can start before the
+//! reply is finished.
+//!
+//! Backends: `openai` streams `/v1/chat/completions` from any OpenAI-compatible server (Ollama,
+//! llama.cpp's `llama-server`, vLLM, hosted APIs; key from `$VOX_LLM_API_KEY`,
+//! `$OPENAI_API_KEY` or `api-key-file`, never logged); `embedded` runs a GGUF model with
+//! llama.cpp in-process (SmolLM2-135M by default), loaded once per process. `auto` (the
+//! default) is `openai` when `url` is set, else `embedded`.
+//!
+//! A backend fault (connection refused, HTTP error, a stalled stream, malformed events, no first
+//! token in time) never fails the pipeline: a warning names the cause, the `fallback` sentence is
+//! spoken, and the next turn tries again; after `breaker-failures` faults in a row the backend
+//! is skipped for `breaker-backoff-ms` (doubling while it keeps failing). FlushStart cancels the
+//! generation in flight (the reply so far is kept in the history, marked as cut off).
+//!
+//! Each turn posts `vox-llm-first-token` and `vox-llm-first-sentence` (`elapsed` ns since the
+//! transcript arrived) as they happen, and a `vox-llm-turn` message at its end: `outcome` (ok,
+//! fallback, cancelled), `backend`, `time-to-first-token` (ns), `tokens-per-second`,
+//! `tokens-in`, `tokens-out`, `reply`.
+//!
+//! ```sh
+//! echo "What is the capital of France?" > q.txt
+//! gst-launch-1.0 -m filesrc location=q.txt ! text/x-raw,format=utf8 ! llmchat ! fakesink
+//! ```
+
+use crossbeam_channel::{Receiver, Sender};
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::LlmBackend;
+use crate::chat::{Breaker, History, Usage};
+use crate::embedded::Embedded;
+use crate::openai::{LlmError, OpenAi, Params};
+use vox_common::events::Transcript;
+use vox_common::text::SentenceSplitter;
+
+static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new("llmchat", gst::DebugColorFlags::empty(), Some("LLM chat"))
+});
+
+const DEFAULT_MODEL: &str = "";
+const DEFAULT_SYSTEM: &str = "You are a helpful voice assistant. Answer in one to three short \
+                              spoken sentences, without lists, markup or emoji.";
+const DEFAULT_HISTORY: u32 = 8;
+const DEFAULT_MAX_TOKENS: u32 = 160;
+const DEFAULT_TEMPERATURE: f32 = 0.2;
+const DEFAULT_TIMEOUT_MS: u32 = 30_000;
+const DEFAULT_FIRST_TOKEN_MS: u32 = 10_000;
+const DEFAULT_FALLBACK: &str = "Sorry, I can't answer right now.";
+const DEFAULT_BREAKER_FAILURES: u32 = 3;
+const DEFAULT_BREAKER_BACKOFF_MS: u32 = 10_000;
+const DEFAULT_THREADS: u32 = 2;
+/// The embedded model when `model` is empty.
+const EMBEDDED_DEFAULT: &str = "smollm2-135m";
+
+#[derive(Debug, Clone)]
+struct Settings {
+    backend: LlmBackend,
+    url: String,
+    model: String,
+    system_prompt: String,
+    history: u32,
+    max_tokens: u32,
+    temperature: f32,
+    timeout_ms: u32,
+    first_token_timeout_ms: u32,
+    fallback: String,
+    api_key_file: String,
+    breaker_failures: u32,
+    breaker_backoff_ms: u32,
+    threads: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            backend: LlmBackend::Auto,
+            url: String::new(),
+            model: DEFAULT_MODEL.into(),
+            system_prompt: DEFAULT_SYSTEM.into(),
+            history: DEFAULT_HISTORY,
+            max_tokens: DEFAULT_MAX_TOKENS,
+            temperature: DEFAULT_TEMPERATURE,
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+            first_token_timeout_ms: DEFAULT_FIRST_TOKEN_MS,
+            fallback: DEFAULT_FALLBACK.into(),
+            api_key_file: String::new(),
+            breaker_failures: DEFAULT_BREAKER_FAILURES,
+            breaker_backoff_ms: DEFAULT_BREAKER_BACKOFF_MS,
+            threads: DEFAULT_THREADS,
+        }
+    }
+}
+
+impl Settings {
+    fn uses_openai(&self) -> bool {
+        match self.backend {
+            LlmBackend::Auto => !self.url.trim().is_empty(),
+            LlmBackend::Openai => true,
+            LlmBackend::Embedded => false,
+        }
+    }
+
+    fn params(&self) -> Params {
+        Params {
+            model: self.model.clone(),
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            timeout: Duration::from_millis(u64::from(self.timeout_ms)),
+            first_token_timeout: Duration::from_millis(u64::from(self.first_token_timeout_ms)),
+        }
+    }
+}
+
+/// The backend, ready at start.
+enum Backend {
+    OpenAi(OpenAi),
+    Embedded(Arc<Embedded>),
+}
+
+impl Backend {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::OpenAi(_) => "openai",
+            Self::Embedded(_) => "embedded",
+        }
+    }
+}
+
+struct TurnJob {
+    text: String,
+    pts: Option<gst::ClockTime>,
+    duration: Option<gst::ClockTime>,
+}
+
+enum Work {
+    Turn(TurnJob, u64),
+    Event(gst::Event, u64),
+    Stop,
+}
+
+struct Worker {
+    tx: Sender<Work>,
+    handle: JoinHandle<()>,
+}
+
+pub struct LlmChat {
+    sinkpad: gst::Pad,
+    srcpad: gst::Pad,
+    settings: Mutex<Settings>,
+    backend: Mutex<Option<Arc<Backend>>>,
+    worker: Mutex<Option<Worker>>,
+    /// Bumped on flush: queued turns from before it are dropped, the generation in flight stops.
+    generation: Arc<AtomicU64>,
+    /// The next buffer follows a `vox-transcript` event marked partial.
+    next_partial: Mutex<bool>,
+    history: Mutex<History>,
+    breaker: Mutex<Breaker>,
+    turns: AtomicU64,
+    push_lock: Mutex<()>,
+}
+
+/// The API key from the environment or a file; never logged.
+fn api_key(file: &str) -> Result<Option<String>, String> {
+    if !file.is_empty() {
+        let key = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read the API key file {file}: {e}"))?;
+        let key = key.trim().to_string();
+        return Ok((!key.is_empty()).then_some(key));
+    }
+    Ok(["VOX_LLM_API_KEY", "OPENAI_API_KEY"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|k| !k.trim().is_empty())))
+}
+
+impl LlmChat {
+    fn settings(&self) -> Settings {
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn queue(&self, work: Work) -> bool {
+        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+        worker.as_ref().is_some_and(|w| w.tx.send(work).is_ok())
+    }
+
+    fn load(&self) -> Result<Backend, String> {
+        let s = self.settings();
+        if s.uses_openai() {
+            if s.url.trim().is_empty() {
+                return Err("backend=openai needs a url (e.g. http://127.0.0.1:11434/v1)".into());
+            }
+            let key = api_key(&s.api_key_file)?;
+            let client = OpenAi::new(&s.url, key).map_err(|e| e.to_string())?;
+            gst::info!(
+                CAT,
+                imp = self,
+                "OpenAI-compatible backend at {}",
+                client.endpoint()
+            );
+            Ok(Backend::OpenAi(client))
+        } else {
+            let model = if s.model.is_empty() {
+                EMBEDDED_DEFAULT
+            } else {
+                &s.model
+            };
+            let path = vox_common::models::resolve(model, vox_common::models::ModelKind::Llm)
+                .map_err(|e| e.to_string())?;
+            let m = Embedded::shared(&path, s.threads).map_err(|e| e.to_string())?;
+            Ok(Backend::Embedded(m))
+        }
+    }
+
+    fn start_worker(&self) -> Result<(), gst::ErrorMessage> {
+        let backend = self
+            .backend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| gst::error_msg!(gst::CoreError::StateChange, ("backend not ready")))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let element = self.obj().downgrade();
+        let handle = std::thread::Builder::new()
+            .name("llmchat".into())
+            .spawn(move || worker_loop(element, backend, rx))
+            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ("cannot start worker: {}", e)))?;
+        *self.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(Worker { tx, handle });
+        Ok(())
+    }
+
+    fn stop_worker(&self) {
+        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(worker) = worker {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            let _ = worker.tx.send(Work::Stop);
+            let _ = worker.handle.join();
+        }
+    }
+
+    fn sink_chain(
+        &self,
+        _pad: &gst::Pad,
+        buffer: gst::Buffer,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let partial =
+            std::mem::take(&mut *self.next_partial.lock().unwrap_or_else(|p| p.into_inner()));
+        if partial {
+            return Ok(gst::FlowSuccess::Ok);
+        }
+        let map = buffer.map_readable().map_err(|_| gst::FlowError::Error)?;
+        let text = String::from_utf8_lossy(map.as_slice()).trim().to_string();
+        if text.is_empty() {
+            return Ok(gst::FlowSuccess::Ok);
+        }
+        let job = TurnJob {
+            text,
+            pts: buffer.pts(),
+            duration: buffer.duration(),
+        };
+        if self.queue(Work::Turn(job, self.generation())) {
+            Ok(gst::FlowSuccess::Ok)
+        } else {
+            Err(gst::FlowError::Flushing)
+        }
+    }
+
+    fn sink_event(&self, pad: &gst::Pad, event: gst::Event) -> bool {
+        use gst::EventView;
+        if let Some(t) = event.structure().and_then(Transcript::from_structure) {
+            *self.next_partial.lock().unwrap_or_else(|p| p.into_inner()) = t.partial;
+        }
+        match event.view() {
+            EventView::FlushStart(_) => {
+                self.generation.fetch_add(1, Ordering::SeqCst);
+                self.srcpad.push_event(event)
+            }
+            EventView::FlushStop(_) => {
+                let _push = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+                *self.next_partial.lock().unwrap_or_else(|p| p.into_inner()) = false;
+                self.srcpad.push_event(event)
+            }
+            EventView::Caps(_) => {
+                let caps = vox_common::TEXT_CAPS
+                    .parse::<gst::Caps>()
+                    .expect("valid caps");
+                self.forward_serialized(gst::event::Caps::new(&caps))
+            }
+            _ if event.is_serialized() => self.forward_serialized(event),
+            _ => gst::Pad::event_default(pad, Some(&*self.obj()), event),
+        }
+    }
+
+    fn forward_serialized(&self, event: gst::Event) -> bool {
+        if self.queue(Work::Event(event.clone(), self.generation())) {
+            true
+        } else {
+            self.srcpad.push_event(event)
+        }
+    }
+
+    fn push_text(&self, text: &str, pts: gst::ClockTime, duration: gst::ClockTime) {
+        let mut buffer = gst::Buffer::from_mut_slice(text.as_bytes().to_vec());
+        {
+            let b = buffer.get_mut().expect("new buffer");
+            b.set_pts(pts);
+            b.set_duration(duration);
+        }
+        if let Err(err) = self.srcpad.push(buffer) {
+            gst::debug!(CAT, imp = self, "downstream returned {err:?}");
+        }
+    }
+
+    fn post(&self, structure: gst::Structure) {
+        let _ = self.obj().post_message(
+            gst::message::Element::builder(structure)
+                .src(&*self.obj())
+                .build(),
+        );
+    }
+
+    /// One user turn: generate, push sentences as they complete, handle faults.
+    fn turn(&self, backend: &Backend, rt: &tokio::runtime::Runtime, job: TurnJob, generation: u64) {
+        let settings = self.settings();
+        let turn = self.turns.fetch_add(1, Ordering::SeqCst);
+        let started = Instant::now();
+        // Reply text is stamped from the end of what the user said, plus the time it took to
+        // produce; each sentence lasts until the next one was ready.
+        let base = match (job.pts, job.duration) {
+            (Some(p), Some(d)) => p + d,
+            (Some(p), None) => p,
+            _ => gst::ClockTime::ZERO,
+        };
+        let mut last = base;
+        let mut reply = String::new();
+        let mut splitter = SentenceSplitter::default();
+        let cancelled = || self.generation() != generation;
+        let mut first_sentence = true;
+        let mut emit = |sentence: &str, reply_so_far: &mut String| {
+            let _push = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if cancelled() {
+                return;
+            }
+            if std::mem::take(&mut first_sentence) {
+                self.post(
+                    gst::Structure::builder("vox-llm-first-sentence")
+                        .field("turn", turn)
+                        .field("text", sentence)
+                        .field("elapsed", started.elapsed().as_nanos() as u64)
+                        .build(),
+                );
+            }
+            let now = base + gst::ClockTime::from_nseconds(started.elapsed().as_nanos() as u64);
+            let pts = last.min(now);
+            self.push_text(sentence, pts, now.saturating_sub(pts));
+            last = now;
+            if !reply_so_far.is_empty() {
+                reply_so_far.push(' ');
+            }
+            reply_so_far.push_str(sentence);
+        };
+
+        let now = Instant::now();
+        let open = self
+            .breaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_open(now);
+        let messages = self
+            .history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .messages(&settings.system_prompt, &job.text);
+        let result: Result<Usage, LlmError> = if open {
+            Err(LlmError::Backend(
+                "skipped: the circuit breaker is open after repeated failures".into(),
+            ))
+        } else {
+            let params = settings.params();
+            let mut first_token = true;
+            let mut on_delta = |delta: &str| {
+                if std::mem::take(&mut first_token) {
+                    self.post(
+                        gst::Structure::builder("vox-llm-first-token")
+                            .field("turn", turn)
+                            .field("elapsed", started.elapsed().as_nanos() as u64)
+                            .build(),
+                    );
+                }
+                for sentence in splitter.push(delta) {
+                    emit(&sentence, &mut reply);
+                }
+            };
+            match backend {
+                Backend::OpenAi(client) => rt.block_on(async {
+                    tokio::select! {
+                        r = client.stream(&messages, &params, &mut on_delta) => r,
+                        _ = until_cancelled(&cancelled) => Err(LlmError::Cancelled),
+                    }
+                }),
+                Backend::Embedded(model) => {
+                    model.generate(&messages, &params, &cancelled, &mut on_delta)
+                }
+            }
+        };
+        let outcome = match &result {
+            Ok(_) if !cancelled() => {
+                for sentence in splitter.finish() {
+                    emit(&sentence, &mut reply);
+                }
+                self.breaker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .success();
+                "ok"
+            }
+            Ok(_) | Err(LlmError::Cancelled) => "cancelled",
+            Err(e) => {
+                gst::element_imp_warning!(
+                    self,
+                    gst::ResourceError::Read,
+                    ("LLM backend {} failed: {}", backend.name(), e)
+                );
+                if !open
+                    && let Some(backoff) = self
+                        .breaker
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .failure(Instant::now())
+                {
+                    gst::element_imp_warning!(
+                        self,
+                        gst::ResourceError::Read,
+                        (
+                            "LLM backend {} skipped for {:?} after repeated failures",
+                            backend.name(),
+                            backoff
+                        )
+                    );
+                }
+                if !settings.fallback.trim().is_empty() {
+                    let mut said = String::new();
+                    emit(settings.fallback.trim(), &mut said);
+                }
+                "fallback"
+            }
+        };
+        {
+            let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            history.set_max_turns(settings.history as usize);
+            match outcome {
+                "ok" => history.record(&job.text, &reply, false),
+                "cancelled" => history.record(&job.text, &reply, true),
+                _ => {}
+            }
+        }
+        let usage = result.unwrap_or_default();
+        gst::info!(
+            CAT,
+            imp = self,
+            "turn {turn}: {outcome}, first token {:?}, {:.1} tokens/s, {} in / {} out",
+            usage.first_token,
+            usage.tokens_per_second(),
+            usage.tokens_in,
+            usage.tokens_out
+        );
+        self.post(
+            gst::Structure::builder("vox-llm-turn")
+                .field("turn", turn)
+                .field("outcome", outcome)
+                .field("backend", backend.name())
+                .field(
+                    "time-to-first-token",
+                    usage.first_token.map(|d| d.as_nanos() as u64).unwrap_or(0),
+                )
+                .field("tokens-per-second", usage.tokens_per_second())
+                .field("tokens-in", usage.tokens_in)
+                .field("tokens-out", usage.tokens_out)
+                .field("reply", reply.as_str())
+                .build(),
+        );
+    }
+}
+
+/// Resolves when `cancelled()` turns true (checked every 10 ms).
+async fn until_cancelled(cancelled: &impl Fn() -> bool) {
+    while !cancelled() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn worker_loop(
+    element: glib::WeakRef<super::LlmChatElement>,
+    backend: Arc<Backend>,
+    rx: Receiver<Work>,
+) {
+    // A runtime thread of its own, so HTTP connections keep being driven (and closed at once
+    // when a generation is cancelled) between turns.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("llmchat-io")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            if let Some(obj) = element.upgrade() {
+                gst::element_error!(obj, gst::CoreError::Thread, ("cannot start tokio: {}", e));
+            }
+            return;
+        }
+    };
+    for work in rx {
+        let Some(obj) = element.upgrade() else { return };
+        let imp = obj.imp();
+        match work {
+            Work::Stop => return,
+            Work::Event(event, generation) => {
+                let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+                let keep = event.is_sticky() && event.type_() != gst::EventType::Segment;
+                if generation == imp.generation() || keep {
+                    imp.srcpad.push_event(event);
+                }
+            }
+            Work::Turn(job, generation) => {
+                if generation == imp.generation() {
+                    imp.turn(&backend, &rt, job, generation);
+                }
+            }
+        }
+    }
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for LlmChat {
+    const NAME: &'static str = "GstLlmChat";
+    type Type = super::LlmChatElement;
+    type ParentType = gst::Element;
+
+    fn with_class(klass: &Self::Class) -> Self {
+        let templ = klass.pad_template("sink").expect("sink template");
+        let sinkpad = gst::Pad::builder_from_template(&templ)
+            .chain_function(|pad, parent, buffer| {
+                LlmChat::catch_panic_pad_function(
+                    parent,
+                    || Err(gst::FlowError::Error),
+                    |imp| imp.sink_chain(pad, buffer),
+                )
+            })
+            .event_function(|pad, parent, event| {
+                LlmChat::catch_panic_pad_function(
+                    parent,
+                    || false,
+                    |imp| imp.sink_event(pad, event),
+                )
+            })
+            .build();
+        let templ = klass.pad_template("src").expect("src template");
+        let srcpad = gst::Pad::builder_from_template(&templ).build();
+        let s = Settings::default();
+        Self {
+            sinkpad,
+            srcpad,
+            history: Mutex::new(History::new(s.history as usize)),
+            breaker: Mutex::new(Breaker::new(
+                s.breaker_failures,
+                Duration::from_millis(u64::from(s.breaker_backoff_ms)),
+            )),
+            settings: Mutex::new(s),
+            backend: Mutex::new(None),
+            worker: Mutex::new(None),
+            generation: Arc::new(AtomicU64::new(0)),
+            next_partial: Mutex::new(false),
+            turns: AtomicU64::new(0),
+            push_lock: Mutex::new(()),
+        }
+    }
+}
+
+impl ObjectImpl for LlmChat {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            let string = |name: &str, nick: &str, blurb: &str, default: &str| {
+                glib::ParamSpecString::builder(name)
+                    .nick(nick)
+                    .blurb(blurb)
+                    .default_value(Some(default))
+                    .mutable_ready()
+                    .build()
+            };
+            let uint = |name: &str, nick: &str, blurb: &str, min: u32, max: u32, default: u32| {
+                glib::ParamSpecUInt::builder(name)
+                    .nick(nick)
+                    .blurb(blurb)
+                    .minimum(min)
+                    .maximum(max)
+                    .default_value(default)
+                    .mutable_ready()
+                    .build()
+            };
+            vec![
+                glib::ParamSpecEnum::builder_with_default("backend", LlmBackend::Auto)
+                    .nick("Backend")
+                    .blurb("openai (an OpenAI-compatible server at url), embedded (llama.cpp in-process), or auto: openai when url is set")
+                    .mutable_ready()
+                    .build(),
+                string("url", "URL", "Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1 (Ollama)", ""),
+                string("model", "Model", "Model name for the server; for embedded, a GGUF name from `vox models list` or a path (empty: smollm2-135m)", DEFAULT_MODEL),
+                string("system-prompt", "System prompt", "Instructions sent first in every request", DEFAULT_SYSTEM),
+                uint("history", "History", "Past exchanges (user + reply) kept and sent with each turn", 0, 1000, DEFAULT_HISTORY),
+                uint("max-tokens", "Max tokens", "Longest reply, in tokens", 1, 32768, DEFAULT_MAX_TOKENS),
+                glib::ParamSpecFloat::builder("temperature")
+                    .nick("Temperature")
+                    .blurb("Sampling temperature (0: always the most likely token)")
+                    .minimum(0.0)
+                    .maximum(2.0)
+                    .default_value(DEFAULT_TEMPERATURE)
+                    .mutable_ready()
+                    .build(),
+                uint("timeout-ms", "Timeout", "The whole reply must be done within this", 100, 3_600_000, DEFAULT_TIMEOUT_MS),
+                uint("first-token-timeout-ms", "First-token timeout", "The first token must come within this, and no later gap may be longer", 50, 600_000, DEFAULT_FIRST_TOKEN_MS),
+                string("fallback", "Fallback", "Said when the backend fails (empty: say nothing)", DEFAULT_FALLBACK),
+                string("api-key-file", "API key file", "File holding the API key (else $VOX_LLM_API_KEY or $OPENAI_API_KEY); the key is never logged", ""),
+                uint("breaker-failures", "Breaker failures", "Faults in a row after which the backend is skipped for a while", 1, 1000, DEFAULT_BREAKER_FAILURES),
+                uint("breaker-backoff-ms", "Breaker back-off", "How long a failing backend is skipped (doubles while it keeps failing)", 0, 3_600_000, DEFAULT_BREAKER_BACKOFF_MS),
+                uint("threads", "Threads", "Threads for the embedded backend", 1, 64, DEFAULT_THREADS),
+            ]
+        });
+        PROPERTIES.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let mut s = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        let string = || {
+            value
+                .get::<Option<String>>()
+                .expect("type checked upstream")
+                .unwrap_or_default()
+        };
+        match pspec.name() {
+            "backend" => s.backend = value.get().expect("type checked upstream"),
+            "url" => s.url = string(),
+            "model" => s.model = string(),
+            "system-prompt" => s.system_prompt = string(),
+            "history" => s.history = value.get().expect("type checked upstream"),
+            "max-tokens" => s.max_tokens = value.get().expect("type checked upstream"),
+            "temperature" => s.temperature = value.get().expect("type checked upstream"),
+            "timeout-ms" => s.timeout_ms = value.get().expect("type checked upstream"),
+            "first-token-timeout-ms" => {
+                s.first_token_timeout_ms = value.get().expect("type checked upstream")
+            }
+            "fallback" => s.fallback = string(),
+            "api-key-file" => s.api_key_file = string(),
+            "breaker-failures" => s.breaker_failures = value.get().expect("type checked upstream"),
+            "breaker-backoff-ms" => {
+                s.breaker_backoff_ms = value.get().expect("type checked upstream")
+            }
+            "threads" => s.threads = value.get().expect("type checked upstream"),
+            other => unreachable!("unknown property {other}"),
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let s = self.settings();
+        match pspec.name() {
+            "backend" => s.backend.to_value(),
+            "url" => s.url.to_value(),
+            "model" => s.model.to_value(),
+            "system-prompt" => s.system_prompt.to_value(),
+            "history" => s.history.to_value(),
+            "max-tokens" => s.max_tokens.to_value(),
+            "temperature" => s.temperature.to_value(),
+            "timeout-ms" => s.timeout_ms.to_value(),
+            "first-token-timeout-ms" => s.first_token_timeout_ms.to_value(),
+            "fallback" => s.fallback.to_value(),
+            "api-key-file" => s.api_key_file.to_value(),
+            "breaker-failures" => s.breaker_failures.to_value(),
+            "breaker-backoff-ms" => s.breaker_backoff_ms.to_value(),
+            "threads" => s.threads.to_value(),
+            other => unreachable!("unknown property {other}"),
+        }
+    }
+
+    fn constructed(&self) {
+        self.parent_constructed();
+        let obj = self.obj();
+        obj.add_pad(&self.sinkpad).expect("new pad");
+        obj.add_pad(&self.srcpad).expect("new pad");
+    }
+}
+
+impl GstObjectImpl for LlmChat {}
+
+impl ElementImpl for LlmChat {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static META: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "LLM chat",
+                "Filter/Text",
+                "Answers each final transcript with an LLM (OpenAI-compatible server or llama.cpp \
+                 in-process), one text buffer per sentence as it completes. Example: \
+                 gst-launch-1.0 -m filesrc location=q.txt ! text/x-raw,format=utf8 ! llmchat ! fakesink",
+                "Local Voice AI",
+            )
+        });
+        Some(&*META)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            let caps = vox_common::TEXT_CAPS
+                .parse::<gst::Caps>()
+                .expect("valid caps");
+            vec![
+                gst::PadTemplate::new(
+                    "sink",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Always,
+                    &caps,
+                )
+                .expect("valid template"),
+                gst::PadTemplate::new(
+                    "src",
+                    gst::PadDirection::Src,
+                    gst::PadPresence::Always,
+                    &caps,
+                )
+                .expect("valid template"),
+            ]
+        });
+        TEMPLATES.as_ref()
+    }
+
+    fn change_state(
+        &self,
+        transition: gst::StateChange,
+    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        match transition {
+            gst::StateChange::NullToReady => {
+                let s = self.settings();
+                *self.breaker.lock().unwrap_or_else(|p| p.into_inner()) = Breaker::new(
+                    s.breaker_failures,
+                    Duration::from_millis(u64::from(s.breaker_backoff_ms)),
+                );
+                match self.load() {
+                    Ok(b) => {
+                        *self.backend.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(b))
+                    }
+                    Err(e) => {
+                        self.post_error_message(gst::error_msg!(
+                            gst::ResourceError::OpenRead,
+                            ("{}", e)
+                        ));
+                        return Err(gst::StateChangeError);
+                    }
+                }
+            }
+            gst::StateChange::ReadyToPaused => {
+                if let Err(err) = self.start_worker() {
+                    self.post_error_message(err);
+                    return Err(gst::StateChangeError);
+                }
+            }
+            gst::StateChange::PausedToReady => self.stop_worker(),
+            _ => {}
+        }
+        let ret = self.parent_change_state(transition);
+        if ret.is_err() && transition == gst::StateChange::ReadyToPaused {
+            self.stop_worker();
+        }
+        if transition == gst::StateChange::ReadyToNull {
+            *self.backend.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        ret
+    }
+}

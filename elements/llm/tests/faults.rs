@@ -1,0 +1,376 @@
+//! `llmchat` (openai backend) against a local HTTP server that misbehaves on purpose — a test
+//! double, because a real server cannot be made to fail in these exact ways on demand: HTTP
+//! errors, a stream that stalls, malformed events, a first token that never comes, a refused
+//! connection. Each fault gives a warning naming the cause and the fallback sentence, and the
+//! element keeps working; repeated faults open the circuit breaker. The happy path and
+//! cancellation are checked here too (and against a real llama-server in tests/llm_server.rs).
+
+use gst::prelude::*;
+use gst_check::Harness;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        gst::init().unwrap();
+        gstvoxllm::plugin_register_static().expect("register plugin");
+    });
+}
+
+/// The misbehaving server. The first path segment picks the behaviour.
+struct FakeServer {
+    port: u16,
+    requests: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+fn sse(chunks: &[&str]) -> String {
+    let mut body = String::new();
+    for c in chunks {
+        let event = serde_json::json!({"choices": [{"index": 0, "delta": {"content": c}}]});
+        body.push_str(&format!("data: {event}\n\n"));
+    }
+    body.push_str("data: [DONE]\n\n");
+    body
+}
+
+fn serve(mut stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut length = 0;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    let _ = reader.read_exact(&mut body);
+    let mode = path
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let n = {
+        let mut r = requests.lock().unwrap();
+        let c = r.entry(mode.clone()).or_insert(0);
+        *c += 1;
+        *c
+    };
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+    let reply = sse(&[
+        "The capital",
+        " of France is Paris.",
+        " It is a lovely",
+        " city.",
+    ]);
+    let _ = match mode.as_str() {
+        "ok" => write!(stream, "{head}{reply}"),
+        "flaky" if n == 1 => write!(
+            stream,
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbusy"
+        ),
+        "flaky" => write!(stream, "{head}{reply}"),
+        "500" => write!(
+            stream,
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 5\r\nconnection: close\r\n\r\noops!"
+        ),
+        "404" => write!(
+            stream,
+            "HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\nconnection: close\r\n\r\nno model!"
+        ),
+        "malformed" => write!(
+            stream,
+            "{head}data: {{\"choices\": [{{\"delta\": \n\ndata: [DONE]\n\n"
+        ),
+        "stall" => {
+            let first = sse(&["Well,"]);
+            let first = first.trim_end_matches("data: [DONE]\n\n");
+            let _ = write!(stream, "{head}{first}");
+            let _ = stream.flush();
+            std::thread::sleep(Duration::from_secs(30));
+            Ok(())
+        }
+        "silent" => {
+            std::thread::sleep(Duration::from_secs(30));
+            Ok(())
+        }
+        "slow" => {
+            let _ = write!(stream, "{head}");
+            for i in 0..100 {
+                let piece = sse(&[&format!(" Word{i}.")]);
+                let piece = piece.trim_end_matches("data: [DONE]\n\n");
+                if write!(stream, "{piece}")
+                    .and_then(|_| stream.flush())
+                    .is_err()
+                {
+                    requests.lock().unwrap().insert("slow-closed".into(), i);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        }
+        _ => write!(
+            stream,
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"
+        ),
+    };
+    let _ = stream.flush();
+}
+
+impl FakeServer {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(Mutex::new(HashMap::new()));
+        let r = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let r = r.clone();
+                std::thread::spawn(move || serve(stream, r));
+            }
+        });
+        Self { port, requests }
+    }
+
+    fn url(&self, mode: &str) -> String {
+        format!("http://127.0.0.1:{}/{mode}/v1", self.port)
+    }
+
+    fn count(&self, mode: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .get(mode)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+struct Chat {
+    h: Harness,
+    bus: gst::Bus,
+}
+
+impl Chat {
+    fn new(props: &str) -> Self {
+        init();
+        let mut h = Harness::new_parse(&format!(
+            "llmchat first-token-timeout-ms=700 timeout-ms=3000 {props}"
+        ));
+        let bus = gst::Bus::new();
+        h.element().unwrap().set_bus(Some(&bus));
+        h.set_src_caps_str(vox_common::TEXT_CAPS);
+        Self { h, bus }
+    }
+
+    fn say(&mut self, text: &str) {
+        self.h
+            .push(gst::Buffer::from_slice(text.as_bytes().to_vec()))
+            .unwrap();
+    }
+
+    /// The sentences of the next turn, and the turn's message.
+    fn answer(&mut self) -> (Vec<String>, gst::Structure, Vec<String>) {
+        let mut warnings = Vec::new();
+        let turn = loop {
+            let msg = self
+                .bus
+                .timed_pop(gst::ClockTime::from_seconds(20))
+                .expect("a vox-llm-turn message within 20 s");
+            match msg.view() {
+                gst::MessageView::Warning(w) => warnings.push(w.error().to_string()),
+                gst::MessageView::Element(_) => {
+                    let s = msg.structure().unwrap();
+                    if s.name() == "vox-llm-turn" {
+                        break s.to_owned();
+                    }
+                }
+                _ => {}
+            }
+        };
+        let mut sentences = Vec::new();
+        while let Some(b) = self.h.try_pull() {
+            let map = b.map_readable().unwrap();
+            sentences.push(String::from_utf8(map.to_vec()).unwrap());
+        }
+        (sentences, turn, warnings)
+    }
+}
+
+const FALLBACK: &str = "Sorry, I can't answer right now.";
+
+#[test]
+fn streams_the_reply_sentence_by_sentence() {
+    let server = FakeServer::start();
+    let mut chat = Chat::new(&format!("url={}", server.url("ok")));
+    chat.say("What is the capital of France?");
+    let (sentences, turn, warnings) = chat.answer();
+    assert_eq!(
+        sentences,
+        ["The capital of France is Paris.", "It is a lovely city."]
+    );
+    assert_eq!(turn.get::<&str>("outcome").unwrap(), "ok");
+    assert_eq!(turn.get::<&str>("backend").unwrap(), "openai");
+    assert_eq!(turn.get::<u64>("tokens-out").unwrap(), 4);
+    assert!(turn.get::<u64>("time-to-first-token").unwrap() > 0);
+    assert!(warnings.is_empty(), "{warnings:?}");
+}
+
+/// Each fault: a warning naming the cause, the fallback spoken, and the element still answers.
+fn fault(mode: &str, cause: &str) {
+    let server = FakeServer::start();
+    let mut chat = Chat::new(&format!("url={}", server.url(mode)));
+    for _ in 0..2 {
+        chat.say("Hello?");
+        let (sentences, turn, warnings) = chat.answer();
+        assert_eq!(sentences, [FALLBACK], "{mode}");
+        assert_eq!(turn.get::<&str>("outcome").unwrap(), "fallback");
+        assert!(
+            warnings.iter().any(|w| w.to_lowercase().contains(cause)),
+            "{mode}: no warning mentioning {cause:?}: {warnings:?}"
+        );
+    }
+    // Both turns reached the server: the next turn retries.
+    if mode != "refused" {
+        assert_eq!(server.count(mode), 2, "{mode}");
+    }
+}
+
+#[test]
+fn http_500_speaks_the_fallback() {
+    fault("500", "http 500");
+}
+
+#[test]
+fn http_404_speaks_the_fallback() {
+    fault("404", "http 404");
+}
+
+#[test]
+fn malformed_events_speak_the_fallback() {
+    fault("malformed", "malformed");
+}
+
+#[test]
+fn a_stalled_stream_speaks_the_fallback() {
+    fault("stall", "stalled");
+}
+
+#[test]
+fn a_first_token_that_never_comes_speaks_the_fallback() {
+    fault("silent", "first token");
+}
+
+#[test]
+fn connection_refused_speaks_the_fallback() {
+    // A port with nothing listening.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut chat = Chat::new(&format!("url=http://127.0.0.1:{port}/v1"));
+    chat.say("Hello?");
+    let (sentences, _, warnings) = chat.answer();
+    assert_eq!(sentences, [FALLBACK]);
+    assert!(
+        warnings.iter().any(|w| w.contains("refused")),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn the_next_turn_retries_after_a_fault() {
+    let server = FakeServer::start();
+    let mut chat = Chat::new(&format!("url={}", server.url("flaky")));
+    chat.say("Hello?");
+    assert_eq!(chat.answer().0, [FALLBACK]);
+    chat.say("Hello again?");
+    let (sentences, turn, _) = chat.answer();
+    assert_eq!(sentences.len(), 2, "{sentences:?}");
+    assert_eq!(turn.get::<&str>("outcome").unwrap(), "ok");
+}
+
+#[test]
+fn repeated_faults_open_the_circuit_breaker() {
+    let server = FakeServer::start();
+    let mut chat = Chat::new(&format!(
+        "url={} breaker-failures=2 breaker-backoff-ms=60000",
+        server.url("500")
+    ));
+    for _ in 0..4 {
+        chat.say("Hello?");
+        assert_eq!(chat.answer().0, [FALLBACK]);
+    }
+    // Two requests opened the breaker; the next turns were answered without calling it.
+    assert_eq!(server.count("500"), 2);
+}
+
+#[test]
+fn flush_cancels_the_generation_in_flight() {
+    let server = FakeServer::start();
+    let mut chat = Chat::new(&format!("url={} timeout-ms=30000", server.url("slow")));
+    chat.say("Count slowly.");
+    // Wait for the first sentence, then flush (barge-in).
+    let first = chat.h.pull().unwrap();
+    assert_eq!(&*first.map_readable().unwrap(), b"Word0.");
+    chat.h.push_event(gst::event::FlushStart::new());
+    chat.h.push_event(gst::event::FlushStop::new(true));
+    let (_, turn, _) = chat.answer();
+    assert_eq!(turn.get::<&str>("outcome").unwrap(), "cancelled");
+    // The server saw the connection closed long before its 100 words.
+    std::thread::sleep(Duration::from_millis(300));
+    let closed_at = server.count("slow-closed");
+    assert!(
+        (1..20).contains(&closed_at),
+        "closed after {closed_at} words"
+    );
+}
+
+#[test]
+fn interim_transcripts_are_ignored() {
+    let server = FakeServer::start();
+    let mut chat = Chat::new(&format!("url={}", server.url("ok")));
+    let interim = vox_common::events::Transcript {
+        text: "What is".into(),
+        partial: true,
+        ..Default::default()
+    };
+    chat.h.push_event(interim.to_event());
+    chat.say("What is");
+    chat.say("What is the capital of France?");
+    let (sentences, _, _) = chat.answer();
+    assert_eq!(sentences.len(), 2);
+    assert_eq!(server.count("ok"), 1);
+}
+
+#[test]
+fn a_missing_url_for_the_openai_backend_fails_at_start() {
+    init();
+    let pipeline = gst::parse::launch("appsrc ! llmchat backend=openai ! fakesink").unwrap();
+    assert!(pipeline.set_state(gst::State::Ready).is_err());
+    let msg = pipeline
+        .bus()
+        .unwrap()
+        .iter_filtered(&[gst::MessageType::Error])
+        .next()
+        .unwrap();
+    let gst::MessageView::Error(err) = msg.view() else {
+        unreachable!()
+    };
+    assert!(err.error().to_string().contains("url"), "{}", err.error());
+    pipeline.set_state(gst::State::Null).unwrap();
+}

@@ -1,0 +1,226 @@
+//! `llmchat backend=openai` against a real llama.cpp `llama-server` (built by scripts/llama-server
+//! from the PyPI source package, started here on 127.0.0.1) serving SmolLM2-135M: streaming,
+//! sentence splitting, history across turns, cancellation. And the embedded backend on the same
+//! model, in-process.
+
+use gst::prelude::*;
+use gst_check::Harness;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        gst::init().unwrap();
+        gstvoxllm::plugin_register_static().expect("register plugin");
+    });
+}
+
+fn model() -> std::path::PathBuf {
+    vox_common::models::resolve("smollm2-135m", vox_common::models::ModelKind::Llm)
+        .expect("SmolLM2: run scripts/setup")
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start() -> Self {
+        let bin = std::env::var_os("VOX_LLAMA_SERVER")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| dirs_home().join(".cache/vox/llama-server/bin/llama-server"));
+        assert!(
+            bin.is_file(),
+            "llama-server missing at {}: run scripts/llama-server (scripts/test does)",
+            bin.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(&bin)
+            .arg("-m")
+            .arg(model())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-t", "2", "-c", "4096", "--no-webui"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start llama-server");
+        let server = Self { child, port };
+        // Ready when /health answers 200 (it answers 503 while loading).
+        for _ in 0..600 {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                use std::io::{Read, Write};
+                let _ = write!(s, "GET /health HTTP/1.0\r\n\r\n");
+                let mut reply = String::new();
+                let _ = s.read_to_string(&mut reply);
+                if reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200") {
+                    return server;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("llama-server did not become ready in 60 s");
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dirs_home() -> std::path::PathBuf {
+    std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+}
+
+struct Chat {
+    h: Harness,
+    bus: gst::Bus,
+}
+
+impl Chat {
+    fn new(props: &str) -> Self {
+        init();
+        let mut h = Harness::new_parse(&format!("llmchat temperature=0 {props}"));
+        let bus = gst::Bus::new();
+        h.element().unwrap().set_bus(Some(&bus));
+        h.set_src_caps_str(vox_common::TEXT_CAPS);
+        Self { h, bus }
+    }
+
+    fn say(&mut self, text: &str) {
+        self.h
+            .push(gst::Buffer::from_slice(text.as_bytes().to_vec()))
+            .unwrap();
+    }
+
+    fn turn(&mut self) -> gst::Structure {
+        loop {
+            let msg = self
+                .bus
+                .timed_pop(gst::ClockTime::from_seconds(60))
+                .expect("a turn within 60 s");
+            if let Some(s) = msg.structure()
+                && s.name() == "vox-llm-turn"
+            {
+                return s.to_owned();
+            }
+        }
+    }
+
+    fn sentences(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(b) = self.h.try_pull() {
+            out.push(String::from_utf8(b.map_readable().unwrap().to_vec()).unwrap());
+        }
+        out
+    }
+}
+
+fn check_answers_paris(chat: &mut Chat, backend: &str) {
+    chat.say("What is the capital of France?");
+    let turn = chat.turn();
+    assert_eq!(turn.get::<&str>("outcome").unwrap(), "ok", "{turn}");
+    assert_eq!(turn.get::<&str>("backend").unwrap(), backend);
+    let sentences = chat.sentences();
+    assert!(!sentences.is_empty());
+    // Each buffer is one sentence: ends with its mark (the last may end without one).
+    for s in &sentences[..sentences.len() - 1] {
+        assert!(
+            s.ends_with(['.', '!', '?', '…', '"', ')', ':']) || s.ends_with('\n'),
+            "{s:?}"
+        );
+    }
+    let reply = sentences.join(" ");
+    assert!(reply.contains("Paris"), "{reply}");
+    assert_eq!(turn.get::<&str>("reply").unwrap(), reply);
+    assert!(turn.get::<u64>("tokens-in").unwrap() > 10);
+    assert!(turn.get::<u64>("tokens-out").unwrap() >= 3);
+}
+
+#[test]
+fn openai_backend_streams_sentences_from_llama_server_and_keeps_history() {
+    let server = Server::start();
+    let mut chat = Chat::new(&format!("url={} history=4", server.url()));
+    check_answers_paris(&mut chat, "openai");
+    // History: the second turn's prompt holds the first exchange.
+    chat.say("Repeat the name of that city.");
+    let turn = chat.turn();
+    assert_eq!(turn.get::<&str>("outcome").unwrap(), "ok");
+    let tokens_in = turn.get::<u64>("tokens-in").unwrap();
+    assert!(
+        tokens_in > 40,
+        "the history was not sent: {tokens_in} tokens in"
+    );
+    let reply = chat.sentences().join(" ");
+    assert!(reply.contains("Paris"), "{reply}");
+}
+
+#[test]
+fn openai_backend_cancels_on_flush() {
+    let server = Server::start();
+    let mut chat = Chat::new(&format!("url={} max-tokens=400", server.url()));
+    chat.say("Write a long story about a dragon, with many sentences.");
+    let first = chat.h.pull().unwrap();
+    assert!(first.size() > 0);
+    chat.h.push_event(gst::event::FlushStart::new());
+    chat.h.push_event(gst::event::FlushStop::new(true));
+    let turn = chat.turn();
+    assert_eq!(turn.get::<&str>("outcome").unwrap(), "cancelled");
+    assert!(turn.get::<u64>("tokens-out").unwrap_or(0) < 400);
+    // And the next turn works.
+    chat.sentences();
+    check_answers_paris(&mut chat, "openai");
+}
+
+#[test]
+fn embedded_backend_answers_in_process() {
+    let mut chat = Chat::new("backend=embedded");
+    check_answers_paris(&mut chat, "embedded");
+}
+
+#[test]
+fn embedded_backend_cancels_on_flush() {
+    let mut chat = Chat::new("backend=embedded max-tokens=400");
+    chat.say("Write a long story about a dragon, with many sentences.");
+    let _ = chat.h.pull().unwrap();
+    chat.h.push_event(gst::event::FlushStart::new());
+    chat.h.push_event(gst::event::FlushStop::new(true));
+    let turn = chat.turn();
+    assert_eq!(turn.get::<&str>("outcome").unwrap(), "cancelled");
+}
+
+#[test]
+fn embedded_backend_with_a_missing_model_fails_at_start() {
+    init();
+    let pipeline = gst::parse::launch(
+        "appsrc ! llmchat backend=embedded model=/nonexistent/m.gguf ! fakesink",
+    )
+    .unwrap();
+    assert!(pipeline.set_state(gst::State::Ready).is_err());
+    let msg = pipeline
+        .bus()
+        .unwrap()
+        .iter_filtered(&[gst::MessageType::Error])
+        .next()
+        .unwrap();
+    let gst::MessageView::Error(err) = msg.view() else {
+        unreachable!()
+    };
+    assert!(
+        err.error().to_string().contains("m.gguf"),
+        "{}",
+        err.error()
+    );
+    pipeline.set_state(gst::State::Null).unwrap();
+}

@@ -1,0 +1,168 @@
+//! Answering a spoken question out loud through the `voice-reply` graph, with the time each
+//! stage took.
+
+use crate::graph::{self, GraphError};
+use crate::runner::{self, RunError};
+use crate::transcribe::{TranscribeError, check_input};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vox_common::events::Transcript;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    #[error(transparent)]
+    Input(#[from] TranscribeError),
+    #[error("no speech was found in {0}")]
+    NoSpeech(String),
+    #[error("no answer audio was produced")]
+    NoAudio,
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub stt_model: String,
+    pub llm_url: String,
+    pub llm_model: String,
+    pub voice: String,
+    pub threads: u32,
+    pub min_silence_ms: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            stt_model: "tiny.en".into(),
+            llm_url: String::new(),
+            llm_model: String::new(),
+            voice: "jf_alpha".into(),
+            threads: 2,
+            min_silence_ms: 500,
+        }
+    }
+}
+
+/// When each stage reached its mark, measured on the bus as the graph ran.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub end_of_speech: Option<Instant>,
+    pub transcript: Option<Instant>,
+    pub first_token: Option<Instant>,
+    pub first_sentence: Option<Instant>,
+    pub first_audio: Option<Instant>,
+    pub done: Option<Instant>,
+}
+
+impl Timings {
+    /// `(stage, since end of speech, since the previous stage)` rows.
+    pub fn rows(&self) -> Vec<(&'static str, Option<Duration>, Option<Duration>)> {
+        let marks = [
+            ("end of speech (VAD)", self.end_of_speech),
+            ("transcript ready", self.transcript),
+            ("first token", self.first_token),
+            ("first sentence", self.first_sentence),
+            ("first audio", self.first_audio),
+        ];
+        let mut rows = Vec::new();
+        let mut previous = self.end_of_speech;
+        for (name, at) in marks {
+            let since_start = at
+                .zip(self.end_of_speech)
+                .map(|(a, e)| a.saturating_duration_since(e));
+            let step = at
+                .zip(previous)
+                .map(|(a, p)| a.saturating_duration_since(p));
+            rows.push((name, since_start, step));
+            if at.is_some() {
+                previous = at;
+            }
+        }
+        rows
+    }
+
+    /// End of the user's speech → first answer audio.
+    pub fn voice_to_voice(&self) -> Option<Duration> {
+        self.first_audio
+            .zip(self.end_of_speech)
+            .map(|(a, e)| a.saturating_duration_since(e))
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    pub transcript: String,
+    pub answer: String,
+    pub timings: Timings,
+    pub audio: Duration,
+}
+
+/// Answers the question in `input` into the WAV file `output` (written whole or not at all).
+pub fn reply(input: &Path, output: &Path, options: &Options) -> Result<Reply, ReplyError> {
+    check_input(input)?;
+    let graph = graph::find("voice-reply")?;
+    let values: BTreeMap<String, String> = [
+        ("input", input.display().to_string()),
+        ("output", output.display().to_string()),
+        ("stt-model", options.stt_model.clone()),
+        ("llm-url", options.llm_url.clone()),
+        ("llm-model", options.llm_model.clone()),
+        ("voice", options.voice.clone()),
+        ("threads", options.threads.to_string()),
+        ("min-silence-ms", options.min_silence_ms.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let description = graph.render(&values)?;
+    let pipeline = runner::launch(&description)?;
+    let outputs = runner::AtomicOutputs::redirect(&pipeline)?;
+    let mut out = Reply::default();
+    let mut transcripts = Vec::new();
+    let mut replies = Vec::new();
+    runner::run(
+        &pipeline,
+        |msg| {
+            let Some(s) = msg.structure() else { return };
+            let now = Instant::now();
+            let t = &mut out.timings;
+            match s.name().as_str() {
+                "vox-speech-end" => t.end_of_speech = t.end_of_speech.or(Some(now)),
+                "vox-llm-first-token" => t.first_token = t.first_token.or(Some(now)),
+                "vox-llm-first-sentence" => t.first_sentence = t.first_sentence.or(Some(now)),
+                "vox-tts-first-audio" => t.first_audio = t.first_audio.or(Some(now)),
+                "vox-llm-turn" => {
+                    if let Ok(r) = s.get::<&str>("reply") {
+                        replies.push(r.to_string());
+                    }
+                }
+                "vox-tts-done" => {
+                    t.done = Some(now);
+                    out.audio += Duration::from_nanos(s.get::<u64>("audio-duration").unwrap_or(0));
+                }
+                _ => {
+                    if let Some(tr) = Transcript::from_structure(s)
+                        && !tr.partial
+                    {
+                        t.transcript = t.transcript.or(Some(now));
+                        transcripts.push(tr.text);
+                    }
+                }
+            }
+        },
+        |_| {},
+    )?;
+    out.transcript = transcripts.join(" ").trim().to_string();
+    out.answer = replies.join(" ").trim().to_string();
+    if out.transcript.is_empty() {
+        return Err(ReplyError::NoSpeech(input.display().to_string()));
+    }
+    if out.audio.is_zero() {
+        return Err(ReplyError::NoAudio);
+    }
+    outputs.commit()?;
+    Ok(out)
+}
