@@ -347,9 +347,16 @@ fn cmd_reply(input: &Path, output: &Path, options: &reply::Options) -> Result<()
     for (stage, at, step) in r.timings.rows() {
         println!("| {stage} | {} | {} |", ms(at), ms(step));
     }
+    let t = &r.timings;
     println!(
-        "\nvoice to voice: {}; {:.2} s of answer audio in {}",
-        ms(r.timings.voice_to_voice()),
+        "\nvoice to voice: {} = models {} (Whisper {}, LLM to first sentence {}, Kokoro first \
+         piece {}) + framework {}; {:.2} s of answer audio in {}",
+        ms(t.voice_to_voice()),
+        ms(Some(t.stt_compute + t.llm_compute + t.tts_compute)),
+        ms(Some(t.stt_compute)),
+        ms(Some(t.llm_compute)),
+        ms(Some(t.tts_compute)),
+        ms(t.framework()),
         r.audio.as_secs_f64(),
         output.display()
     );

@@ -55,6 +55,11 @@ pub struct Timings {
     pub first_sentence: Option<Instant>,
     pub first_audio: Option<Instant>,
     pub done: Option<Instant>,
+    /// Model compute inside the voice-to-voice span: Whisper on the question, the LLM up to its
+    /// first sentence, Kokoro on the first piece of speech.
+    pub stt_compute: Duration,
+    pub llm_compute: Duration,
+    pub tts_compute: Duration,
 }
 
 impl Timings {
@@ -84,6 +89,13 @@ impl Timings {
         rows
     }
 
+    /// What the framework itself added to voice-to-voice: the total minus model compute
+    /// (queues, thread hand-offs, pushes, bus messages).
+    pub fn framework(&self) -> Option<Duration> {
+        self.voice_to_voice()
+            .map(|v| v.saturating_sub(self.stt_compute + self.llm_compute + self.tts_compute))
+    }
+
     /// End of the user's speech → first answer audio.
     pub fn voice_to_voice(&self) -> Option<Duration> {
         self.first_audio
@@ -98,6 +110,10 @@ pub struct Reply {
     pub answer: String,
     pub timings: Timings,
     pub audio: Duration,
+}
+
+fn ns(s: &gst::StructureRef, field: &str) -> Duration {
+    Duration::from_nanos(s.get::<u64>(field).unwrap_or(0))
 }
 
 /// Answers the question in `input` into the WAV file `output` (written whole or not at all).
@@ -132,8 +148,18 @@ pub fn reply(input: &Path, output: &Path, options: &Options) -> Result<Reply, Re
             match s.name().as_str() {
                 "vox-speech-end" => t.end_of_speech = t.end_of_speech.or(Some(now)),
                 "vox-llm-first-token" => t.first_token = t.first_token.or(Some(now)),
-                "vox-llm-first-sentence" => t.first_sentence = t.first_sentence.or(Some(now)),
-                "vox-tts-first-audio" => t.first_audio = t.first_audio.or(Some(now)),
+                "vox-llm-first-sentence" => {
+                    if t.first_sentence.is_none() {
+                        t.first_sentence = Some(now);
+                        t.llm_compute = ns(s, "elapsed");
+                    }
+                }
+                "vox-tts-first-audio" => {
+                    if t.first_audio.is_none() {
+                        t.first_audio = Some(now);
+                        t.tts_compute = ns(s, "synthesis-time");
+                    }
+                }
                 "vox-llm-turn" => {
                     if let Ok(r) = s.get::<&str>("reply") {
                         replies.push(r.to_string());
@@ -147,7 +173,10 @@ pub fn reply(input: &Path, output: &Path, options: &Options) -> Result<Reply, Re
                     if let Some(tr) = Transcript::from_structure(s)
                         && !tr.partial
                     {
-                        t.transcript = t.transcript.or(Some(now));
+                        if t.transcript.is_none() {
+                            t.transcript = Some(now);
+                            t.stt_compute = Duration::from_nanos(tr.inference_time.nseconds());
+                        }
                         transcripts.push(tr.text);
                     }
                 }

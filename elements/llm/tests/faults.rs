@@ -329,6 +329,10 @@ fn flush_cancels_the_generation_in_flight() {
     assert_eq!(&*first.map_readable().unwrap(), b"Word0.");
     chat.h.push_event(gst::event::FlushStart::new());
     chat.h.push_event(gst::event::FlushStop::new(true));
+    chat.h
+        .push_event(gst::event::Segment::new(&gst::FormattedSegment::<
+            gst::ClockTime,
+        >::new()));
     let (_, turn, _) = chat.answer();
     assert_eq!(turn.get::<&str>("outcome").unwrap(), "cancelled");
     // The server saw the connection closed long before its 100 words.

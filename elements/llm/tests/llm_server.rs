@@ -175,6 +175,10 @@ fn openai_backend_cancels_on_flush() {
     assert!(first.size() > 0);
     chat.h.push_event(gst::event::FlushStart::new());
     chat.h.push_event(gst::event::FlushStop::new(true));
+    chat.h
+        .push_event(gst::event::Segment::new(&gst::FormattedSegment::<
+            gst::ClockTime,
+        >::new()));
     let turn = chat.turn();
     assert_eq!(turn.get::<&str>("outcome").unwrap(), "cancelled");
     assert!(turn.get::<u64>("tokens-out").unwrap_or(0) < 400);
@@ -196,6 +200,10 @@ fn embedded_backend_cancels_on_flush() {
     let _ = chat.h.pull().unwrap();
     chat.h.push_event(gst::event::FlushStart::new());
     chat.h.push_event(gst::event::FlushStop::new(true));
+    chat.h
+        .push_event(gst::event::Segment::new(&gst::FormattedSegment::<
+            gst::ClockTime,
+        >::new()));
     let turn = chat.turn();
     assert_eq!(turn.get::<&str>("outcome").unwrap(), "cancelled");
 }

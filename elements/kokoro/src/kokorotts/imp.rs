@@ -7,7 +7,7 @@
 //! starting at the text's PTS (or where the previous audio ended, if later).
 //!
 //! Bus messages: `vox-tts-first-audio` (`time-to-first-audio` in ns from the text's arrival,
-//! `pts`) when a text's first audio is pushed, and `vox-tts-done` (`audio-duration`,
+//! `synthesis-time` of that first piece, `pts`) when a text's first audio is pushed, and `vox-tts-done` (`audio-duration`,
 //! `synthesis-time`, `sentences`) when it is finished. Flushing drops queued text and stops the
 //! synthesis in flight after the current chunk.
 //!
@@ -305,6 +305,7 @@ fn speak(imp: &KokoroTts, loaded: &Loaded, job: Job, generation: u64) {
                 return;
             }
             let style = loaded.voice.style(chunk.ids.len());
+            let synthesis = Instant::now();
             let audio = match loaded.model.synthesise(&chunk.ids, style, loaded.speed) {
                 Ok(a) => a,
                 Err(e) => {
@@ -317,6 +318,7 @@ fn speak(imp: &KokoroTts, loaded: &Loaded, job: Job, generation: u64) {
                     continue;
                 }
             };
+            let synthesis_took = synthesis.elapsed();
             gst::debug!(
                 CAT,
                 imp = imp,
@@ -352,6 +354,7 @@ fn speak(imp: &KokoroTts, loaded: &Loaded, job: Job, generation: u64) {
                             "time-to-first-audio",
                             job.arrived.elapsed().as_nanos() as u64,
                         )
+                        .field("synthesis-time", synthesis_took.as_nanos() as u64)
                         .field("pts", pts.nseconds())
                         .build(),
                 );
