@@ -654,14 +654,18 @@ fn cmd_doctor() -> Result<ExitCode> {
             ),
         }
     }
-    // ONNX Runtime: let silerovad load it (and its model), as a pipeline would.
-    match gst::ElementFactory::make("silerovad").build() {
+    // ONNX Runtime: let silerovad's ONNX Runtime engine load it (and the model), as a pipeline
+    // would (its default native engine does not need the library; kokorotts does).
+    match gst::ElementFactory::make("silerovad")
+        .property_from_str("engine", "onnxruntime")
+        .build()
+    {
         Ok(vad) => {
             let bus = gst::Bus::new();
             vad.set_bus(Some(&bus));
             let ok = vad.set_state(gst::State::Ready).is_ok();
             let detail = if ok {
-                "loaded through silerovad".to_string()
+                "loaded through silerovad engine=onnxruntime".to_string()
             } else {
                 bus.pop_filtered(&[gst::MessageType::Error])
                     .and_then(|m| match m.view() {

@@ -70,6 +70,18 @@ pub fn plugin_dirs() -> Vec<PathBuf> {
 /// needed; otherwise GStreamer's registry (the user plugin directory) provides them.
 pub fn init() -> Result<()> {
     gst::init().map_err(|e| RunError::Init(e.to_string()))?;
+    // GStreamer's own GLib warnings (e.g. wavenc's "data flow before segment" on an empty
+    // stream) are for developers: they go to the log (VOX_LOG=debug), not to the user's
+    // terminal, where errors are one line each.
+    gst::glib::log_set_handler(
+        Some("GStreamer"),
+        gst::glib::LogLevels::LEVEL_WARNING,
+        false,
+        false,
+        |domain, _level, message| {
+            tracing::debug!("{}: {message}", domain.unwrap_or("GLib"));
+        },
+    );
     for (file, _) in PLUGINS {
         let found = plugin_dirs()
             .into_iter()

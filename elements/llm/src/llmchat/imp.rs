@@ -453,9 +453,10 @@ impl LlmChat {
                         )
                     );
                 }
+                // What was said this turn is the fallback (not kept in the history).
+                reply.clear();
                 if !settings.fallback.trim().is_empty() {
-                    let mut said = String::new();
-                    emit(settings.fallback.trim(), &mut said);
+                    emit(settings.fallback.trim(), &mut reply);
                 }
                 "fallback"
             }
