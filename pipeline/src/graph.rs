@@ -311,6 +311,15 @@ impl GraphFile {
     }
 }
 
+/// The ready graph `name` (see [`find`]) with `values` filled in, as a gst-launch description.
+pub fn render_named(name: &str, values: &[(&str, String)]) -> Result<String, GraphError> {
+    let values: BTreeMap<String, String> = values
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    find(name)?.render(&values)
+}
+
 /// Quotes a value for gst-launch syntax.
 fn quote(value: &str) -> String {
     let plain = !value.is_empty()

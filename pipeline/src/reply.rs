@@ -4,7 +4,6 @@
 use crate::graph::{self, GraphError};
 use crate::runner::{self, RunError};
 use crate::transcribe::{TranscribeError, check_input};
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vox_common::events::Transcript;
@@ -119,21 +118,19 @@ fn ns(s: &gst::StructureRef, field: &str) -> Duration {
 /// Answers the question in `input` into the WAV file `output` (written whole or not at all).
 pub fn reply(input: &Path, output: &Path, options: &Options) -> Result<Reply, ReplyError> {
     check_input(input)?;
-    let graph = graph::find("voice-reply")?;
-    let values: BTreeMap<String, String> = [
-        ("input", input.display().to_string()),
-        ("output", output.display().to_string()),
-        ("stt-model", options.stt_model.clone()),
-        ("llm-url", options.llm_url.clone()),
-        ("llm-model", options.llm_model.clone()),
-        ("voice", options.voice.clone()),
-        ("threads", options.threads.to_string()),
-        ("min-silence-ms", options.min_silence_ms.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let description = graph.render(&values)?;
+    let description = graph::render_named(
+        "voice-reply",
+        &[
+            ("input", input.display().to_string()),
+            ("output", output.display().to_string()),
+            ("stt-model", options.stt_model.clone()),
+            ("llm-url", options.llm_url.clone()),
+            ("llm-model", options.llm_model.clone()),
+            ("voice", options.voice.clone()),
+            ("threads", options.threads.to_string()),
+            ("min-silence-ms", options.min_silence_ms.to_string()),
+        ],
+    )?;
     let pipeline = runner::launch(&description)?;
     let outputs = runner::AtomicOutputs::redirect(&pipeline)?;
     let mut out = Reply::default();

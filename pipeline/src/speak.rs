@@ -2,7 +2,6 @@
 
 use crate::graph::{self, GraphError};
 use crate::runner::{self, RunError};
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -67,18 +66,16 @@ pub fn speak(text: &str, output: &Path, options: &Options) -> Result<Report, Spe
         .map_err(|e| SpeakError::Temp(e.to_string()))?;
     std::io::Write::write_all(&mut input, text.as_bytes())
         .map_err(|e| SpeakError::Temp(e.to_string()))?;
-    let graph = graph::find("speak")?;
-    let values: BTreeMap<String, String> = [
-        ("input", input.path().display().to_string()),
-        ("output", output.display().to_string()),
-        ("voice", options.voice.clone()),
-        ("speed", options.speed.to_string()),
-        ("threads", options.threads.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let description = graph.render(&values)?;
+    let description = graph::render_named(
+        "speak",
+        &[
+            ("input", input.path().display().to_string()),
+            ("output", output.display().to_string()),
+            ("voice", options.voice.clone()),
+            ("speed", options.speed.to_string()),
+            ("threads", options.threads.to_string()),
+        ],
+    )?;
     let pipeline = runner::launch(&description)?;
     let outputs = runner::AtomicOutputs::redirect(&pipeline)?;
     let mut report = Report::default();

@@ -3,7 +3,6 @@
 use crate::graph::{self, GraphError};
 use crate::runner::{self, Progress, RunError};
 use crate::transcript::{Document, Segment, Word};
-use std::collections::BTreeMap;
 use std::path::Path;
 use vox_common::events::Transcript;
 
@@ -103,19 +102,17 @@ pub fn transcribe_file(
     mut on_progress: impl FnMut(Progress),
 ) -> Result<Document, TranscribeError> {
     check_input(input)?;
-    let graph = graph::find("transcribe")?;
-    let values: BTreeMap<String, String> = [
-        ("input", input.display().to_string()),
-        ("model", options.model.clone()),
-        ("language", options.language.clone()),
-        ("threads", options.threads.to_string()),
-        ("beam-size", options.beam_size.to_string()),
-        ("min-silence-ms", options.min_silence_ms.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let description = graph.render(&values)?;
+    let description = graph::render_named(
+        "transcribe",
+        &[
+            ("input", input.display().to_string()),
+            ("model", options.model.clone()),
+            ("language", options.language.clone()),
+            ("threads", options.threads.to_string()),
+            ("beam-size", options.beam_size.to_string()),
+            ("min-silence-ms", options.min_silence_ms.to_string()),
+        ],
+    )?;
     let pipeline = runner::launch(&description)?;
     let mut transcripts: Vec<Transcript> = Vec::new();
     let mut length = gst::ClockTime::ZERO;

@@ -5,21 +5,14 @@
 //! element keeps working; repeated faults open the circuit breaker. The happy path and
 //! cancellation are checked here too (and against a real llama-server in tests/llm_server.rs).
 
-use gst::prelude::*;
-use gst_check::Harness;
+mod common;
+
+use common::{Chat, start_error};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-fn init() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        gst::init().unwrap();
-        gstvoxllm::plugin_register_static().expect("register plugin");
-    });
-}
 
 /// The misbehaving server. The first path segment picks the behaviour.
 struct FakeServer {
@@ -159,65 +152,18 @@ impl FakeServer {
     }
 }
 
-struct Chat {
-    h: Harness,
-    bus: gst::Bus,
-}
-
-impl Chat {
-    fn new(props: &str) -> Self {
-        init();
-        let mut h = Harness::new_parse(&format!(
-            "llmchat first-token-timeout-ms=700 timeout-ms=3000 {props}"
-        ));
-        let bus = gst::Bus::new();
-        h.element().unwrap().set_bus(Some(&bus));
-        h.set_src_caps_str(vox_common::TEXT_CAPS);
-        Self { h, bus }
-    }
-
-    fn say(&mut self, text: &str) {
-        self.h
-            .push(gst::Buffer::from_slice(text.as_bytes().to_vec()))
-            .unwrap();
-    }
-
-    /// The sentences of the next turn, and the turn's message.
-    fn answer(&mut self) -> (Vec<String>, gst::Structure, Vec<String>) {
-        let mut warnings = Vec::new();
-        let turn = loop {
-            let msg = self
-                .bus
-                .timed_pop(gst::ClockTime::from_seconds(20))
-                .expect("a vox-llm-turn message within 20 s");
-            match msg.view() {
-                gst::MessageView::Warning(w) => warnings.push(w.error().to_string()),
-                gst::MessageView::Element(_) => {
-                    let s = msg.structure().unwrap();
-                    if s.name() == "vox-llm-turn" {
-                        break s.to_owned();
-                    }
-                }
-                _ => {}
-            }
-        };
-        let mut sentences = Vec::new();
-        while let Some(b) = self.h.try_pull() {
-            let map = b.map_readable().unwrap();
-            sentences.push(String::from_utf8(map.to_vec()).unwrap());
-        }
-        (sentences, turn, warnings)
-    }
-}
-
 const FALLBACK: &str = "Sorry, I can't answer right now.";
 
 #[test]
 fn streams_the_reply_sentence_by_sentence() {
     let server = FakeServer::start();
-    let mut chat = Chat::new(&format!("url={}", server.url("ok")));
+    let mut chat = Chat::new(&format!(
+        "first-token-timeout-ms=700 timeout-ms=3000 url={}",
+        server.url("ok")
+    ));
     chat.say("What is the capital of France?");
-    let (sentences, turn, warnings) = chat.answer();
+    let t = chat.turn();
+    let (sentences, turn, warnings) = (t.sentences, t.message, t.warnings);
     assert_eq!(
         sentences,
         ["The capital of France is Paris.", "It is a lovely city."]
@@ -232,10 +178,14 @@ fn streams_the_reply_sentence_by_sentence() {
 /// Each fault: a warning naming the cause, the fallback spoken, and the element still answers.
 fn fault(mode: &str, cause: &str) {
     let server = FakeServer::start();
-    let mut chat = Chat::new(&format!("url={}", server.url(mode)));
+    let mut chat = Chat::new(&format!(
+        "first-token-timeout-ms=700 timeout-ms=3000 url={}",
+        server.url(mode)
+    ));
     for _ in 0..2 {
         chat.say("Hello?");
-        let (sentences, turn, warnings) = chat.answer();
+        let t = chat.turn();
+        let (sentences, turn, warnings) = (t.sentences, t.message, t.warnings);
         assert_eq!(sentences, [FALLBACK], "{mode}");
         assert_eq!(turn.get::<&str>("outcome").unwrap(), "fallback");
         assert!(
@@ -282,9 +232,12 @@ fn connection_refused_speaks_the_fallback() {
         .local_addr()
         .unwrap()
         .port();
-    let mut chat = Chat::new(&format!("url=http://127.0.0.1:{port}/v1"));
+    let mut chat = Chat::new(&format!(
+        "first-token-timeout-ms=700 timeout-ms=3000 url=http://127.0.0.1:{port}/v1"
+    ));
     chat.say("Hello?");
-    let (sentences, _, warnings) = chat.answer();
+    let t = chat.turn();
+    let (sentences, warnings) = (t.sentences, t.warnings);
     assert_eq!(sentences, [FALLBACK]);
     assert!(
         warnings.iter().any(|w| w.contains("refused")),
@@ -295,11 +248,15 @@ fn connection_refused_speaks_the_fallback() {
 #[test]
 fn the_next_turn_retries_after_a_fault() {
     let server = FakeServer::start();
-    let mut chat = Chat::new(&format!("url={}", server.url("flaky")));
+    let mut chat = Chat::new(&format!(
+        "first-token-timeout-ms=700 timeout-ms=3000 url={}",
+        server.url("flaky")
+    ));
     chat.say("Hello?");
-    assert_eq!(chat.answer().0, [FALLBACK]);
+    assert_eq!(chat.turn().sentences, [FALLBACK]);
     chat.say("Hello again?");
-    let (sentences, turn, _) = chat.answer();
+    let t = chat.turn();
+    let (sentences, turn) = (t.sentences, t.message);
     assert_eq!(sentences.len(), 2, "{sentences:?}");
     assert_eq!(turn.get::<&str>("outcome").unwrap(), "ok");
 }
@@ -308,12 +265,12 @@ fn the_next_turn_retries_after_a_fault() {
 fn repeated_faults_open_the_circuit_breaker() {
     let server = FakeServer::start();
     let mut chat = Chat::new(&format!(
-        "url={} breaker-failures=2 breaker-backoff-ms=60000",
+        "first-token-timeout-ms=700 timeout-ms=3000 url={} breaker-failures=2 breaker-backoff-ms=60000",
         server.url("500")
     ));
     for _ in 0..4 {
         chat.say("Hello?");
-        assert_eq!(chat.answer().0, [FALLBACK]);
+        assert_eq!(chat.turn().sentences, [FALLBACK]);
     }
     // Two requests opened the breaker; the next turns were answered without calling it.
     assert_eq!(server.count("500"), 2);
@@ -322,18 +279,16 @@ fn repeated_faults_open_the_circuit_breaker() {
 #[test]
 fn flush_cancels_the_generation_in_flight() {
     let server = FakeServer::start();
-    let mut chat = Chat::new(&format!("url={} timeout-ms=30000", server.url("slow")));
+    let mut chat = Chat::new(&format!(
+        "first-token-timeout-ms=700 timeout-ms=3000 url={} timeout-ms=30000",
+        server.url("slow")
+    ));
     chat.say("Count slowly.");
     // Wait for the first sentence, then flush (barge-in).
     let first = chat.h.pull().unwrap();
     assert_eq!(&*first.map_readable().unwrap(), b"Word0.");
-    chat.h.push_event(gst::event::FlushStart::new());
-    chat.h.push_event(gst::event::FlushStop::new(true));
-    chat.h
-        .push_event(gst::event::Segment::new(&gst::FormattedSegment::<
-            gst::ClockTime,
-        >::new()));
-    let (_, turn, _) = chat.answer();
+    chat.flush();
+    let turn = chat.turn().message;
     assert_eq!(turn.get::<&str>("outcome").unwrap(), "cancelled");
     // The server saw the connection closed long before its 100 words.
     std::thread::sleep(Duration::from_millis(300));
@@ -347,7 +302,10 @@ fn flush_cancels_the_generation_in_flight() {
 #[test]
 fn interim_transcripts_are_ignored() {
     let server = FakeServer::start();
-    let mut chat = Chat::new(&format!("url={}", server.url("ok")));
+    let mut chat = Chat::new(&format!(
+        "first-token-timeout-ms=700 timeout-ms=3000 url={}",
+        server.url("ok")
+    ));
     let interim = vox_common::events::Transcript {
         text: "What is".into(),
         partial: true,
@@ -356,25 +314,13 @@ fn interim_transcripts_are_ignored() {
     chat.h.push_event(interim.to_event());
     chat.say("What is");
     chat.say("What is the capital of France?");
-    let (sentences, _, _) = chat.answer();
+    let sentences = chat.turn().sentences;
     assert_eq!(sentences.len(), 2);
     assert_eq!(server.count("ok"), 1);
 }
 
 #[test]
 fn a_missing_url_for_the_openai_backend_fails_at_start() {
-    init();
-    let pipeline = gst::parse::launch("appsrc ! llmchat backend=openai ! fakesink").unwrap();
-    assert!(pipeline.set_state(gst::State::Ready).is_err());
-    let msg = pipeline
-        .bus()
-        .unwrap()
-        .iter_filtered(&[gst::MessageType::Error])
-        .next()
-        .unwrap();
-    let gst::MessageView::Error(err) = msg.view() else {
-        unreachable!()
-    };
-    assert!(err.error().to_string().contains("url"), "{}", err.error());
-    pipeline.set_state(gst::State::Null).unwrap();
+    let err = start_error("backend=openai");
+    assert!(err.contains("url"), "{err}");
 }

@@ -3,18 +3,11 @@
 //! sentence splitting, history across turns, cancellation. And the embedded backend on the same
 //! model, in-process.
 
-use gst::prelude::*;
-use gst_check::Harness;
+mod common;
+
+use common::{Chat, start_error};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-fn init() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        gst::init().unwrap();
-        gstvoxllm::plugin_register_static().expect("register plugin");
-    });
-}
 
 fn model() -> std::path::PathBuf {
     vox_common::models::resolve("smollm2-135m", vox_common::models::ModelKind::Llm)
@@ -83,56 +76,12 @@ fn dirs_home() -> std::path::PathBuf {
     std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
 }
 
-struct Chat {
-    h: Harness,
-    bus: gst::Bus,
-}
-
-impl Chat {
-    fn new(props: &str) -> Self {
-        init();
-        let mut h = Harness::new_parse(&format!("llmchat temperature=0 {props}"));
-        let bus = gst::Bus::new();
-        h.element().unwrap().set_bus(Some(&bus));
-        h.set_src_caps_str(vox_common::TEXT_CAPS);
-        Self { h, bus }
-    }
-
-    fn say(&mut self, text: &str) {
-        self.h
-            .push(gst::Buffer::from_slice(text.as_bytes().to_vec()))
-            .unwrap();
-    }
-
-    fn turn(&mut self) -> gst::Structure {
-        loop {
-            let msg = self
-                .bus
-                .timed_pop(gst::ClockTime::from_seconds(60))
-                .expect("a turn within 60 s");
-            if let Some(s) = msg.structure()
-                && s.name() == "vox-llm-turn"
-            {
-                return s.to_owned();
-            }
-        }
-    }
-
-    fn sentences(&mut self) -> Vec<String> {
-        let mut out = Vec::new();
-        while let Some(b) = self.h.try_pull() {
-            out.push(String::from_utf8(b.map_readable().unwrap().to_vec()).unwrap());
-        }
-        out
-    }
-}
-
 fn check_answers_paris(chat: &mut Chat, backend: &str) {
     chat.say("What is the capital of France?");
-    let turn = chat.turn();
+    let t = chat.turn();
+    let (turn, sentences) = (t.message, t.sentences);
     assert_eq!(turn.get::<&str>("outcome").unwrap(), "ok", "{turn}");
     assert_eq!(turn.get::<&str>("backend").unwrap(), backend);
-    let sentences = chat.sentences();
     assert!(!sentences.is_empty());
     // Each buffer is one sentence: ends with its mark (the last may end without one).
     for s in &sentences[..sentences.len() - 1] {
@@ -151,84 +100,56 @@ fn check_answers_paris(chat: &mut Chat, backend: &str) {
 #[test]
 fn openai_backend_streams_sentences_from_llama_server_and_keeps_history() {
     let server = Server::start();
-    let mut chat = Chat::new(&format!("url={} history=4", server.url()));
+    let mut chat = Chat::new(&format!("temperature=0 url={} history=4", server.url()));
     check_answers_paris(&mut chat, "openai");
     // History: the second turn's prompt holds the first exchange.
     chat.say("Repeat the name of that city.");
     let turn = chat.turn();
-    assert_eq!(turn.get::<&str>("outcome").unwrap(), "ok");
-    let tokens_in = turn.get::<u64>("tokens-in").unwrap();
+    assert_eq!(turn.outcome(), "ok");
+    let tokens_in = turn.message.get::<u64>("tokens-in").unwrap();
     assert!(
         tokens_in > 40,
         "the history was not sent: {tokens_in} tokens in"
     );
-    let reply = chat.sentences().join(" ");
+    let reply = turn.sentences.join(" ");
     assert!(reply.contains("Paris"), "{reply}");
 }
 
 #[test]
 fn openai_backend_cancels_on_flush() {
     let server = Server::start();
-    let mut chat = Chat::new(&format!("url={} max-tokens=400", server.url()));
+    let mut chat = Chat::new(&format!(
+        "temperature=0 url={} max-tokens=400",
+        server.url()
+    ));
     chat.say("Write a long story about a dragon, with many sentences.");
     let first = chat.h.pull().unwrap();
     assert!(first.size() > 0);
-    chat.h.push_event(gst::event::FlushStart::new());
-    chat.h.push_event(gst::event::FlushStop::new(true));
-    chat.h
-        .push_event(gst::event::Segment::new(&gst::FormattedSegment::<
-            gst::ClockTime,
-        >::new()));
+    chat.flush();
     let turn = chat.turn();
-    assert_eq!(turn.get::<&str>("outcome").unwrap(), "cancelled");
-    assert!(turn.get::<u64>("tokens-out").unwrap_or(0) < 400);
+    assert_eq!(turn.outcome(), "cancelled");
+    assert!(turn.message.get::<u64>("tokens-out").unwrap_or(0) < 400);
     // And the next turn works.
-    chat.sentences();
     check_answers_paris(&mut chat, "openai");
 }
 
 #[test]
 fn embedded_backend_answers_in_process() {
-    let mut chat = Chat::new("backend=embedded");
+    let mut chat = Chat::new("temperature=0 backend=embedded");
     check_answers_paris(&mut chat, "embedded");
 }
 
 #[test]
 fn embedded_backend_cancels_on_flush() {
-    let mut chat = Chat::new("backend=embedded max-tokens=400");
+    let mut chat = Chat::new("temperature=0 backend=embedded max-tokens=400");
     chat.say("Write a long story about a dragon, with many sentences.");
     let _ = chat.h.pull().unwrap();
-    chat.h.push_event(gst::event::FlushStart::new());
-    chat.h.push_event(gst::event::FlushStop::new(true));
-    chat.h
-        .push_event(gst::event::Segment::new(&gst::FormattedSegment::<
-            gst::ClockTime,
-        >::new()));
-    let turn = chat.turn();
-    assert_eq!(turn.get::<&str>("outcome").unwrap(), "cancelled");
+    chat.flush();
+    assert_eq!(chat.turn().outcome(), "cancelled");
 }
 
 #[test]
 fn embedded_backend_with_a_missing_model_fails_at_start() {
-    init();
-    let pipeline = gst::parse::launch(
-        "appsrc ! llmchat backend=embedded model=/nonexistent/m.gguf ! fakesink",
-    )
-    .unwrap();
-    assert!(pipeline.set_state(gst::State::Ready).is_err());
-    let msg = pipeline
-        .bus()
-        .unwrap()
-        .iter_filtered(&[gst::MessageType::Error])
-        .next()
-        .unwrap();
-    let gst::MessageView::Error(err) = msg.view() else {
-        unreachable!()
-    };
-    assert!(
-        err.error().to_string().contains("m.gguf"),
-        "{}",
-        err.error()
-    );
-    pipeline.set_state(gst::State::Null).unwrap();
+    let err = start_error("backend=embedded model=/nonexistent/m.gguf");
+    assert!(err.contains("m.gguf"), "{err}");
 }
