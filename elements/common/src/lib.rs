@@ -7,6 +7,7 @@ pub mod models;
 pub mod onnx;
 pub mod testing;
 pub mod text;
+pub mod worker;
 
 /// Caps of the text buffers our elements produce and consume.
 pub const TEXT_CAPS: &str = "text/x-raw,format=utf8";

@@ -17,18 +17,17 @@
 //!     kokorotts voice=jf_alpha ! audioconvert ! wavenc ! filesink location=hello.wav
 //! ```
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::engine::{Kokoro, SAMPLE_RATE};
 use crate::phonemes::{self, Vocab};
 use crate::voices::{self, Voice};
+use vox_common::worker::{Serial, Work};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -86,29 +85,15 @@ struct Job {
     arrived: Instant,
 }
 
-enum Work {
-    Speak(Job, u64),
-    Event(gst::Event, u64),
-    Stop,
-}
-
-struct Worker {
-    tx: Sender<Work>,
-    handle: JoinHandle<()>,
-}
-
 pub struct KokoroTts {
     sinkpad: gst::Pad,
     srcpad: gst::Pad,
     settings: Mutex<Settings>,
     loaded: Mutex<Option<Arc<Loaded>>>,
-    worker: Mutex<Option<Worker>>,
-    /// Bumped on flush: queued work from before it is dropped, synthesis in flight stops.
-    generation: Arc<AtomicU64>,
+    /// The synthesis worker; a flush drops queued text and stops the synthesis in flight.
+    serial: Serial<Job>,
     /// Where the next audio buffer starts.
     next_pts: Mutex<Option<gst::ClockTime>>,
-    /// Held by the worker from its generation check to the end of a push, and by FlushStop.
-    push_lock: Mutex<()>,
 }
 
 fn audio_caps() -> gst::Caps {
@@ -130,18 +115,6 @@ impl KokoroTts {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    fn generation(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
-    }
-
-    fn queue(&self, work: Work) -> bool {
-        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner());
-        match worker.as_ref() {
-            Some(w) => w.tx.send(work).is_ok(),
-            None => false,
-        }
     }
 
     fn load(&self) -> Result<Loaded, String> {
@@ -171,23 +144,10 @@ impl KokoroTts {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or_else(|| gst::error_msg!(gst::CoreError::StateChange, ("model not loaded")))?;
-        let (tx, rx) = crossbeam_channel::unbounded();
         let element = self.obj().downgrade();
-        let handle = std::thread::Builder::new()
-            .name("kokorotts".into())
-            .spawn(move || worker_loop(element, loaded, rx))
-            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ("cannot start worker: {}", e)))?;
-        *self.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(Worker { tx, handle });
-        Ok(())
-    }
-
-    fn stop_worker(&self) {
-        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(worker) = worker {
-            self.generation.fetch_add(1, Ordering::SeqCst);
-            let _ = worker.tx.send(Work::Stop);
-            let _ = worker.handle.join();
-        }
+        self.serial
+            .start("kokorotts", move |rx| worker_loop(element, loaded, rx))
+            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ("cannot start worker: {}", e)))
     }
 
     fn sink_chain(
@@ -211,7 +171,7 @@ impl KokoroTts {
             pts: buffer.pts(),
             arrived: Instant::now(),
         };
-        if self.queue(Work::Speak(job, self.generation())) {
+        if self.serial.queue(job) {
             Ok(gst::FlowSuccess::Ok)
         } else {
             Err(gst::FlowError::Flushing)
@@ -222,30 +182,24 @@ impl KokoroTts {
         use gst::EventView;
         match event.view() {
             EventView::FlushStart(_) => {
-                self.generation.fetch_add(1, Ordering::SeqCst);
+                self.serial.bump();
                 self.srcpad.push_event(event)
             }
             EventView::FlushStop(_) => {
-                let _push = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+                let _push = self
+                    .serial
+                    .push_lock
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 *self.next_pts.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 self.srcpad.push_event(event)
             }
             EventView::Caps(_) => {
                 let caps = gst::event::Caps::new(&audio_caps());
-                self.forward_serialized(caps)
+                self.serial.forward(&self.srcpad, caps)
             }
-            _ if event.is_serialized() => self.forward_serialized(event),
+            _ if event.is_serialized() => self.serial.forward(&self.srcpad, event),
             _ => gst::Pad::event_default(pad, Some(&*self.obj()), event),
-        }
-    }
-
-    /// Sends a serialized event downstream in order with the audio: through the worker's queue,
-    /// or straight on when no worker runs.
-    fn forward_serialized(&self, event: gst::Event) -> bool {
-        if self.queue(Work::Event(event.clone(), self.generation())) {
-            true
-        } else {
-            self.srcpad.push_event(event)
         }
     }
 
@@ -287,7 +241,7 @@ impl KokoroTts {
 /// Speaks one job sentence by sentence, pushing each sentence's audio before synthesising the
 /// next. Stops early when the generation changes (flush).
 fn speak(imp: &KokoroTts, loaded: &Loaded, job: Job, generation: u64) {
-    let cancelled = || imp.generation() != generation;
+    let cancelled = || imp.serial.generation() != generation;
     let mut first_audio = true;
     let mut total = 0u64;
     let mut sentences = 0u32;
@@ -327,7 +281,11 @@ fn speak(imp: &KokoroTts, loaded: &Loaded, job: Job, generation: u64) {
                 audio.len(),
                 chunk.phonemes
             );
-            let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _push = imp
+                .serial
+                .push_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if cancelled() {
                 return;
             }
@@ -374,24 +332,16 @@ fn speak(imp: &KokoroTts, loaded: &Loaded, job: Job, generation: u64) {
 fn worker_loop(
     element: glib::WeakRef<super::KokoroTtsElement>,
     loaded: Arc<Loaded>,
-    rx: Receiver<Work>,
+    rx: Receiver<Work<Job>>,
 ) {
     for work in rx {
         let Some(obj) = element.upgrade() else { return };
         let imp = obj.imp();
         match work {
             Work::Stop => return,
-            Work::Event(event, generation) => {
-                let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
-                // Sticky events (stream-start, caps, tags) still hold after a flush; a segment
-                // from before it does not.
-                let keep = event.is_sticky() && event.type_() != gst::EventType::Segment;
-                if generation == imp.generation() || keep {
-                    imp.srcpad.push_event(event);
-                }
-            }
-            Work::Speak(job, generation) => {
-                if generation == imp.generation() {
+            Work::Event(event, generation) => imp.serial.push_event(&imp.srcpad, event, generation),
+            Work::Job(job, generation) => {
+                if generation == imp.serial.generation() {
                     speak(imp, &loaded, job, generation);
                 }
             }
@@ -430,10 +380,8 @@ impl ObjectSubclass for KokoroTts {
             srcpad,
             settings: Mutex::new(Settings::default()),
             loaded: Mutex::new(None),
-            worker: Mutex::new(None),
-            generation: Arc::new(AtomicU64::new(0)),
+            serial: Serial::default(),
             next_pts: Mutex::new(None),
-            push_lock: Mutex::new(()),
         }
     }
 }
@@ -599,12 +547,12 @@ impl ElementImpl for KokoroTts {
                     return Err(gst::StateChangeError);
                 }
             }
-            gst::StateChange::PausedToReady => self.stop_worker(),
+            gst::StateChange::PausedToReady => self.serial.stop(),
             _ => {}
         }
         let ret = self.parent_change_state(transition);
         if ret.is_err() && transition == gst::StateChange::ReadyToPaused {
-            self.stop_worker();
+            self.serial.stop();
         }
         if transition == gst::StateChange::ReadyToNull {
             *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = None;

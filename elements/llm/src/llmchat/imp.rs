@@ -27,13 +27,12 @@
 //! gst-launch-1.0 -m filesrc location=q.txt ! text/x-raw,format=utf8 ! llmchat ! fakesink
 //! ```
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::LlmBackend;
@@ -42,6 +41,7 @@ use crate::embedded::Embedded;
 use crate::openai::{LlmError, OpenAi, Params};
 use vox_common::events::Transcript;
 use vox_common::text::SentenceSplitter;
+use vox_common::worker::{Serial, Work};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new("llmchat", gst::DebugColorFlags::empty(), Some("LLM chat"))
@@ -142,31 +142,18 @@ struct TurnJob {
     duration: Option<gst::ClockTime>,
 }
 
-enum Work {
-    Turn(TurnJob, u64),
-    Event(gst::Event, u64),
-    Stop,
-}
-
-struct Worker {
-    tx: Sender<Work>,
-    handle: JoinHandle<()>,
-}
-
 pub struct LlmChat {
     sinkpad: gst::Pad,
     srcpad: gst::Pad,
     settings: Mutex<Settings>,
     backend: Mutex<Option<Arc<Backend>>>,
-    worker: Mutex<Option<Worker>>,
-    /// Bumped on flush: queued turns from before it are dropped, the generation in flight stops.
-    generation: Arc<AtomicU64>,
+    /// The generation worker; a flush drops queued turns and cancels the one in flight.
+    serial: Serial<TurnJob>,
     /// The next buffer follows a `vox-transcript` event marked partial.
     next_partial: Mutex<bool>,
     history: Mutex<History>,
     breaker: Mutex<Breaker>,
     turns: AtomicU64,
-    push_lock: Mutex<()>,
 }
 
 /// The API key from the environment or a file; never logged.
@@ -188,15 +175,6 @@ impl LlmChat {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    fn generation(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
-    }
-
-    fn queue(&self, work: Work) -> bool {
-        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner());
-        worker.as_ref().is_some_and(|w| w.tx.send(work).is_ok())
     }
 
     fn load(&self) -> Result<Backend, String> {
@@ -234,23 +212,10 @@ impl LlmChat {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or_else(|| gst::error_msg!(gst::CoreError::StateChange, ("backend not ready")))?;
-        let (tx, rx) = crossbeam_channel::unbounded();
         let element = self.obj().downgrade();
-        let handle = std::thread::Builder::new()
-            .name("llmchat".into())
-            .spawn(move || worker_loop(element, backend, rx))
-            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ("cannot start worker: {}", e)))?;
-        *self.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(Worker { tx, handle });
-        Ok(())
-    }
-
-    fn stop_worker(&self) {
-        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(worker) = worker {
-            self.generation.fetch_add(1, Ordering::SeqCst);
-            let _ = worker.tx.send(Work::Stop);
-            let _ = worker.handle.join();
-        }
+        self.serial
+            .start("llmchat", move |rx| worker_loop(element, backend, rx))
+            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ("cannot start worker: {}", e)))
     }
 
     fn sink_chain(
@@ -273,7 +238,7 @@ impl LlmChat {
             pts: buffer.pts(),
             duration: buffer.duration(),
         };
-        if self.queue(Work::Turn(job, self.generation())) {
+        if self.serial.queue(job) {
             Ok(gst::FlowSuccess::Ok)
         } else {
             Err(gst::FlowError::Flushing)
@@ -287,11 +252,15 @@ impl LlmChat {
         }
         match event.view() {
             EventView::FlushStart(_) => {
-                self.generation.fetch_add(1, Ordering::SeqCst);
+                self.serial.bump();
                 self.srcpad.push_event(event)
             }
             EventView::FlushStop(_) => {
-                let _push = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+                let _push = self
+                    .serial
+                    .push_lock
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 *self.next_partial.lock().unwrap_or_else(|p| p.into_inner()) = false;
                 self.srcpad.push_event(event)
             }
@@ -299,18 +268,11 @@ impl LlmChat {
                 let caps = vox_common::TEXT_CAPS
                     .parse::<gst::Caps>()
                     .expect("valid caps");
-                self.forward_serialized(gst::event::Caps::new(&caps))
+                self.serial
+                    .forward(&self.srcpad, gst::event::Caps::new(&caps))
             }
-            _ if event.is_serialized() => self.forward_serialized(event),
+            _ if event.is_serialized() => self.serial.forward(&self.srcpad, event),
             _ => gst::Pad::event_default(pad, Some(&*self.obj()), event),
-        }
-    }
-
-    fn forward_serialized(&self, event: gst::Event) -> bool {
-        if self.queue(Work::Event(event.clone(), self.generation())) {
-            true
-        } else {
-            self.srcpad.push_event(event)
         }
     }
 
@@ -349,10 +311,14 @@ impl LlmChat {
         let mut last = base;
         let mut reply = String::new();
         let mut splitter = SentenceSplitter::default();
-        let cancelled = || self.generation() != generation;
+        let cancelled = || self.serial.generation() != generation;
         let mut first_sentence = true;
         let mut emit = |sentence: &str, reply_so_far: &mut String| {
-            let _push = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _push = self
+                .serial
+                .push_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if cancelled() {
                 return;
             }
@@ -508,7 +474,7 @@ async fn until_cancelled(cancelled: &impl Fn() -> bool) {
 fn worker_loop(
     element: glib::WeakRef<super::LlmChatElement>,
     backend: Arc<Backend>,
-    rx: Receiver<Work>,
+    rx: Receiver<Work<TurnJob>>,
 ) {
     // A runtime thread of its own, so HTTP connections keep being driven (and closed at once
     // when a generation is cancelled) between turns.
@@ -531,15 +497,9 @@ fn worker_loop(
         let imp = obj.imp();
         match work {
             Work::Stop => return,
-            Work::Event(event, generation) => {
-                let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
-                let keep = event.is_sticky() && event.type_() != gst::EventType::Segment;
-                if generation == imp.generation() || keep {
-                    imp.srcpad.push_event(event);
-                }
-            }
-            Work::Turn(job, generation) => {
-                if generation == imp.generation() {
+            Work::Event(event, generation) => imp.serial.push_event(&imp.srcpad, event, generation),
+            Work::Job(job, generation) => {
+                if generation == imp.serial.generation() {
                     imp.turn(&backend, &rt, job, generation);
                 }
             }
@@ -584,11 +544,9 @@ impl ObjectSubclass for LlmChat {
             )),
             settings: Mutex::new(s),
             backend: Mutex::new(None),
-            worker: Mutex::new(None),
-            generation: Arc::new(AtomicU64::new(0)),
+            serial: Serial::default(),
             next_partial: Mutex::new(false),
             turns: AtomicU64::new(0),
-            push_lock: Mutex::new(()),
         }
     }
 }
@@ -777,12 +735,12 @@ impl ElementImpl for LlmChat {
                     return Err(gst::StateChangeError);
                 }
             }
-            gst::StateChange::PausedToReady => self.stop_worker(),
+            gst::StateChange::PausedToReady => self.serial.stop(),
             _ => {}
         }
         let ret = self.parent_change_state(transition);
         if ret.is_err() && transition == gst::StateChange::ReadyToPaused {
-            self.stop_worker();
+            self.serial.stop();
         }
         if transition == gst::StateChange::ReadyToNull {
             *self.backend.lock().unwrap_or_else(|p| p.into_inner()) = None;
