@@ -106,6 +106,8 @@ pub fn chunks(text: &str, language: &str, vocab: &Vocab) -> Result<Vec<Chunk>, E
 fn pack(pieces: Vec<String>, vocab: &Vocab) -> Vec<Chunk> {
     let mut out: Vec<Chunk> = Vec::new();
     let mut current = String::new();
+    let mut current_ids = 0;
+    let space = vocab.encode(" ").len();
     let flush = |current: &mut String, out: &mut Vec<Chunk>| {
         let phonemes = std::mem::take(current).trim().to_string();
         let ids = vocab.encode(&phonemes);
@@ -115,16 +117,18 @@ fn pack(pieces: Vec<String>, vocab: &Vocab) -> Vec<Chunk> {
     };
     for piece in pieces {
         for word in split_to_fit(&piece, vocab) {
-            let joined = if current.is_empty() {
-                word.clone()
-            } else {
-                format!("{current} {word}")
-            };
-            if vocab.encode(&joined).len() > MAX_TOKENS {
+            let ids = vocab.encode(&word).len();
+            if current.is_empty() {
+                current = word;
+                current_ids = ids;
+            } else if current_ids + space + ids > MAX_TOKENS {
                 flush(&mut current, &mut out);
                 current = word;
+                current_ids = ids;
             } else {
-                current = joined;
+                current.push(' ');
+                current.push_str(&word);
+                current_ids += space + ids;
             }
         }
     }

@@ -20,7 +20,6 @@ pub enum Error {
 /// One voice's style table.
 #[derive(Debug, Clone)]
 pub struct Voice {
-    pub name: String,
     styles: Vec<f32>,
 }
 
@@ -34,7 +33,10 @@ impl Voice {
 
 /// The voice names in `path`.
 pub fn names(path: &Path) -> Result<Vec<String>, Error> {
-    let mut npz = open(path)?;
+    names_in(&mut open(path)?, path)
+}
+
+fn names_in(npz: &mut NpzReader<std::fs::File>, path: &Path) -> Result<Vec<String>, Error> {
     let mut names: Vec<String> = npz
         .names()
         .map_err(|e| file_err(path, e))?
@@ -47,14 +49,14 @@ pub fn names(path: &Path) -> Result<Vec<String>, Error> {
 
 /// Loads `voice` from `path`, checking its shape.
 pub fn load(path: &Path, voice: &str) -> Result<Voice, Error> {
-    let known = names(path)?;
+    let mut npz = open(path)?;
+    let known = names_in(&mut npz, path)?;
     if !known.iter().any(|n| n == voice) {
         return Err(Error::Unknown {
             voice: voice.to_string(),
             known: known.join(", "),
         });
     }
-    let mut npz = open(path)?;
     let table: Array3<f32> = npz
         .by_name(voice)
         .or_else(|_| npz.by_name(&format!("{voice}.npy")))
@@ -75,10 +77,7 @@ pub fn load(path: &Path, voice: &str) -> Result<Voice, Error> {
             format!("voice {voice} holds non-finite values"),
         ));
     }
-    Ok(Voice {
-        name: voice.to_string(),
-        styles,
-    })
+    Ok(Voice { styles })
 }
 
 fn open(path: &Path) -> Result<NpzReader<std::fs::File>, Error> {

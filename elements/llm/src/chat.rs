@@ -90,18 +90,6 @@ impl History {
         self.trim();
     }
 
-    pub fn clear(&mut self) {
-        self.turns.clear();
-    }
-
-    pub fn len(&self) -> usize {
-        self.turns.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.turns.is_empty()
-    }
-
     fn trim(&mut self) {
         while self.turns.len() > self.max_turns {
             self.turns.pop_front();

@@ -36,7 +36,6 @@ pub struct Embedded {
     model: LlamaModel,
     template: LlamaChatTemplate,
     threads: i32,
-    path: PathBuf,
     /// Creating contexts from one model concurrently is unsound in llama.cpp (it writes to the
     /// model); this serialises that step only.
     new_context: Mutex<()>,
@@ -72,13 +71,8 @@ impl Embedded {
             model,
             template,
             threads: threads.max(1) as i32,
-            path: path.to_path_buf(),
             new_context: Mutex::new(()),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Generates a reply to `messages`, calling `on_delta` with each piece of text. Stops at
