@@ -154,6 +154,8 @@ impl Breaker {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Usage {
     pub tokens_in: u64,
+    /// Of `tokens_in`, those whose evaluation was kept from an earlier turn (prompt cache).
+    pub tokens_cached: u64,
     pub tokens_out: u64,
     pub first_token: Option<Duration>,
     pub total: Duration,

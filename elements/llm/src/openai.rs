@@ -175,6 +175,10 @@ impl OpenAi {
             if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
                 usage.tokens_in = u["prompt_tokens"].as_u64().unwrap_or(usage.tokens_in);
                 usage.tokens_out = u["completion_tokens"].as_u64().unwrap_or(usage.tokens_out);
+                // llama-server and OpenAI report the prompt tokens they served from their cache.
+                usage.tokens_cached = u["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(usage.tokens_cached);
             }
             let Some(choices) = chunk.get("choices").and_then(|c| c.as_array()) else {
                 if chunk.get("usage").is_some() {

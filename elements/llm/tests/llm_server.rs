@@ -9,6 +9,13 @@ use common::{Chat, start_error};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// One model computing at a time: on 2 cores, llama.cpp's spinning threads in several processes
+/// at once slow each other down so much that first-token timeouts fire. Each test holds this.
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn model() -> std::path::PathBuf {
     vox_common::models::resolve("smollm2-135m", vox_common::models::ModelKind::Llm)
         .expect("SmolLM2: run scripts/setup")
@@ -76,7 +83,8 @@ fn dirs_home() -> std::path::PathBuf {
     std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
 }
 
-fn check_answers_paris(chat: &mut Chat, backend: &str) {
+/// Asks for the capital of France; returns the turn's `vox-llm-turn` message.
+fn check_answers_paris(chat: &mut Chat, backend: &str) -> gst::Structure {
     chat.say("What is the capital of France?");
     let t = chat.turn();
     let (turn, sentences) = (t.message, t.sentences);
@@ -95,10 +103,12 @@ fn check_answers_paris(chat: &mut Chat, backend: &str) {
     assert_eq!(turn.get::<&str>("reply").unwrap(), reply);
     assert!(turn.get::<u64>("tokens-in").unwrap() > 10);
     assert!(turn.get::<u64>("tokens-out").unwrap() >= 3);
+    turn
 }
 
 #[test]
 fn openai_backend_streams_sentences_from_llama_server_and_keeps_history() {
+    let _one = exclusive();
     let server = Server::start();
     let mut chat = Chat::new(&format!("temperature=0 url={} history=4", server.url()));
     check_answers_paris(&mut chat, "openai");
@@ -111,12 +121,19 @@ fn openai_backend_streams_sentences_from_llama_server_and_keeps_history() {
         tokens_in > 40,
         "the history was not sent: {tokens_in} tokens in"
     );
+    // llama-server keeps the first exchange's prompt evaluated and says so.
+    let cached = turn.message.get::<u64>("tokens-cached").unwrap();
+    assert!(
+        cached > 20 && cached < tokens_in,
+        "{cached} of {tokens_in} cached"
+    );
     let reply = turn.sentences.join(" ");
     assert!(reply.contains("Paris"), "{reply}");
 }
 
 #[test]
 fn openai_backend_cancels_on_flush() {
+    let _one = exclusive();
     let server = Server::start();
     let mut chat = Chat::new(&format!(
         "temperature=0 url={} max-tokens=400",
@@ -127,25 +144,52 @@ fn openai_backend_cancels_on_flush() {
     assert!(first.size() > 0);
     chat.flush();
     let turn = chat.turn();
-    assert_eq!(turn.outcome(), "cancelled");
+    assert_eq!(turn.outcome(), "cancelled", "{:?}", turn.warnings);
     assert!(turn.message.get::<u64>("tokens-out").unwrap_or(0) < 400);
     // And the next turn works.
     check_answers_paris(&mut chat, "openai");
 }
 
 #[test]
-fn embedded_backend_answers_in_process() {
-    let mut chat = Chat::new("temperature=0 backend=embedded");
-    check_answers_paris(&mut chat, "embedded");
+fn embedded_backend_answers_in_process_and_keeps_history_evaluated() {
+    let _one = exclusive();
+    let mut chat = Chat::new("temperature=0 backend=embedded history=4");
+    let first = check_answers_paris(&mut chat, "embedded");
+    // The system prompt was evaluated at start, so the first turn found it cached.
+    let first_in = first.get::<u64>("tokens-in").unwrap();
+    let first_cached = first.get::<u64>("tokens-cached").unwrap();
+    assert!(
+        first_cached > 10 && first_cached < first_in,
+        "system prompt not evaluated ahead: {first}"
+    );
+    // The second turn evaluates only what is new: the whole first prompt is kept.
+    chat.say("Repeat the name of that city.");
+    let turn = chat.turn();
+    assert_eq!(turn.outcome(), "ok");
+    let tokens_in = turn.message.get::<u64>("tokens-in").unwrap();
+    let cached = turn.message.get::<u64>("tokens-cached").unwrap();
+    assert!(
+        tokens_in > first_in,
+        "the history was not sent: {tokens_in}"
+    );
+    assert!(
+        cached >= first_in,
+        "{cached} of {tokens_in} cached, first prompt {first_in}"
+    );
+    let reply = turn.sentences.join(" ");
+    assert!(reply.contains("Paris"), "{reply}");
 }
 
 #[test]
 fn embedded_backend_cancels_on_flush() {
+    let _one = exclusive();
     let mut chat = Chat::new("temperature=0 backend=embedded max-tokens=400");
     chat.say("Write a long story about a dragon, with many sentences.");
     let _ = chat.h.pull().unwrap();
     chat.flush();
     assert_eq!(chat.turn().outcome(), "cancelled");
+    // The context keeps the cut-off reply; the next turn still answers from a consistent one.
+    check_answers_paris(&mut chat, "embedded");
 }
 
 #[test]

@@ -20,7 +20,9 @@
 //! Each turn posts `vox-llm-first-token` and `vox-llm-first-sentence` (`elapsed` ns since the
 //! transcript arrived) as they happen, and a `vox-llm-turn` message at its end: `outcome` (ok,
 //! fallback, cancelled), `backend`, `time-to-first-token` (ns), `tokens-per-second`,
-//! `tokens-in`, `tokens-out`, `reply`.
+//! `tokens-in`, `tokens-cached` (of those, the ones kept evaluated from earlier turns: the
+//! embedded backend keeps its context between turns, servers report theirs), `tokens-out`,
+//! `reply`.
 //!
 //! ```sh
 //! echo "What is the capital of France?" > q.txt
@@ -36,8 +38,8 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use super::LlmBackend;
-use crate::chat::{Breaker, History, Usage};
-use crate::embedded::Embedded;
+use crate::chat::{Breaker, History, Message, Role, Usage};
+use crate::embedded::{Embedded, Session};
 use crate::openai::{LlmError, OpenAi, Params};
 use vox_common::events::Transcript;
 use vox_common::text::SentenceSplitter;
@@ -127,7 +129,14 @@ enum Backend {
     Embedded(Arc<Embedded>),
 }
 
-impl Backend {
+/// What one worker generates with: the shared HTTP client, or a conversation of its own on the
+/// shared model (which keeps the evaluated prompt between turns).
+enum Generator<'b> {
+    OpenAi(&'b OpenAi),
+    Embedded(Session<'b>),
+}
+
+impl Generator<'_> {
     fn name(&self) -> &'static str {
         match self {
             Self::OpenAi(_) => "openai",
@@ -213,9 +222,17 @@ impl LlmChat {
             .clone()
             .ok_or_else(|| gst::error_msg!(gst::CoreError::StateChange, ("backend not ready")))?;
         let element = self.obj().downgrade();
+        let system = self.settings().system_prompt;
+        let (ready_tx, ready) = crossbeam_channel::bounded(1);
         self.serial
-            .start("llmchat", move |rx| worker_loop(element, backend, rx))
-            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ("cannot start worker: {}", e)))
+            .start("llmchat", move |rx| {
+                worker_loop(element, backend, &system, ready_tx, rx)
+            })
+            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ("cannot start worker: {}", e)))?;
+        // Until the worker is ready (the system prompt evaluated), so that this does not compete
+        // for the CPU with the stages upstream once data flows.
+        let _ = ready.recv();
+        Ok(())
     }
 
     fn sink_chain(
@@ -297,7 +314,13 @@ impl LlmChat {
     }
 
     /// One user turn: generate, push sentences as they complete, handle faults.
-    fn turn(&self, backend: &Backend, rt: &tokio::runtime::Runtime, job: TurnJob, generation: u64) {
+    fn turn(
+        &self,
+        backend: &mut Generator,
+        rt: &tokio::runtime::Runtime,
+        job: TurnJob,
+        generation: u64,
+    ) {
         let settings = self.settings();
         let turn = self.turns.fetch_add(1, Ordering::SeqCst);
         let started = Instant::now();
@@ -373,14 +396,14 @@ impl LlmChat {
                 }
             };
             match backend {
-                Backend::OpenAi(client) => rt.block_on(async {
+                Generator::OpenAi(client) => rt.block_on(async {
                     tokio::select! {
                         r = client.stream(&messages, &params, &mut on_delta) => r,
                         _ = until_cancelled(&cancelled) => Err(LlmError::Cancelled),
                     }
                 }),
-                Backend::Embedded(model) => {
-                    model.generate(&messages, &params, &cancelled, &mut on_delta)
+                Generator::Embedded(session) => {
+                    session.generate(&messages, &params, &cancelled, &mut on_delta)
                 }
             }
         };
@@ -440,10 +463,11 @@ impl LlmChat {
         gst::info!(
             CAT,
             imp = self,
-            "turn {turn}: {outcome}, first token {:?}, {:.1} tokens/s, {} in / {} out",
+            "turn {turn}: {outcome}, first token {:?}, {:.1} tokens/s, {} in ({} cached) / {} out",
             usage.first_token,
             usage.tokens_per_second(),
             usage.tokens_in,
+            usage.tokens_cached,
             usage.tokens_out
         );
         self.post(
@@ -457,6 +481,7 @@ impl LlmChat {
                 )
                 .field("tokens-per-second", usage.tokens_per_second())
                 .field("tokens-in", usage.tokens_in)
+                .field("tokens-cached", usage.tokens_cached)
                 .field("tokens-out", usage.tokens_out)
                 .field("reply", reply.as_str())
                 .build(),
@@ -474,6 +499,8 @@ async fn until_cancelled(cancelled: &impl Fn() -> bool) {
 fn worker_loop(
     element: glib::WeakRef<super::LlmChatElement>,
     backend: Arc<Backend>,
+    system: &str,
+    ready: crossbeam_channel::Sender<()>,
     rx: Receiver<Work<TurnJob>>,
 ) {
     // A runtime thread of its own, so HTTP connections keep being driven (and closed at once
@@ -492,6 +519,19 @@ fn worker_loop(
             return;
         }
     };
+    let mut generator = match &*backend {
+        Backend::OpenAi(client) => Generator::OpenAi(client),
+        Backend::Embedded(model) => Generator::Embedded(model.session()),
+    };
+    // The system prompt is evaluated before the first question arrives, so the first turn
+    // evaluates only the question. A failure here shows again, as a warning, on the first turn.
+    if let Generator::Embedded(session) = &mut generator
+        && !system.trim().is_empty()
+        && let Err(e) = session.prefill(&[Message::new(Role::System, system)])
+    {
+        gst::debug!(CAT, "cannot evaluate the system prompt ahead: {e}");
+    }
+    let _ = ready.send(());
     for work in rx {
         let Some(obj) = element.upgrade() else { return };
         let imp = obj.imp();
@@ -500,7 +540,7 @@ fn worker_loop(
             Work::Event(event, generation) => imp.serial.push_event(&imp.srcpad, event, generation),
             Work::Job(job, generation) => {
                 if generation == imp.serial.generation() {
-                    imp.turn(&backend, &rt, job, generation);
+                    imp.turn(&mut generator, &rt, job, generation);
                 }
             }
         }
