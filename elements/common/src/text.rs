@@ -6,6 +6,10 @@
 //! with closing quotes and brackets kept with the sentence. Not boundaries: decimals and times
 //! ("3.5", "7:30"), common abbreviations ("Dr.", "e.g.", "a.m."), initials ("J. R. R.") and
 //! list numbers at the start of a line ("1. ").
+//!
+//! [`SentenceSplitter::first_clause`] also ends the *first* piece at a clause mark (`,` `;` `:`
+//! `—` followed by white space), so that speech can start before the first sentence is done:
+//! "Sure, the capital of France is Paris." gives "Sure," and then the rest.
 
 const ABBREVIATIONS: &[&str] = &[
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "etc", "e.g", "i.e", "a.m",
@@ -99,6 +103,8 @@ pub struct SentenceSplitter {
     scanned: usize,
     /// `pending` begins at the start of a line.
     line_start: bool,
+    /// A clause mark ends the next piece (until one piece has been handed out).
+    clause: bool,
 }
 
 impl Default for SentenceSplitter {
@@ -107,11 +113,35 @@ impl Default for SentenceSplitter {
             pending: String::new(),
             scanned: 0,
             line_start: true,
+            clause: false,
         }
     }
 }
 
+/// Whether the character `c` at byte `i` of `text` is a clause mark followed by white space.
+fn clause_after(text: &str, i: usize, c: char) -> Boundary {
+    if !matches!(c, ',' | ';' | ':' | '—') || text[..i].trim().is_empty() {
+        return Boundary::No;
+    }
+    let end = i + c.len_utf8();
+    match text[end..].chars().next() {
+        None => Boundary::Undecided,
+        // "1,000" and "7:30" go on.
+        Some(next) if !next.is_whitespace() => Boundary::No,
+        Some(_) => Boundary::At(end),
+    }
+}
+
 impl SentenceSplitter {
+    /// A splitter whose first piece ends at the first clause mark or sentence end, whichever
+    /// comes first; sentences after that.
+    pub fn first_clause() -> Self {
+        Self {
+            clause: true,
+            ..Self::default()
+        }
+    }
+
     /// Adds text; returns the sentences it completed.
     pub fn push(&mut self, text: &str) -> Vec<String> {
         self.pending.push_str(text);
@@ -142,7 +172,17 @@ impl SentenceSplitter {
             } else {
                 self.pending[..start].ends_with('\n')
             };
-            match boundary_after(&self.pending[start..], i - start, c, finished, line_start) {
+            let text = &self.pending[start..];
+            let boundary = match boundary_after(text, i - start, c, finished, line_start) {
+                Boundary::No if self.clause && out.is_empty() => {
+                    match clause_after(text, i - start, c) {
+                        Boundary::Undecided if finished => Boundary::No,
+                        b => b,
+                    }
+                }
+                b => b,
+            };
+            match boundary {
                 Boundary::At(end) => {
                     let sentence = self.pending[start..start + end].trim();
                     if !sentence.is_empty() {
@@ -154,6 +194,9 @@ impl SentenceSplitter {
                 Boundary::Undecided => break,
                 Boundary::No => i += c.len_utf8(),
             }
+        }
+        if !out.is_empty() {
+            self.clause = false;
         }
         if finished {
             let rest = self.pending[start..].trim();
@@ -225,6 +268,35 @@ mod tests {
         assert_eq!(got[13], ["It has 2.1 million people."]);
         assert_eq!(s.finish(), ["Nice!"]);
         assert!(s.finish().is_empty());
+    }
+
+    #[test]
+    fn the_first_piece_may_end_at_a_clause() {
+        let text = "Sure, the capital of France is Paris, a city of 2,100,000 people. Yes, it is.";
+        let whole = [
+            "Sure,",
+            "the capital of France is Paris, a city of 2,100,000 people.",
+            "Yes, it is.",
+        ];
+        for size in 1..6 {
+            let mut s = SentenceSplitter::first_clause();
+            let mut got = Vec::new();
+            let chars: Vec<char> = text.chars().collect();
+            for chunk in chars.chunks(size) {
+                got.extend(s.push(&chunk.iter().collect::<String>()));
+            }
+            got.extend(s.finish());
+            assert_eq!(got, whole, "chunks of {size}");
+        }
+        // A sentence that ends before any clause mark is the first piece; "7:30" is no clause.
+        let mut s = SentenceSplitter::first_clause();
+        let mut got = s.push("At 7:30 we eat. Then, we sleep. ");
+        got.extend(s.finish());
+        assert_eq!(got, ["At 7:30 we eat.", "Then, we sleep."]);
+        // The mark is out as soon as the space after it arrives.
+        let mut s = SentenceSplitter::first_clause();
+        assert!(s.push("Well,").is_empty());
+        assert_eq!(s.push(" I"), ["Well,"]);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Chat with a language model: each final transcript (a text buffer; interim ones, marked by
 //! whisperstt's `vox-transcript` event, are ignored) is one user turn, and the reply goes out
 //! as text buffers, one per sentence as soon as it is complete, so speech can start before the
-//! reply is finished.
+//! reply is finished; with `first-clause` (the default) the reply's opening clause ("Sure,") goes
+//! out on its own first.
 //!
 //! Backends: `openai` streams `/v1/chat/completions` from any OpenAI-compatible server (Ollama,
 //! llama.cpp's `llama-server`, vLLM, hosted APIs; key from `$VOX_LLM_API_KEY`,
@@ -80,6 +81,7 @@ struct Settings {
     breaker_failures: u32,
     breaker_backoff_ms: u32,
     threads: u32,
+    first_clause: bool,
 }
 
 impl Default for Settings {
@@ -99,6 +101,7 @@ impl Default for Settings {
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_backoff_ms: DEFAULT_BREAKER_BACKOFF_MS,
             threads: DEFAULT_THREADS,
+            first_clause: true,
         }
     }
 }
@@ -333,7 +336,11 @@ impl LlmChat {
         };
         let mut last = base;
         let mut reply = String::new();
-        let mut splitter = SentenceSplitter::default();
+        let mut splitter = if settings.first_clause {
+            SentenceSplitter::first_clause()
+        } else {
+            SentenceSplitter::default()
+        };
         let cancelled = || self.serial.generation() != generation;
         let mut first_sentence = true;
         let mut emit = |sentence: &str, reply_so_far: &mut String| {
@@ -638,6 +645,12 @@ impl ObjectImpl for LlmChat {
                 uint("breaker-failures", "Breaker failures", "Faults in a row after which the backend is skipped for a while", 1, 1000, DEFAULT_BREAKER_FAILURES),
                 uint("breaker-backoff-ms", "Breaker back-off", "How long a failing backend is skipped (doubles while it keeps failing)", 0, 3_600_000, DEFAULT_BREAKER_BACKOFF_MS),
                 uint("threads", "Threads", "Threads for the embedded backend", 1, 64, DEFAULT_THREADS),
+                glib::ParamSpecBoolean::builder("first-clause")
+                    .nick("First clause")
+                    .blurb("Push the reply's opening clause (up to a comma, semicolon, colon or dash) on its own, so speech starts sooner; sentences after that")
+                    .default_value(true)
+                    .mutable_playing()
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -670,6 +683,7 @@ impl ObjectImpl for LlmChat {
                 s.breaker_backoff_ms = value.get().expect("type checked upstream")
             }
             "threads" => s.threads = value.get().expect("type checked upstream"),
+            "first-clause" => s.first_clause = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -691,6 +705,7 @@ impl ObjectImpl for LlmChat {
             "breaker-failures" => s.breaker_failures.to_value(),
             "breaker-backoff-ms" => s.breaker_backoff_ms.to_value(),
             "threads" => s.threads.to_value(),
+            "first-clause" => s.first_clause.to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }
