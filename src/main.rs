@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use vox_pipeline::models::{self, CATALOGUE};
 use vox_pipeline::transcript::Format;
-use vox_pipeline::{fetch, graph, reply, runner, speak, transcribe};
+use vox_pipeline::{agent, call, fetch, graph, reply, runner, speak, transcribe};
 
 #[derive(Parser)]
 #[command(
@@ -94,6 +94,50 @@ enum Command {
         #[arg(short, long, default_value_t = 2)]
         threads: u32,
     },
+    /// The live voice agent: one session per caller, models shared. `--transport webrtc`
+    /// serves callers through a signalling server (run in-process unless --signalling names one).
+    Agent {
+        /// webrtc (plain WebRTC with gst-plugin-webrtc's signalling server).
+        #[arg(long, default_value = "webrtc")]
+        transport: String,
+        /// Where the in-process signalling server listens.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        signalling_listen: String,
+        /// A signalling server that already runs (ws://HOST:PORT); none is started then.
+        #[arg(long)]
+        signalling: Option<String>,
+        /// Sessions served at once; callers beyond are refused.
+        #[arg(long, default_value_t = 4)]
+        max_sessions: usize,
+        /// On SIGTERM/Ctrl-C, how long active sessions may go on (a second signal ends them).
+        #[arg(long, default_value_t = 30)]
+        drain_timeout_s: u64,
+        /// Session graph parameters (key=value), e.g. llm-url=http://127.0.0.1:11434/v1 voice=jf_alpha.
+        params: Vec<String>,
+    },
+    /// Call the agent from the terminal: play audio files as a microphone would (in real
+    /// time), record both sides into a stereo WAV (left: you, right: the agent) and print each
+    /// turn's timing.
+    Call {
+        /// The agent's signalling server (ws://HOST:PORT).
+        #[arg(long)]
+        webrtc: String,
+        /// Audio to say at the start of the call.
+        #[arg(long)]
+        play: Option<PathBuf>,
+        /// Audio to say later: --play-at SECONDS FILE (repeatable).
+        #[arg(long, num_args = 2, value_names = ["SECONDS", "FILE"])]
+        play_at: Vec<String>,
+        /// Stereo WAV of the call.
+        #[arg(long)]
+        record: PathBuf,
+        /// How long to wait after the last file and the agent's last words.
+        #[arg(long, default_value_t = 3.0)]
+        linger_s: f64,
+        /// The longest the call may last.
+        #[arg(long, default_value_t = 120.0)]
+        timeout_s: f64,
+    },
     /// Run a graph file (a name from `vox graphs`, or a path) with key=value parameters.
     Run {
         graph: String,
@@ -147,6 +191,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
     let cli = Cli::parse();
@@ -222,6 +267,68 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 ..reply::Options::default()
             },
         )?,
+        Command::Agent {
+            transport,
+            signalling_listen,
+            signalling,
+            max_sessions,
+            drain_timeout_s,
+            params,
+        } => {
+            if transport != "webrtc" {
+                bail!("unknown transport {transport:?}: expected webrtc");
+            }
+            let params = params
+                .iter()
+                .map(|p| {
+                    p.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .with_context(|| format!("{p:?} is not key=value"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            cmd_agent(agent::AgentOptions {
+                signalling_listen,
+                signalling,
+                max_sessions,
+                drain_timeout: std::time::Duration::from_secs(drain_timeout_s),
+                params,
+                ..agent::AgentOptions::default()
+            })?
+        }
+        Command::Call {
+            webrtc,
+            play,
+            play_at,
+            record,
+            linger_s,
+            timeout_s,
+        } => {
+            let mut plays: Vec<(std::time::Duration, PathBuf)> = play
+                .into_iter()
+                .map(|p| (std::time::Duration::ZERO, p))
+                .collect();
+            for pair in play_at.chunks(2) {
+                let at: f64 = pair[0]
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                    .with_context(|| format!("--play-at {:?}: not a time in seconds", pair[0]))?;
+                plays.push((
+                    std::time::Duration::from_secs_f64(at),
+                    PathBuf::from(&pair[1]),
+                ));
+            }
+            if plays.is_empty() {
+                bail!("nothing to say: give --play FILE or --play-at SECONDS FILE");
+            }
+            cmd_call(&call::CallOptions {
+                url: webrtc,
+                plays,
+                record,
+                linger: std::time::Duration::from_secs_f64(linger_s.max(0.0)),
+                timeout: std::time::Duration::from_secs_f64(timeout_s.max(1.0)),
+            })?
+        }
         Command::Run {
             graph,
             params,
@@ -359,6 +466,53 @@ fn cmd_reply(input: &Path, output: &Path, options: &reply::Options) -> Result<()
         ms(t.framework()),
         r.audio.as_secs_f64(),
         output.display()
+    );
+    Ok(())
+}
+
+fn cmd_agent(options: agent::AgentOptions) -> Result<()> {
+    let drain = options.drain_timeout;
+    let agent = agent::Agent::start(options)?;
+    eprintln!(
+        "vox agent: ready; callers connect through {} (Ctrl-C or SIGTERM to stop)",
+        agent.signalling_url()
+    );
+    while !runner::interrupted() {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!(
+        "vox agent: draining {} session(s), up to {} s",
+        agent.active_sessions(),
+        drain.as_secs()
+    );
+    agent.drain(drain, || runner::interrupts() > 1);
+    Ok(())
+}
+
+fn cmd_call(options: &call::CallOptions) -> Result<()> {
+    let report = call::call(options)?;
+    println!("| turn | your speech ended | agent answered | voice to voice | answer length |");
+    println!("|---|---|---|---|---|");
+    for (i, t) in report.turns.iter().enumerate() {
+        println!(
+            "| {} | {:.2} s | {:.2} s | {} ms | {:.2} s |",
+            i + 1,
+            t.speech_end,
+            t.answer_start,
+            t.voice_to_voice().as_millis(),
+            t.answer_end - t.answer_start
+        );
+    }
+    for (onset, stop) in &report.interruptions {
+        println!(
+            "interrupted: you spoke at {onset:.2} s, the agent stopped at {stop:.2} s ({} ms later)",
+            ((stop - onset) * 1000.0).round()
+        );
+    }
+    println!(
+        "call recorded in {} ({:.1} s; left: you, right: the agent)",
+        options.record.display(),
+        report.duration.as_secs_f64()
     );
     Ok(())
 }

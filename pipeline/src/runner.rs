@@ -40,6 +40,15 @@ pub fn interrupt() {
     INTERRUPTS.fetch_add(1, Ordering::SeqCst);
 }
 
+/// Whether an interrupt (Ctrl-C, SIGTERM) was seen; `interrupts()` counts them.
+pub fn interrupted() -> bool {
+    interrupts() > 0
+}
+
+pub fn interrupts() -> usize {
+    INTERRUPTS.load(Ordering::SeqCst)
+}
+
 type Result<T> = std::result::Result<T, RunError>;
 
 /// Directories searched for our plugin files, besides GStreamer's own plugin path (where
@@ -71,17 +80,20 @@ pub fn plugin_dirs() -> Vec<PathBuf> {
 pub fn init() -> Result<()> {
     gst::init().map_err(|e| RunError::Init(e.to_string()))?;
     // GStreamer's own GLib warnings (e.g. wavenc's "data flow before segment" on an empty
-    // stream) are for developers: they go to the log (VOX_LOG=debug), not to the user's
-    // terminal, where errors are one line each.
+    // stream) and criticals (gst-plugin-webrtc 0.15 drops the internal elements of a finished
+    // WebRTC session without setting them to NULL first, which GStreamer reports on dispose)
+    // are for developers: they go to the log (VOX_LOG=debug), not to the user's terminal,
+    // where errors are one line each.
     gst::glib::log_set_handler(
         Some("GStreamer"),
-        gst::glib::LogLevels::LEVEL_WARNING,
+        gst::glib::LogLevels::LEVEL_WARNING | gst::glib::LogLevels::LEVEL_CRITICAL,
         false,
         false,
         |domain, _level, message| {
             tracing::debug!("{}: {message}", domain.unwrap_or("GLib"));
         },
     );
+    crate::webrtc::register().map_err(|e| RunError::Init(e.to_string()))?;
     for (file, _) in PLUGINS {
         let found = plugin_dirs()
             .into_iter()

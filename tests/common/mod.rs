@@ -2,6 +2,8 @@
 //! running `vox` isolated from any installed copy of our plugins.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,0 +1,402 @@
+//! `vox agent`: the live voice agent. One pipeline per session (a caller), built from a ready
+//! graph (`agent-webrtc`); all sessions share the models loaded in the process. A session that
+//! fails is logged and torn down without touching the others. On the first interrupt
+//! (SIGTERM, Ctrl-C) the agent stops taking callers and lets active sessions finish, up to the
+//! drain timeout; a second interrupt or the timeout ends them.
+
+use crate::graph::{self, GraphError};
+use crate::runner::{self, RunError};
+use crate::webrtc::{self, ProducerEvent, Producers, Signalling, WebrtcError};
+use gst::prelude::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    Webrtc(#[from] WebrtcError),
+    #[error("cannot load the models: {0}")]
+    Models(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Where to run the signalling server (`HOST:PORT`), when `signalling` is not given.
+    pub signalling_listen: String,
+    /// A signalling server that already runs (`ws://HOST:PORT`).
+    pub signalling: Option<String>,
+    /// The session graph and its parameters (besides `signalling`, `caller`, `call`).
+    pub graph: String,
+    pub params: Vec<(String, String)>,
+    pub max_sessions: usize,
+    pub drain_timeout: Duration,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            signalling_listen: "0.0.0.0:8443".into(),
+            signalling: None,
+            graph: "agent-webrtc".into(),
+            params: Vec::new(),
+            max_sessions: 4,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters shared by the sessions (exported as metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub sessions_started: AtomicU64,
+    pub sessions_failed: AtomicU64,
+    pub sessions_refused: AtomicU64,
+    pub active: AtomicU64,
+}
+
+struct Session {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The running agent.
+pub struct Agent {
+    options: AgentOptions,
+    url: String,
+    _signalling: Option<Signalling>,
+    sessions: Arc<Mutex<HashMap<String, Session>>>,
+    accepting: Arc<AtomicBool>,
+    pub counters: Arc<Counters>,
+    /// The model elements of one session, kept in READY so the models are loaded before the
+    /// first caller and stay loaded between callers.
+    warm: gst::Pipeline,
+    _watch: Option<Producers>,
+}
+
+impl Agent {
+    /// Loads the models, starts (or joins) the signalling server and waits for callers.
+    pub fn start(options: AgentOptions) -> Result<Self, AgentError> {
+        runner::init()?;
+        webrtc::register()?;
+        let warm = Self::load_models(&options)?;
+        let signalling = match &options.signalling {
+            Some(_) => None,
+            None => Some(Signalling::start(&options.signalling_listen)?),
+        };
+        let url = match (&options.signalling, &signalling) {
+            (Some(url), _) => url.clone(),
+            (None, Some(s)) => local_url(s),
+            (None, None) => unreachable!("a server was started above"),
+        };
+        let mut agent = Self {
+            options,
+            url,
+            _signalling: signalling,
+            sessions: Arc::new(Mutex::new(HashMap::new())),
+            accepting: Arc::new(AtomicBool::new(true)),
+            counters: Arc::new(Counters::default()),
+            warm,
+            _watch: None,
+        };
+        agent._watch = Some(agent.watch()?);
+        Ok(agent)
+    }
+
+    /// The signalling server's URL.
+    pub fn signalling_url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn active_sessions(&self) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    fn render(
+        options: &AgentOptions,
+        caller: &str,
+        call: &str,
+        url: &str,
+    ) -> Result<String, GraphError> {
+        let mut values: Vec<(&str, String)> = options
+            .params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        values.push(("signalling", url.to_string()));
+        values.push(("caller", caller.to_string()));
+        values.push(("call", call.to_string()));
+        graph::render_named(&options.graph, &values)
+    }
+
+    fn load_models(options: &AgentOptions) -> Result<gst::Pipeline, AgentError> {
+        let description = Self::render(options, "none", "none", "ws://127.0.0.1:1")?;
+        let pipeline = runner::launch(&description)?;
+        for name in ["vad", "stt", "llm", "tts"] {
+            let Some(element) = pipeline.by_name(name) else {
+                continue;
+            };
+            if element.set_state(gst::State::Ready).is_err() {
+                let bus = pipeline.bus().expect("a pipeline has a bus");
+                let why = bus
+                    .iter_filtered(&[gst::MessageType::Error])
+                    .find_map(|m| match m.view() {
+                        gst::MessageView::Error(e) => Some(runner::describe_error(e)),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| format!("{name} failed to start"));
+                return Err(AgentError::Models(why));
+            }
+        }
+        Ok(pipeline)
+    }
+
+    fn watch(&self) -> Result<Producers, AgentError> {
+        let sessions = self.sessions.clone();
+        let accepting = self.accepting.clone();
+        let counters = self.counters.clone();
+        let options = self.options.clone();
+        let url = self.url.clone();
+        let watch = Producers::watch(&self.url, move |event| match event {
+            ProducerEvent::Added(p) if p.meta_str("vox-role").as_deref() == Some("caller") => {
+                let call = p.meta_str("call").unwrap_or_else(|| p.id.clone());
+                let mut map = sessions.lock().unwrap_or_else(|e| e.into_inner());
+                if !accepting.load(Ordering::SeqCst) || map.len() >= options.max_sessions {
+                    counters.sessions_refused.fetch_add(1, Ordering::SeqCst);
+                    tracing::warn!(
+                        "caller {} refused: {}",
+                        p.id,
+                        if accepting.load(Ordering::SeqCst) {
+                            "all sessions are busy"
+                        } else {
+                            "draining"
+                        }
+                    );
+                    return;
+                }
+                match Self::render(&options, &p.id, &call, &url)
+                    .map_err(AgentError::from)
+                    .and_then(|d| Ok(runner::launch(&d)?))
+                {
+                    Ok(pipeline) => {
+                        let stop = Arc::new(AtomicBool::new(false));
+                        let thread = spawn_session(
+                            p.id.clone(),
+                            call,
+                            pipeline,
+                            stop.clone(),
+                            sessions.clone(),
+                            counters.clone(),
+                        );
+                        map.insert(
+                            p.id.clone(),
+                            Session {
+                                stop,
+                                thread: Some(thread),
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        counters.sessions_failed.fetch_add(1, Ordering::SeqCst);
+                        tracing::error!("session for caller {} not started: {e}", p.id);
+                    }
+                }
+            }
+            ProducerEvent::Added(_) => {}
+            ProducerEvent::Removed(id) => {
+                if let Some(s) = sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+                    tracing::info!("caller {id} left");
+                    s.stop.store(true, Ordering::SeqCst);
+                }
+            }
+            ProducerEvent::Error(e) => tracing::error!("signalling: {e}"),
+        })?;
+        Ok(watch)
+    }
+
+    /// Stops taking callers; waits for active sessions to end, up to `timeout` (or until
+    /// `give_up()`), then ends those left.
+    pub fn drain(&self, timeout: Duration, give_up: impl Fn() -> bool) {
+        self.accepting.store(false, Ordering::SeqCst);
+        let started = Instant::now();
+        while self.active_sessions() > 0 && started.elapsed() < timeout && !give_up() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.stop_all();
+    }
+
+    fn stop_all(&self) {
+        let threads: Vec<_> = {
+            let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            map.values_mut()
+                .filter_map(|s| {
+                    s.stop.store(true, Ordering::SeqCst);
+                    s.thread.take()
+                })
+                .collect()
+        };
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self._watch = None;
+        self.stop_all();
+        let _ = self.warm.set_state(gst::State::Null);
+    }
+}
+
+/// A URL for the local signalling server that other processes on this host can use.
+fn local_url(s: &Signalling) -> String {
+    let addr = s.addr();
+    if addr.ip().is_unspecified() {
+        format!("ws://127.0.0.1:{}", addr.port())
+    } else {
+        s.url()
+    }
+}
+
+/// Runs one session's pipeline on a thread of its own until it ends, fails or is stopped.
+fn spawn_session(
+    caller: String,
+    call: String,
+    pipeline: gst::Pipeline,
+    stop: Arc<AtomicBool>,
+    sessions: Arc<Mutex<HashMap<String, Session>>>,
+    counters: Arc<Counters>,
+) -> std::thread::JoinHandle<()> {
+    let short: String = call.chars().take(8).collect();
+    std::thread::Builder::new()
+        .name(format!("session-{short}"))
+        .spawn(move || {
+            counters.sessions_started.fetch_add(1, Ordering::SeqCst);
+            counters.active.fetch_add(1, Ordering::SeqCst);
+            tracing::info!("session {call}: caller {caller}");
+            let result = run_session(&call, &pipeline, &stop);
+            let _ = pipeline.set_state(gst::State::Null);
+            match result {
+                Ok(()) => tracing::info!("session {call} ended"),
+                Err(e) => {
+                    counters.sessions_failed.fetch_add(1, Ordering::SeqCst);
+                    tracing::error!("session {call} failed: {e}");
+                }
+            }
+            counters.active.fetch_sub(1, Ordering::SeqCst);
+            sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&caller);
+        })
+        .expect("cannot start a session thread")
+}
+
+fn run_session(call: &str, pipeline: &gst::Pipeline, stop: &AtomicBool) -> Result<(), String> {
+    webrtc::no_public_stun(pipeline.upcast_ref());
+    webrtc::low_latency(pipeline.upcast_ref());
+    if let Some(tts) = pipeline.by_name("tts") {
+        live_timestamps(pipeline, &tts);
+    }
+    let bus = pipeline.bus().expect("a pipeline has a bus");
+    if pipeline.set_state(gst::State::Playing).is_err() {
+        return Err(
+            first_error(&bus).unwrap_or_else(|| "the session pipeline failed to start".to_string())
+        );
+    }
+    while !stop.load(Ordering::SeqCst) {
+        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
+            continue;
+        };
+        match msg.view() {
+            gst::MessageView::Error(e) => return Err(runner::describe_error(e)),
+            gst::MessageView::Eos(_) => return Ok(()),
+            gst::MessageView::Warning(w) => {
+                tracing::warn!("{}", w.error());
+            }
+            gst::MessageView::Element(_) => {
+                if let Some(s) = msg.structure() {
+                    log_message(call, s);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What a session heard and said goes to the log (info); the rest of our messages to debug.
+fn log_message(call: &str, s: &gst::StructureRef) {
+    if let Some(t) = vox_common::events::Transcript::from_structure(s) {
+        if !t.partial {
+            tracing::info!("session {call}: heard {:?}", t.text);
+        }
+        return;
+    }
+    match s.name().as_str() {
+        "vox-llm-turn" => tracing::info!(
+            "session {call}: replied {:?} ({})",
+            s.get::<&str>("reply").unwrap_or_default(),
+            s.get::<&str>("outcome").unwrap_or_default()
+        ),
+        name if name.starts_with("vox-") => tracing::debug!("session {call}: {s}"),
+        _ => {}
+    }
+}
+
+fn first_error(bus: &gst::Bus) -> Option<String> {
+    while let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) {
+        if let gst::MessageView::Error(e) = msg.view() {
+            return Some(runner::describe_error(e));
+        }
+    }
+    None
+}
+
+/// Re-stamps the agent's speech for the live mix: a reply starts now (its text was stamped when
+/// the user stopped speaking, which is in the past by the time the audio exists), and the
+/// buffers of one reply stay contiguous.
+fn live_timestamps(pipeline: &gst::Pipeline, element: &gst::Element) {
+    let Some(pad) = element.static_pad("src") else {
+        return;
+    };
+    let pipeline = pipeline.downgrade();
+    let next = Mutex::new(None::<gst::ClockTime>);
+    pad.add_probe(
+        gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_FLUSH,
+        move |_, info| {
+            if let Some(gst::PadProbeData::Event(e)) = &info.data
+                && e.type_() == gst::EventType::FlushStop
+            {
+                *next.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                return gst::PadProbeReturn::Ok;
+            }
+            let Some(pipeline) = pipeline.upgrade() else {
+                return gst::PadProbeReturn::Ok;
+            };
+            let Some(now) = pipeline.current_running_time() else {
+                return gst::PadProbeReturn::Ok;
+            };
+            if let Some(buffer) = info.buffer_mut() {
+                let mut next = next.lock().unwrap_or_else(|p| p.into_inner());
+                let pts = match *next {
+                    Some(n) if n >= now => n,
+                    _ => now,
+                };
+                let b = buffer.make_mut();
+                b.set_pts(pts);
+                *next = b.duration().map(|d| pts + d);
+            }
+            gst::PadProbeReturn::Ok
+        },
+    );
+}

@@ -1,0 +1,478 @@
+//! `vox call`: a terminal peer for the live agent. It publishes a microphone made of audio
+//! files played in real time (silence in between, as a real microphone sends), finds the
+//! agent's voice for this call on the signalling server, and records both into a stereo WAV on
+//! one clock — left: what it played, right: what the agent said — from which it reads each
+//! turn's timing.
+
+use crate::runner::{self, RunError};
+use crate::webrtc::{self, ProducerEvent, Producers, WebrtcError};
+use gst::glib;
+use gst::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The recording's rate.
+pub const RATE: u32 = 48_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    Webrtc(#[from] WebrtcError),
+    #[error("cannot read {path}: {why}")]
+    Input { path: PathBuf, why: String },
+    #[error("no agent answered within {0:?} (is `vox agent` running at that signalling URL?)")]
+    NoAgent(Duration),
+    #[error("the call failed: {0}")]
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct CallOptions {
+    /// Signalling server URL (`ws://HOST:PORT`).
+    pub url: String,
+    /// Files to play and when (seconds from the start of the call).
+    pub plays: Vec<(Duration, PathBuf)>,
+    pub record: PathBuf,
+    /// After the last file and the agent's last audio, how long to wait for more.
+    pub linger: Duration,
+    /// The longest the call may last.
+    pub timeout: Duration,
+}
+
+/// One exchange as heard by the caller, in seconds from the start of the recording.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Turn {
+    /// The caller's speech ended (last loud frame on the left before the agent's answer).
+    pub speech_end: f64,
+    /// The agent's answer began and ended (right channel).
+    pub answer_start: f64,
+    pub answer_end: f64,
+}
+
+impl Turn {
+    pub fn voice_to_voice(&self) -> Duration {
+        Duration::from_secs_f64((self.answer_start - self.speech_end).max(0.0))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CallReport {
+    pub turns: Vec<Turn>,
+    /// The agent's audio stopped while the caller was speaking (barge-in), in seconds: the
+    /// caller's speech onset and the end of the agent's audio.
+    pub interruptions: Vec<(f64, f64)>,
+    pub duration: Duration,
+}
+
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Places a call; returns the timings read from the recording (written whole or not at all).
+pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
+    runner::init()?;
+    webrtc::register()?;
+    for (_, path) in &options.plays {
+        if let Err(e) = std::fs::File::open(path) {
+            return Err(CallError::Input {
+                path: path.clone(),
+                why: e.to_string(),
+            });
+        }
+    }
+    runner::check_writable(&options.record)?;
+    let call_id = call_id();
+    let raw = format!("audio/x-raw,format=F32LE,rate={RATE},channels=1,layout=interleaved");
+    let description = format!(
+        "audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=mic latency=300000000 ! {raw} ! tee name=t \
+         t. ! queue ! webrtcsink name=out congestion-control=disabled signaller::uri={url} meta={meta} \
+         t. ! queue ! rec.sink_0 \
+         audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=agent latency=300000000 ! {raw} ! queue ! rec.sink_1 \
+         audiointerleave name=rec latency=300000000 ! audioconvert ! audio/x-raw,format=S16LE,channels=2 ! wavenc ! filesink location={record}",
+        url = quote(&options.url),
+        meta = quote(&format!("meta,vox-role=caller,call={call_id}")),
+        record = quote(&options.record.display().to_string()),
+    );
+    let pipeline = runner::launch(&description)?;
+    let outputs = runner::AtomicOutputs::redirect(&pipeline)?;
+    webrtc::no_public_stun(pipeline.upcast_ref());
+    webrtc::low_latency(pipeline.upcast_ref());
+    let mic = pipeline.by_name("mic").expect("named in the description");
+    let mut durations = Vec::new();
+    for (at, path) in &options.plays {
+        durations.push(*at + media_duration(path)?);
+    }
+    let plays_length = durations.into_iter().max().unwrap_or_default();
+    // The files play once the microphone's connection is up (what a person would hear as "the
+    // call has started"), so that nothing said is lost to the connection set-up.
+    let connected = Arc::new(AtomicBool::new(false));
+    {
+        let connected = connected.clone();
+        pipeline
+            .by_name("out")
+            .expect("named in the description")
+            .connect("consumer-added", false, move |args| {
+                let webrtcbin = args[2].get::<gst::Element>().ok()?;
+                let connected = connected.clone();
+                webrtcbin.connect_notify(Some("connection-state"), move |bin, _| {
+                    let state = bin.property_value("connection-state");
+                    if glib::EnumValue::from_value(&state)
+                        .is_some_and(|(_, v)| v.nick() == "connected")
+                    {
+                        connected.store(true, Ordering::SeqCst);
+                    }
+                });
+                None
+            });
+    }
+    // The agent's voice: last time it was loud, for knowing when the call is over.
+    let last_voice = Arc::new(AtomicU64::new(0));
+    let agent_mix = pipeline.by_name("agent").expect("named in the description");
+    let joined = Arc::new(AtomicBool::new(false));
+    let failure = Arc::new(Mutex::new(None::<String>));
+    let url = options.url.clone();
+    let watch = {
+        let pipeline = pipeline.downgrade();
+        let joined = joined.clone();
+        let last_voice = last_voice.clone();
+        let failure = failure.clone();
+        let call_id = call_id.clone();
+        Producers::watch(&options.url, move |event| match event {
+            ProducerEvent::Added(p)
+                if p.meta_str("vox-role").as_deref() == Some("agent")
+                    && p.meta_str("call").as_deref() == Some(call_id.as_str()) =>
+            {
+                if joined.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+                let Some(pipeline) = pipeline.upgrade() else {
+                    return;
+                };
+                if let Err(e) = listen_to_agent(&pipeline, &agent_mix, &url, &p.id, &last_voice) {
+                    *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+            }
+            ProducerEvent::Error(e) => {
+                *failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(format!("signalling: {e}"));
+            }
+            _ => {}
+        })?
+    };
+    let started = Instant::now();
+    let bus = pipeline.bus().expect("a pipeline has a bus");
+    let result = (|| {
+        pipeline
+            .set_state(gst::State::Playing)
+            .map_err(|_| CallError::Failed("the call pipeline failed to start".into()))?;
+        let agent_wait = Duration::from_secs(20).min(options.timeout);
+        // When the files started (running time), once connected.
+        let mut playing: Option<Duration> = None;
+        loop {
+            if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Err(CallError::Failed(e));
+            }
+            let elapsed = started.elapsed();
+            if playing.is_none() && connected.load(Ordering::SeqCst) {
+                let now = pipeline.current_running_time().unwrap_or_default();
+                let start = Duration::from_nanos(now.nseconds()) + Duration::from_millis(300);
+                play_files(&pipeline, &mic, &options.plays, start)?;
+                playing = Some(start);
+            }
+            if (playing.is_none() || !joined.load(Ordering::SeqCst)) && elapsed > agent_wait {
+                return Err(CallError::NoAgent(agent_wait));
+            }
+            // Done when the files are over and the agent answered after them and has been
+            // quiet for `linger`.
+            let voice = Duration::from_nanos(last_voice.load(Ordering::SeqCst));
+            let done = playing.is_some_and(|start| {
+                let end = start + plays_length;
+                let now = Duration::from_nanos(
+                    pipeline
+                        .current_running_time()
+                        .unwrap_or_default()
+                        .nseconds(),
+                );
+                voice > end && now > end + options.linger && now > voice + options.linger
+            });
+            if done || elapsed > options.timeout || runner::interrupted() {
+                break;
+            }
+            if let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(50))
+                && let gst::MessageView::Error(e) = msg.view()
+            {
+                return Err(CallError::Failed(runner::describe_error(e)));
+            }
+        }
+        // Finish the recording: EOS into the recorder only.
+        let rec = pipeline.by_name("rec").expect("named in the description");
+        for pad in rec.sink_pads() {
+            pad.send_event(gst::event::Eos::new());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) {
+                match msg.view() {
+                    gst::MessageView::Eos(_) => return Ok(()),
+                    gst::MessageView::Error(e) => {
+                        return Err(CallError::Failed(runner::describe_error(e)));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Err(CallError::Failed("the recording did not finish".into()))
+    })();
+    drop(watch);
+    let _ = pipeline.set_state(gst::State::Null);
+    result?;
+    outputs.commit()?;
+    let report = analyse(&options.record)?;
+    Ok(CallReport {
+        duration: started.elapsed(),
+        ..report
+    })
+}
+
+/// Adds the files to the microphone mix, each starting `at` after `start` (running time).
+fn play_files(
+    pipeline: &gst::Pipeline,
+    mic: &gst::Element,
+    plays: &[(Duration, PathBuf)],
+    start: Duration,
+) -> Result<(), CallError> {
+    let raw = format!("audio/x-raw,format=F32LE,rate={RATE},channels=1,layout=interleaved");
+    for (at, path) in plays {
+        let bin = gst::parse::bin_from_description(
+            &format!(
+                "filesrc location={} ! decodebin ! audioconvert ! audioresample ! {raw} ! queue name=out",
+                quote(&path.display().to_string())
+            ),
+            false,
+        )
+        .map_err(|e| CallError::Failed(e.to_string()))?;
+        // Ghosted by hand: asked to ghost unlinked pads, the parser would also take
+        // audioconvert's sink, which waits for decodebin's pad.
+        let out = bin.by_name("out").expect("named above");
+        let ghost = gst::GhostPad::with_target(&out.static_pad("src").expect("queue src"))
+            .map_err(|e| CallError::Failed(e.to_string()))?;
+        bin.add_pad(&ghost)
+            .map_err(|e| CallError::Failed(e.to_string()))?;
+        pipeline
+            .add(&bin)
+            .map_err(|e| CallError::Failed(e.to_string()))?;
+        let sink = mic
+            .request_pad_simple("sink_%u")
+            .ok_or_else(|| CallError::Failed("no microphone mixer pad".into()))?;
+        sink.set_offset((start + *at).as_nanos() as i64);
+        bin.static_pad("src")
+            .expect("ghosted src pad")
+            .link(&sink)
+            .map_err(|e| CallError::Failed(format!("{e:?}")))?;
+        bin.sync_state_with_parent()
+            .map_err(|e| CallError::Failed(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Adds a `webrtcsrc` consuming the agent's voice, mixed into the recording's right channel.
+fn listen_to_agent(
+    pipeline: &gst::Pipeline,
+    mix: &gst::Element,
+    url: &str,
+    producer: &str,
+    last_voice: &Arc<AtomicU64>,
+) -> Result<(), String> {
+    let src = gst::ElementFactory::make("webrtcsrc")
+        .build()
+        .map_err(|e| format!("webrtcsrc: {e}"))?;
+    src.set_property("stun-server", None::<String>);
+    let signaller = src.property::<glib::Object>("signaller");
+    signaller.set_property("uri", url);
+    signaller.set_property("producer-peer-id", producer);
+    let mix = mix.clone();
+    let last_voice = last_voice.clone();
+    let weak = pipeline.downgrade();
+    src.connect_pad_added(move |_, pad| {
+        let Some(pipeline) = weak.upgrade() else {
+            return;
+        };
+        let chain = (|| -> Result<(), glib::BoolError> {
+            let convert = gst::ElementFactory::make("audioconvert").build()?;
+            let resample = gst::ElementFactory::make("audioresample").build()?;
+            let caps = gst::ElementFactory::make("capsfilter")
+                .property(
+                    "caps",
+                    gst::Caps::builder("audio/x-raw")
+                        .field("format", "F32LE")
+                        .field("rate", RATE as i32)
+                        .field("channels", 1)
+                        .build(),
+                )
+                .build()?;
+            let queue = gst::ElementFactory::make("queue").build()?;
+            pipeline.add_many([&convert, &resample, &caps, &queue])?;
+            gst::Element::link_many([&convert, &resample, &caps, &queue])?;
+            let sink = mix
+                .request_pad_simple("sink_%u")
+                .ok_or_else(|| glib::bool_error!("no mixer pad"))?;
+            queue
+                .static_pad("src")
+                .expect("queue has a src pad")
+                .link(&sink)
+                .map_err(|e| glib::bool_error!("{e:?}"))?;
+            let voice = last_voice.clone();
+            let weak = pipeline.downgrade();
+            sink.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                if let Some(buffer) = info.buffer()
+                    && let Ok(map) = buffer.map_readable()
+                    && loud(map.as_slice())
+                    && let Some(now) = weak.upgrade().and_then(|p| p.current_running_time())
+                {
+                    voice.store(now.nseconds(), Ordering::SeqCst);
+                }
+                gst::PadProbeReturn::Ok
+            });
+            for e in [&convert, &resample, &caps, &queue] {
+                e.sync_state_with_parent()?;
+            }
+            pad.link(&convert.static_pad("sink").expect("sink pad"))
+                .map_err(|e| glib::bool_error!("{e:?}"))?;
+            Ok(())
+        })();
+        if let Err(e) = chain {
+            tracing::error!("cannot record the agent's voice: {e}");
+        }
+    });
+    pipeline.add(&src).map_err(|e| e.to_string())?;
+    src.sync_state_with_parent().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Whether F32LE samples hold sound above the noise floor (-40 dBFS RMS).
+fn loud(bytes: &[u8]) -> bool {
+    let n = bytes.len() / 4;
+    if n == 0 {
+        return false;
+    }
+    let sum: f64 = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+        .map(|x| x * x)
+        .sum();
+    (sum / n as f64).sqrt() > 0.01
+}
+
+/// How long an audio file plays.
+fn media_duration(path: &Path) -> Result<Duration, CallError> {
+    let fail = |why: &str| CallError::Input {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    };
+    let pipeline = runner::launch(&format!(
+        "filesrc location={} ! decodebin ! fakesink",
+        quote(&path.display().to_string())
+    ))?;
+    let paused = pipeline.set_state(gst::State::Paused).is_ok()
+        && pipeline.state(gst::ClockTime::from_seconds(10)).0.is_ok();
+    let duration = pipeline.query_duration::<gst::ClockTime>();
+    let _ = pipeline.set_state(gst::State::Null);
+    if !paused {
+        return Err(fail("not audio GStreamer can decode"));
+    }
+    duration
+        .map(|d| Duration::from_nanos(d.nseconds()))
+        .ok_or_else(|| fail("its duration is unknown"))
+}
+
+/// Reads the turns from a call recording (left: caller, right: agent).
+pub fn analyse(path: &Path) -> Result<CallReport, CallError> {
+    let fail = |why: String| CallError::Input {
+        path: path.to_path_buf(),
+        why,
+    };
+    let mut reader = hound::WavReader::open(path).map_err(|e| fail(e.to_string()))?;
+    let spec = reader.spec();
+    if spec.channels != 2 {
+        return Err(fail("not a two-channel call recording".into()));
+    }
+    let samples: Vec<i16> = reader
+        .samples::<i16>()
+        .collect::<Result<_, _>>()
+        .map_err(|e| fail(e.to_string()))?;
+    let frame = (spec.sample_rate / 100) as usize; // 10 ms
+    let activity = |channel: usize| -> Vec<bool> {
+        samples
+            .chunks(frame * 2)
+            .map(|c| {
+                let (sum, n) =
+                    c.iter()
+                        .skip(channel)
+                        .step_by(2)
+                        .fold((0f64, 0usize), |(s, n), &x| {
+                            let x = x as f64 / 32768.0;
+                            (s + x * x, n + 1)
+                        });
+                n > 0 && (sum / n as f64).sqrt() > 0.01
+            })
+            .collect()
+    };
+    let caller = activity(0);
+    let agent = activity(1);
+    Ok(turns_from_activity(&caller, &agent, 0.01))
+}
+
+/// Turns from per-frame activity (`frame` seconds each): an answer is a run of agent frames
+/// with gaps under 0.7 s; its turn's speech end is the caller's last active frame before it.
+pub fn turns_from_activity(caller: &[bool], agent: &[bool], frame: f64) -> CallReport {
+    let runs = |active: &[bool], gap: usize| -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for (i, &a) in active.iter().enumerate() {
+            if !a {
+                continue;
+            }
+            match out.last_mut() {
+                Some((_, end)) if i - *end <= gap => *end = i + 1,
+                _ => out.push((i, i + 1)),
+            }
+        }
+        out
+    };
+    let gap = (0.7 / frame) as usize;
+    let answers = runs(agent, gap);
+    let speech = runs(caller, (0.3 / frame) as usize);
+    let mut turns = Vec::new();
+    let mut interruptions = Vec::new();
+    for &(start, end) in &answers {
+        if let Some(&(_, speech_end)) = speech.iter().rfind(|(_, e)| *e <= start) {
+            turns.push(Turn {
+                speech_end: speech_end as f64 * frame,
+                answer_start: start as f64 * frame,
+                answer_end: end as f64 * frame,
+            });
+        }
+        // The caller started speaking during this answer: the answer was interrupted, and
+        // stopped at `end`.
+        if let Some(&(onset, _)) = speech.iter().find(|(s, _)| *s > start && *s < end) {
+            interruptions.push((onset as f64 * frame, end as f64 * frame));
+        }
+    }
+    CallReport {
+        turns,
+        interruptions,
+        duration: Duration::from_secs_f64(caller.len() as f64 * frame),
+    }
+}
+
+/// A call id no other caller has (time and process based).
+fn call_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}", nanos, std::process::id())
+}

@@ -1,0 +1,226 @@
+//! The plain-WebRTC transport: the signalling server of gst-plugin-webrtc-signalling run
+//! in-process, a watch on the producers it announces, and the Rust WebRTC elements of
+//! gst-plugin-webrtc (`webrtcsrc`, `webrtcsink`, `livekitwebrtcsrc`, `livekitwebrtcsink`),
+//! registered statically so that graphs and `vox run` can use them.
+//!
+//! How a call meets the agent: the caller publishes its microphone (`webrtcsink`, meta
+//! `vox-role=caller, call=ID`); the agent, watching producers, starts a session that consumes
+//! it (`webrtcsrc`) and publishes its voice (`webrtcsink`, meta `vox-role=agent, call=ID`),
+//! which the caller, watching too, consumes. Each direction is one WebRTC connection.
+
+use gst::prelude::*;
+use gstrswebrtc::signaller::{Signallable, SignallableExt, Signaller, WebRTCSignallerRole};
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::thread::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebrtcError {
+    #[error("cannot listen for signalling on {addr}: {why}")]
+    Listen { addr: String, why: String },
+    #[error("cannot start the signalling server: {0}")]
+    Runtime(String),
+    #[error("cannot register the WebRTC elements: {0}")]
+    Register(String),
+}
+
+/// Registers gst-plugin-webrtc's elements in this process (once).
+pub fn register() -> Result<(), WebrtcError> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| gstrswebrtc::plugin_register_static().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(WebrtcError::Register)
+}
+
+/// The signalling server, serving WebSocket connections on its own thread until dropped.
+pub struct Signalling {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Signalling {
+    /// Listens on `listen` (`HOST:PORT`; port 0 picks a free one).
+    pub fn start(listen: &str) -> Result<Self, WebrtcError> {
+        let fail = |why: String| WebrtcError::Listen {
+            addr: listen.to_string(),
+            why,
+        };
+        let listener = std::net::TcpListener::bind(listen).map_err(|e| fail(e.to_string()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| fail(e.to_string()))?;
+        let addr = listener.local_addr().map_err(|e| fail(e.to_string()))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("vox-signalling")
+            .enable_all()
+            .build()
+            .map_err(|e| WebrtcError::Runtime(e.to_string()))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("vox-signalling".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!("signalling server: {e}");
+                            return;
+                        }
+                    };
+                    let server = gst_plugin_webrtc_signalling::server::Server::spawn(
+                        gst_plugin_webrtc_signalling::handlers::Handler::new,
+                    );
+                    let accept = async {
+                        loop {
+                            match listener.accept().await {
+                                Ok((stream, peer)) => {
+                                    tracing::debug!("signalling: connection from {peer}");
+                                    let mut server = server.clone();
+                                    tokio::spawn(async move {
+                                        if let Err(e) = server.accept_async(stream).await {
+                                            tracing::debug!("signalling: {peer}: {e}");
+                                        }
+                                    });
+                                }
+                                Err(e) => tracing::warn!("signalling: accept failed: {e}"),
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = accept => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .map_err(|e| WebrtcError::Runtime(e.to_string()))?;
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The URL clients connect to (`ws://ADDR`).
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+}
+
+impl Drop for Signalling {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A producer announced on the signalling server.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    pub id: String,
+    pub meta: Option<gst::Structure>,
+}
+
+impl Producer {
+    /// A string field of the producer's meta.
+    pub fn meta_str(&self, field: &str) -> Option<String> {
+        self.meta.as_ref().and_then(|m| m.get::<String>(field).ok())
+    }
+}
+
+/// What a [`Producers`] watch reports.
+#[derive(Debug, Clone)]
+pub enum ProducerEvent {
+    Added(Producer),
+    Removed(String),
+    /// The connection to the signalling server failed or closed.
+    Error(String),
+}
+
+/// Watches the producers on a signalling server (a listener peer), reporting each as it comes
+/// and goes; those present when the watch starts are reported too. Stops when dropped.
+pub struct Producers {
+    signaller: Signaller,
+}
+
+impl Producers {
+    pub fn watch(
+        uri: &str,
+        on_event: impl Fn(ProducerEvent) + Send + Sync + 'static,
+    ) -> Result<Self, WebrtcError> {
+        register()?;
+        let signaller = Signaller::new(WebRTCSignallerRole::Listener);
+        signaller.set_property("uri", uri);
+        let on_event = std::sync::Arc::new(on_event);
+        let added = on_event.clone();
+        signaller.connect("producer-added", false, move |args| {
+            let id = args[1].get::<String>().unwrap_or_default();
+            let meta = args[2].get::<Option<gst::Structure>>().ok().flatten();
+            added(ProducerEvent::Added(Producer { id, meta }));
+            None
+        });
+        let removed = on_event.clone();
+        signaller.connect("producer-removed", false, move |args| {
+            removed(ProducerEvent::Removed(
+                args[1].get::<String>().unwrap_or_default(),
+            ));
+            None
+        });
+        let error = on_event;
+        signaller.connect("error", false, move |args| {
+            error(ProducerEvent::Error(
+                args[1].get::<String>().unwrap_or_default(),
+            ));
+            None
+        });
+        signaller.upcast_ref::<Signallable>().start();
+        Ok(Self { signaller })
+    }
+}
+
+impl Drop for Producers {
+    fn drop(&mut self) {
+        self.signaller.upcast_ref::<Signallable>().stop();
+    }
+}
+
+/// Clears the public STUN server webrtcsrc/webrtcsink default to: a self-hosted agent and its
+/// callers meet on the local network, and looking the server up where there is no route to it
+/// only slows the connection. Applied to every WebRTC element in `bin`.
+pub fn no_public_stun(bin: &gst::Bin) {
+    for element in bin.iterate_recurse().into_iter().flatten() {
+        let Some(factory) = element.factory() else {
+            continue;
+        };
+        if matches!(factory.name().as_str(), "webrtcsrc" | "webrtcsink")
+            && element
+                .property::<Option<String>>("stun-server")
+                .is_some_and(|s| s.is_empty() || s.contains("stun.l.google.com"))
+        {
+            element.set_property("stun-server", None::<String>);
+        }
+    }
+}
+
+/// The jitter buffer of received WebRTC audio, in ms: webrtcbin's default is 200 ms, meant for
+/// the open internet; the agent and its callers are usually a LAN apart, and every millisecond
+/// here is added to the time the agent takes to hear the end of a question.
+pub const JITTER_MS: u32 = 60;
+
+/// Sets [`JITTER_MS`] on every webrtcbin created inside `bin` from now on.
+pub fn low_latency(bin: &gst::Bin) {
+    bin.connect_deep_element_added(|_, _, element| {
+        if element.factory().is_some_and(|f| f.name() == "webrtcbin") {
+            element.set_property("latency", JITTER_MS);
+        }
+    });
+}
