@@ -128,6 +128,10 @@ enum Command {
         /// Audio to say later: --play-at SECONDS FILE (repeatable).
         #[arg(long, num_args = 2, value_names = ["SECONDS", "FILE"])]
         play_at: Vec<String>,
+        /// Audio to say once the agent has been speaking SECONDS (to interrupt it):
+        /// --interrupt-after SECONDS FILE (repeatable).
+        #[arg(long, num_args = 2, value_names = ["SECONDS", "FILE"])]
+        interrupt_after: Vec<String>,
         /// Stereo WAV of the call.
         #[arg(long)]
         record: PathBuf,
@@ -299,6 +303,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             webrtc,
             play,
             play_at,
+            interrupt_after,
             record,
             linger_s,
             timeout_s,
@@ -307,23 +312,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 .into_iter()
                 .map(|p| (std::time::Duration::ZERO, p))
                 .collect();
-            for pair in play_at.chunks(2) {
-                let at: f64 = pair[0]
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
-                    .with_context(|| format!("--play-at {:?}: not a time in seconds", pair[0]))?;
-                plays.push((
-                    std::time::Duration::from_secs_f64(at),
-                    PathBuf::from(&pair[1]),
-                ));
-            }
+            plays.extend(timed_files("--play-at", &play_at)?);
+            let interrupts = timed_files("--interrupt-after", &interrupt_after)?;
             if plays.is_empty() {
                 bail!("nothing to say: give --play FILE or --play-at SECONDS FILE");
             }
             cmd_call(&call::CallOptions {
                 url: webrtc,
                 plays,
+                interrupts,
                 record,
                 linger: std::time::Duration::from_secs_f64(linger_s.max(0.0)),
                 timeout: std::time::Duration::from_secs_f64(timeout_s.max(1.0)),
@@ -468,6 +465,23 @@ fn cmd_reply(input: &Path, output: &Path, options: &reply::Options) -> Result<()
         output.display()
     );
     Ok(())
+}
+
+/// `SECONDS FILE` pairs of a repeatable flag.
+fn timed_files(flag: &str, args: &[String]) -> Result<Vec<(std::time::Duration, PathBuf)>> {
+    args.chunks(2)
+        .map(|pair| {
+            let at: f64 = pair[0]
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .with_context(|| format!("{flag} {:?}: not a time in seconds", pair[0]))?;
+            Ok((
+                std::time::Duration::from_secs_f64(at),
+                PathBuf::from(&pair[1]),
+            ))
+        })
+        .collect()
 }
 
 fn cmd_agent(options: agent::AgentOptions) -> Result<()> {

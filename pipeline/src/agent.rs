@@ -7,11 +7,13 @@
 use crate::graph::{self, GraphError};
 use crate::runner::{self, RunError};
 use crate::webrtc::{self, ProducerEvent, Producers, Signalling, WebrtcError};
+use gst::glib;
 use gst::prelude::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vox_common::events;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -58,6 +60,7 @@ pub struct Counters {
     pub sessions_failed: AtomicU64,
     pub sessions_refused: AtomicU64,
     pub active: AtomicU64,
+    pub interruptions: AtomicU64,
 }
 
 struct Session {
@@ -283,7 +286,7 @@ fn spawn_session(
             counters.sessions_started.fetch_add(1, Ordering::SeqCst);
             counters.active.fetch_add(1, Ordering::SeqCst);
             tracing::info!("session {call}: caller {caller}");
-            let result = run_session(&call, &pipeline, &stop);
+            let result = run_session(&call, &pipeline, &stop, &counters);
             let _ = pipeline.set_state(gst::State::Null);
             match result {
                 Ok(()) => tracing::info!("session {call} ended"),
@@ -301,12 +304,16 @@ fn spawn_session(
         .expect("cannot start a session thread")
 }
 
-fn run_session(call: &str, pipeline: &gst::Pipeline, stop: &AtomicBool) -> Result<(), String> {
+fn run_session(
+    call: &str,
+    pipeline: &gst::Pipeline,
+    stop: &AtomicBool,
+    counters: &Counters,
+) -> Result<(), String> {
     webrtc::no_public_stun(pipeline.upcast_ref());
     webrtc::low_latency(pipeline.upcast_ref());
-    if let Some(tts) = pipeline.by_name("tts") {
-        live_timestamps(pipeline, &tts);
-    }
+    let voice = Voice::new(pipeline);
+    let mut barge_in = BargeIn::default();
     let bus = pipeline.bus().expect("a pipeline has a bus");
     if pipeline.set_state(gst::State::Playing).is_err() {
         return Err(
@@ -323,15 +330,142 @@ fn run_session(call: &str, pipeline: &gst::Pipeline, stop: &AtomicBool) -> Resul
             gst::MessageView::Warning(w) => {
                 tracing::warn!("{}", w.error());
             }
+            gst::MessageView::Latency(_) => {
+                let _ = pipeline.recalculate_latency();
+                let mut q = gst::query::Latency::new();
+                if pipeline.query(&mut q) {
+                    tracing::debug!("session {call}: latency {:?}", q.result());
+                }
+            }
             gst::MessageView::Element(_) => {
-                if let Some(s) = msg.structure() {
-                    log_message(call, s);
+                let Some(s) = msg.structure() else { continue };
+                log_message(call, s);
+                let Some(voice) = &voice else { continue };
+                let act = match s.name().as_str() {
+                    events::SPEECH_ONSET => barge_in.onset(voice.busy()),
+                    events::SPEECH_CANCEL => barge_in.cancel(),
+                    events::SPEECH_START => barge_in.start(voice.busy()),
+                    "vox-llm-turn" => {
+                        voice.replying.store(false, Ordering::SeqCst);
+                        None
+                    }
+                    _ => {
+                        if events::Transcript::from_structure(s).is_some_and(|t| !t.partial) {
+                            voice.replying.store(true, Ordering::SeqCst);
+                        }
+                        None
+                    }
+                };
+                match act {
+                    Some(Act::Pause) => voice.mute(true),
+                    Some(Act::Resume) => {
+                        tracing::info!("session {call}: not an interruption, resuming");
+                        voice.mute(false);
+                    }
+                    Some(Act::Interrupt) => {
+                        tracing::info!("session {call}: interrupted by the caller");
+                        counters.interruptions.fetch_add(1, Ordering::SeqCst);
+                        voice.interrupt();
+                    }
+                    None => {}
                 }
             }
             _ => {}
         }
     }
     Ok(())
+}
+
+/// What barge-in does about the caller's speech while the agent has the turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// Possible speech: silence the agent at once (its reply goes on, unheard).
+    Pause,
+    /// It was not speech (a cough, a click): let the agent be heard again.
+    Resume,
+    /// Confirmed speech (it lasted the VAD's min-speech-ms): stop the reply for good.
+    Interrupt,
+}
+
+/// The barge-in rule (no GStreamer types): an onset while the agent speaks pauses it; the
+/// onset confirmed as speech interrupts it; an onset cancelled resumes it.
+#[derive(Debug, Default)]
+pub struct BargeIn {
+    paused: bool,
+}
+
+impl BargeIn {
+    pub fn onset(&mut self, agent_busy: bool) -> Option<Act> {
+        (agent_busy && !std::mem::replace(&mut self.paused, true)).then_some(Act::Pause)
+    }
+
+    pub fn cancel(&mut self) -> Option<Act> {
+        std::mem::take(&mut self.paused).then_some(Act::Resume)
+    }
+
+    pub fn start(&mut self, agent_busy: bool) -> Option<Act> {
+        (std::mem::take(&mut self.paused) || agent_busy).then_some(Act::Interrupt)
+    }
+}
+
+/// The agent's voice in a session: when it is busy (replying or still playing), muting it, and
+/// interrupting the reply.
+struct Voice {
+    pipeline: glib::WeakRef<gst::Pipeline>,
+    /// The mixer's pad for the speech (muted while paused).
+    mix_pad: gst::Pad,
+    /// Where flushes go in: llmchat's sink pad (the flush travels down through kokorotts).
+    llm_sink: gst::Pad,
+    /// End of the speech pushed so far, in running time (ns).
+    speaking_until: Arc<AtomicU64>,
+    /// A reply is being generated (a final transcript went in, its turn has not ended).
+    replying: AtomicBool,
+}
+
+impl Voice {
+    /// The session's voice, when the graph has `llm`, `tts` and the queue `voice` into a mixer.
+    fn new(pipeline: &gst::Pipeline) -> Option<Self> {
+        let tts = pipeline.by_name("tts")?;
+        let llm_sink = pipeline.by_name("llm")?.static_pad("sink")?;
+        let mix_pad = pipeline.by_name("voice")?.static_pad("src")?.peer()?;
+        let speaking_until = Arc::new(AtomicU64::new(0));
+        live_timestamps(pipeline, &tts, speaking_until.clone());
+        Some(Self {
+            pipeline: pipeline.downgrade(),
+            mix_pad,
+            llm_sink,
+            speaking_until,
+            replying: AtomicBool::new(false),
+        })
+    }
+
+    fn busy(&self) -> bool {
+        let now = self
+            .pipeline
+            .upgrade()
+            .and_then(|p| p.current_running_time())
+            .map(|t| t.nseconds())
+            .unwrap_or(0);
+        self.replying.load(Ordering::SeqCst) || now < self.speaking_until.load(Ordering::SeqCst)
+    }
+
+    fn mute(&self, mute: bool) {
+        self.mix_pad.set_property("mute", mute);
+    }
+
+    /// Cancels the reply: a flush from llmchat down to the mixer drops the generation, the
+    /// sentences waiting for speech and the audio not yet played; the stream then goes on.
+    fn interrupt(&self) {
+        let segment = self.llm_sink.sticky_event::<gst::event::Segment>(0);
+        self.llm_sink.send_event(gst::event::FlushStart::new());
+        self.llm_sink.send_event(gst::event::FlushStop::new(false));
+        if let Some(segment) = segment {
+            self.llm_sink.send_event(segment);
+        }
+        self.speaking_until.store(0, Ordering::SeqCst);
+        self.replying.store(false, Ordering::SeqCst);
+        self.mute(false);
+    }
 }
 
 /// What a session heard and said goes to the log (info); the rest of our messages to debug.
@@ -364,8 +498,8 @@ fn first_error(bus: &gst::Bus) -> Option<String> {
 
 /// Re-stamps the agent's speech for the live mix: a reply starts now (its text was stamped when
 /// the user stopped speaking, which is in the past by the time the audio exists), and the
-/// buffers of one reply stay contiguous.
-fn live_timestamps(pipeline: &gst::Pipeline, element: &gst::Element) {
+/// buffers of one reply stay contiguous. `until` gets the end of what was pushed.
+fn live_timestamps(pipeline: &gst::Pipeline, element: &gst::Element, until: Arc<AtomicU64>) {
     let Some(pad) = element.static_pad("src") else {
         return;
     };
@@ -395,8 +529,37 @@ fn live_timestamps(pipeline: &gst::Pipeline, element: &gst::Element) {
                 let b = buffer.make_mut();
                 b.set_pts(pts);
                 *next = b.duration().map(|d| pts + d);
+                if let Some(end) = *next {
+                    until.store(end.nseconds(), Ordering::SeqCst);
+                }
             }
             gst::PadProbeReturn::Ok
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn barge_in_pauses_at_an_onset_and_interrupts_when_it_is_speech() {
+        let mut b = BargeIn::default();
+        // The agent is quiet: the caller's speech is a normal turn.
+        assert_eq!(b.onset(false), None);
+        assert_eq!(b.start(false), None);
+        // The agent speaks: an onset pauses it, confirmed speech interrupts it.
+        assert_eq!(b.onset(true), Some(Act::Pause));
+        assert_eq!(b.onset(true), None);
+        assert_eq!(b.start(true), Some(Act::Interrupt));
+        // A cough: paused, then resumed.
+        assert_eq!(b.onset(true), Some(Act::Pause));
+        assert_eq!(b.cancel(), Some(Act::Resume));
+        assert_eq!(b.cancel(), None);
+        // Paused when the reply ended: the confirmed speech still stops what is left.
+        assert_eq!(b.onset(true), Some(Act::Pause));
+        assert_eq!(b.start(false), Some(Act::Interrupt));
+        // Confirmed at once (no onset first) while speaking.
+        assert_eq!(b.start(true), Some(Act::Interrupt));
+    }
 }

@@ -36,6 +36,8 @@ pub struct CallOptions {
     pub url: String,
     /// Files to play and when (seconds from the start of the call).
     pub plays: Vec<(Duration, PathBuf)>,
+    /// Files to play once the agent has been speaking this long (barge-in).
+    pub interrupts: Vec<(Duration, PathBuf)>,
     pub record: PathBuf,
     /// After the last file and the agent's last audio, how long to wait for more.
     pub linger: Duration,
@@ -76,7 +78,7 @@ fn quote(s: &str) -> String {
 pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
     runner::init()?;
     webrtc::register()?;
-    for (_, path) in &options.plays {
+    for (_, path) in options.plays.iter().chain(&options.interrupts) {
         if let Err(e) = std::fs::File::open(path) {
             return Err(CallError::Input {
                 path: path.clone(),
@@ -88,11 +90,11 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
     let call_id = call_id();
     let raw = format!("audio/x-raw,format=F32LE,rate={RATE},channels=1,layout=interleaved");
     let description = format!(
-        "audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=mic latency=300000000 ! {raw} ! tee name=t \
+        "audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=mic latency=40000000 ! {raw} ! tee name=t \
          t. ! queue ! webrtcsink name=out congestion-control=disabled signaller::uri={url} meta={meta} \
          t. ! queue ! rec.sink_0 \
-         audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=agent latency=300000000 ! {raw} ! queue ! rec.sink_1 \
-         audiointerleave name=rec latency=300000000 ! audioconvert ! audio/x-raw,format=S16LE,channels=2 ! wavenc ! filesink location={record}",
+         audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=agent latency=40000000 ! {raw} ! queue ! rec.sink_1 \
+         audiointerleave name=rec latency=40000000 ! audioconvert ! audio/x-raw,format=S16LE,channels=2 ! wavenc ! filesink location={record}",
         url = quote(&options.url),
         meta = quote(&format!("meta,vox-role=caller,call={call_id}")),
         record = quote(&options.record.display().to_string()),
@@ -102,11 +104,15 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
     webrtc::no_public_stun(pipeline.upcast_ref());
     webrtc::low_latency(pipeline.upcast_ref());
     let mic = pipeline.by_name("mic").expect("named in the description");
-    let mut durations = Vec::new();
-    for (at, path) in &options.plays {
-        durations.push(*at + media_duration(path)?);
-    }
-    let plays_length = durations.into_iter().max().unwrap_or_default();
+    let length = |plays: &[(Duration, PathBuf)]| -> Result<Duration, CallError> {
+        let mut longest = Duration::ZERO;
+        for (at, path) in plays {
+            longest = longest.max(*at + media_duration(path)?);
+        }
+        Ok(longest)
+    };
+    let plays_length = length(&options.plays)?;
+    let interrupts_length = length(&options.interrupts)?;
     // The files play once the microphone's connection is up (what a person would hear as "the
     // call has started"), so that nothing said is lost to the connection set-up.
     let connected = Arc::new(AtomicBool::new(false));
@@ -129,8 +135,9 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
                 None
             });
     }
-    // The agent's voice: last time it was loud, for knowing when the call is over.
-    let last_voice = Arc::new(AtomicU64::new(0));
+    // The agent's voice: first and last time it was loud (running time, ns), for the
+    // interruptions and for knowing when the call is over.
+    let heard = Heard::default();
     let agent_mix = pipeline.by_name("agent").expect("named in the description");
     let joined = Arc::new(AtomicBool::new(false));
     let failure = Arc::new(Mutex::new(None::<String>));
@@ -138,7 +145,7 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
     let watch = {
         let pipeline = pipeline.downgrade();
         let joined = joined.clone();
-        let last_voice = last_voice.clone();
+        let heard = heard.clone();
         let failure = failure.clone();
         let call_id = call_id.clone();
         Producers::watch(&options.url, move |event| match event {
@@ -152,7 +159,7 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
                 let Some(pipeline) = pipeline.upgrade() else {
                     return;
                 };
-                if let Err(e) = listen_to_agent(&pipeline, &agent_mix, &url, &p.id, &last_voice) {
+                if let Err(e) = listen_to_agent(&pipeline, &agent_mix, &url, &p.id, &heard) {
                     *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 }
             }
@@ -170,8 +177,10 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
             .set_state(gst::State::Playing)
             .map_err(|_| CallError::Failed("the call pipeline failed to start".into()))?;
         let agent_wait = Duration::from_secs(20).min(options.timeout);
-        // When the files started (running time), once connected.
+        // When the files started (running time), once connected, and when the last one ends.
         let mut playing: Option<Duration> = None;
+        let mut plays_end = None;
+        let mut interrupting = options.interrupts.is_empty();
         loop {
             if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 return Err(CallError::Failed(e));
@@ -182,22 +191,32 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
                 let start = Duration::from_nanos(now.nseconds()) + Duration::from_millis(300);
                 play_files(&pipeline, &mic, &options.plays, start)?;
                 playing = Some(start);
+                plays_end = Some(start + plays_length);
+            }
+            let first = heard.first.load(Ordering::SeqCst);
+            if !interrupting && first > 0 {
+                let start = Duration::from_nanos(first);
+                play_files(&pipeline, &mic, &options.interrupts, start)?;
+                interrupting = true;
+                plays_end = plays_end.max(Some(start + interrupts_length));
             }
             if (playing.is_none() || !joined.load(Ordering::SeqCst)) && elapsed > agent_wait {
                 return Err(CallError::NoAgent(agent_wait));
             }
             // Done when the files are over and the agent answered after them and has been
             // quiet for `linger`.
-            let voice = Duration::from_nanos(last_voice.load(Ordering::SeqCst));
-            let done = playing.is_some_and(|start| {
-                let end = start + plays_length;
+            let voice = Duration::from_nanos(heard.last.load(Ordering::SeqCst));
+            let done = plays_end.is_some_and(|end| {
                 let now = Duration::from_nanos(
                     pipeline
                         .current_running_time()
                         .unwrap_or_default()
                         .nseconds(),
                 );
-                voice > end && now > end + options.linger && now > voice + options.linger
+                interrupting
+                    && voice > end
+                    && now > end + options.linger
+                    && now > voice + options.linger
             });
             if done || elapsed > options.timeout || runner::interrupted() {
                 break;
@@ -279,13 +298,29 @@ fn play_files(
     Ok(())
 }
 
+/// When the agent's voice was first and last loud (running time, ns; 0: not yet).
+#[derive(Clone, Default)]
+struct Heard {
+    first: Arc<AtomicU64>,
+    last: Arc<AtomicU64>,
+}
+
+impl Heard {
+    fn mark(&self, ns: u64) {
+        let _ = self
+            .first
+            .compare_exchange(0, ns, Ordering::SeqCst, Ordering::SeqCst);
+        self.last.store(ns, Ordering::SeqCst);
+    }
+}
+
 /// Adds a `webrtcsrc` consuming the agent's voice, mixed into the recording's right channel.
 fn listen_to_agent(
     pipeline: &gst::Pipeline,
     mix: &gst::Element,
     url: &str,
     producer: &str,
-    last_voice: &Arc<AtomicU64>,
+    heard: &Heard,
 ) -> Result<(), String> {
     let src = gst::ElementFactory::make("webrtcsrc")
         .build()
@@ -295,7 +330,7 @@ fn listen_to_agent(
     signaller.set_property("uri", url);
     signaller.set_property("producer-peer-id", producer);
     let mix = mix.clone();
-    let last_voice = last_voice.clone();
+    let heard = heard.clone();
     let weak = pipeline.downgrade();
     src.connect_pad_added(move |_, pad| {
         let Some(pipeline) = weak.upgrade() else {
@@ -325,7 +360,7 @@ fn listen_to_agent(
                 .expect("queue has a src pad")
                 .link(&sink)
                 .map_err(|e| glib::bool_error!("{e:?}"))?;
-            let voice = last_voice.clone();
+            let heard = heard.clone();
             let weak = pipeline.downgrade();
             sink.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
                 if let Some(buffer) = info.buffer()
@@ -333,7 +368,7 @@ fn listen_to_agent(
                     && loud(map.as_slice())
                     && let Some(now) = weak.upgrade().and_then(|p| p.current_running_time())
                 {
-                    voice.store(now.nseconds(), Ordering::SeqCst);
+                    heard.mark(now.nseconds());
                 }
                 gst::PadProbeReturn::Ok
             });

@@ -9,6 +9,10 @@ use gst::prelude::*;
 
 pub const SPEECH_START: &str = "vox-speech-start";
 pub const SPEECH_END: &str = "vox-speech-end";
+/// Posted (a message only) at the first chunk that may be speech, before it is confirmed.
+pub const SPEECH_ONSET: &str = "vox-speech-onset";
+/// Posted (a message only) when an onset fell back to silence without being confirmed.
+pub const SPEECH_CANCEL: &str = "vox-speech-cancel";
 pub const TRANSCRIPT: &str = "vox-transcript";
 
 /// A speech boundary found by the VAD.

@@ -1,8 +1,8 @@
 //! Kokoro-82M on ONNX Runtime (no GStreamer types): token ids + style + speed → 24 kHz audio.
 //! One session per (model file, thread count) per process, shared by every element instance.
 
-use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{RunOptions, Session};
 use ort::value::Tensor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -72,6 +72,18 @@ impl Kokoro {
 
     /// Audio for one chunk of ids (without the padding zeros, at most 509) in `style`.
     pub fn synthesise(&self, ids: &[i64], style: &[f32], speed: f32) -> Result<Vec<f32>, Error> {
+        let run = RunOptions::new().map_err(|e| Error::Inference(e.to_string()))?;
+        self.synthesise_with(ids, style, speed, &run)
+    }
+
+    /// [`Self::synthesise`] under `run`, which another thread may terminate (a flush).
+    pub fn synthesise_with(
+        &self,
+        ids: &[i64],
+        style: &[f32],
+        speed: f32,
+        run: &RunOptions,
+    ) -> Result<Vec<f32>, Error> {
         let infer = |e: ort::Error| Error::Inference(e.to_string());
         let mut padded = Vec::with_capacity(ids.len() + 2);
         padded.push(0);
@@ -82,11 +94,14 @@ impl Kokoro {
         let speed = Tensor::from_array(([1usize], vec![speed])).map_err(infer)?;
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = session
-            .run(ort::inputs![
+            .run_with_options(
+                ort::inputs![
                 "tokens" => tokens,
                 "style" => style,
                 "speed" => speed
-            ])
+                ],
+                run,
+            )
             .map_err(infer)?;
         let (_, audio) = outputs[0].try_extract_tensor::<f32>().map_err(infer)?;
         Ok(audio.to_vec())

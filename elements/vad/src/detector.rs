@@ -10,7 +10,10 @@
 //!   taken: speech starts at the beginning of the run of chunks ≥ `neg_threshold` that led to
 //!   the first chunk ≥ `threshold` (Silero's probability rises over a few chunks at an onset),
 //!   and ends at the end of the last chunk ≥ `threshold` (it decays slowly after speech);
-//! - boundaries are reported padded by `speech_pad` on both sides.
+//! - boundaries are reported padded by `speech_pad` on both sides;
+//! - before speech is confirmed, its first chunk ≥ `threshold` is reported as an onset (unpadded,
+//!   where the chunk starts), and a candidate that falls back to silence as cancelled: a live
+//!   agent pauses its own voice at an onset and resumes it when the onset was only a cough.
 //!
 //! Positions are sample offsets from the start of the stream.
 
@@ -29,6 +32,10 @@ pub enum Boundary {
     Start { sample: u64, probability: f32 },
     /// Speech ended at this sample (padding included); mean probability of the utterance.
     End { sample: u64, probability: f32 },
+    /// Possible speech from this sample on, not yet long enough to be confirmed.
+    Onset { sample: u64, probability: f32 },
+    /// The onset at `since` fell back to silence at `sample` before it was confirmed.
+    Cancel { since: u64, sample: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -97,14 +104,20 @@ impl Detector {
                     self.prob_sum = 0.0;
                     self.prob_count = 0;
                     self.accumulate(probability);
-                    return self.confirm(end);
+                    return self.confirm(end).or(Some(Boundary::Onset {
+                        sample: offset,
+                        probability,
+                    }));
                 }
                 None
             }
-            State::Candidate { .. } => {
+            State::Candidate { start, .. } => {
                 if probability < c.neg_threshold {
                     self.state = State::Silence;
-                    return None;
+                    return Some(Boundary::Cancel {
+                        since: start,
+                        sample: offset,
+                    });
                 }
                 self.accumulate(probability);
                 self.confirm(end)
@@ -208,7 +221,8 @@ mod tests {
         }
     }
 
-    fn run(probs: &[f32]) -> Vec<Boundary> {
+    /// Every boundary, onsets and cancels included.
+    fn run_all(probs: &[f32]) -> Vec<Boundary> {
         let mut d = Detector::new(config());
         let mut out: Vec<_> = probs
             .iter()
@@ -217,6 +231,47 @@ mod tests {
             .collect();
         out.extend(d.finish(probs.len() as u64 * N));
         out
+    }
+
+    /// Starts and ends only.
+    fn run(probs: &[f32]) -> Vec<Boundary> {
+        run_all(probs)
+            .into_iter()
+            .filter(|b| matches!(b, Boundary::Start { .. } | Boundary::End { .. }))
+            .collect()
+    }
+
+    #[test]
+    fn onsets_come_first_and_blips_are_cancelled() {
+        // A blip: onset at its first strong chunk, cancelled when it falls back.
+        let mut p = vec![0.0; 10];
+        p.extend(vec![0.9; 2]);
+        p.extend(vec![0.0; 5]);
+        assert_eq!(
+            run_all(&p),
+            [
+                Boundary::Onset {
+                    sample: 10 * N,
+                    probability: 0.9
+                },
+                Boundary::Cancel {
+                    since: 10 * N,
+                    sample: 12 * N
+                }
+            ]
+        );
+        // Speech: onset, then the confirmed start (which reaches back), then the end.
+        let mut p = vec![0.0; 10];
+        p.extend(vec![0.9; 10]);
+        p.extend(vec![0.0; 10]);
+        let b = run_all(&p);
+        assert!(
+            matches!(b[0], Boundary::Onset { sample, .. } if sample == 10 * N),
+            "{b:?}"
+        );
+        assert!(matches!(b[1], Boundary::Start { .. }), "{b:?}");
+        assert!(matches!(b[2], Boundary::End { .. }), "{b:?}");
+        assert_eq!(b.len(), 3);
     }
 
     #[test]
@@ -299,9 +354,10 @@ mod tests {
     impl Boundary {
         fn probability(&self) -> f32 {
             match *self {
-                Boundary::Start { probability, .. } | Boundary::End { probability, .. } => {
-                    probability
-                }
+                Boundary::Start { probability, .. }
+                | Boundary::End { probability, .. }
+                | Boundary::Onset { probability, .. } => probability,
+                Boundary::Cancel { .. } => 0.0,
             }
         }
     }

@@ -27,6 +27,7 @@ use std::time::Instant;
 use crate::engine::{Kokoro, SAMPLE_RATE};
 use crate::phonemes::{self, Vocab};
 use crate::voices::{self, Voice};
+use ort::session::RunOptions;
 use vox_common::worker::{Serial, Work};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -94,6 +95,8 @@ pub struct KokoroTts {
     serial: Serial<Job>,
     /// Where the next audio buffer starts.
     next_pts: Mutex<Option<gst::ClockTime>>,
+    /// The synthesis in flight, which a flush terminates (ONNX Runtime stops between nodes).
+    running: Mutex<Option<Arc<RunOptions>>>,
 }
 
 fn audio_caps() -> gst::Caps {
@@ -183,6 +186,14 @@ impl KokoroTts {
         match event.view() {
             EventView::FlushStart(_) => {
                 self.serial.bump();
+                if let Some(run) = self
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                {
+                    let _ = run.terminate();
+                }
                 self.srcpad.push_event(event)
             }
             EventView::FlushStop(_) => {
@@ -260,8 +271,24 @@ fn speak(imp: &KokoroTts, loaded: &Loaded, job: Job, generation: u64) {
             }
             let style = loaded.voice.style(chunk.ids.len());
             let synthesis = Instant::now();
-            let audio = match loaded.model.synthesise(&chunk.ids, style, loaded.speed) {
+            let run = match RunOptions::new() {
+                Ok(r) => Arc::new(r),
+                Err(e) => {
+                    gst::element_imp_warning!(imp, gst::CoreError::Failed, ("{}", e));
+                    return;
+                }
+            };
+            *imp.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(run.clone());
+            if cancelled() {
+                return;
+            }
+            let result = loaded
+                .model
+                .synthesise_with(&chunk.ids, style, loaded.speed, &run);
+            *imp.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            let audio = match result {
                 Ok(a) => a,
+                Err(_) if cancelled() => return,
                 Err(e) => {
                     // One bad sentence never stops the stream.
                     gst::element_imp_warning!(
@@ -382,6 +409,7 @@ impl ObjectSubclass for KokoroTts {
             loaded: Mutex::new(None),
             serial: Serial::default(),
             next_pts: Mutex::new(None),
+            running: Mutex::new(None),
         }
     }
 }

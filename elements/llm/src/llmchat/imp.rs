@@ -62,6 +62,9 @@ const DEFAULT_FALLBACK: &str = "Sorry, I can't answer right now.";
 const DEFAULT_BREAKER_FAILURES: u32 = 3;
 const DEFAULT_BREAKER_BACKOFF_MS: u32 = 10_000;
 const DEFAULT_THREADS: u32 = 2;
+/// The embedded generation runs a little below normal priority: it yields the CPU to speech
+/// recognition and synthesis, whose latency the user hears, when they run at once.
+const DEFAULT_NICE: i32 = 5;
 /// The embedded model when `model` is empty.
 const EMBEDDED_DEFAULT: &str = "smollm2-135m";
 
@@ -82,6 +85,7 @@ struct Settings {
     breaker_backoff_ms: u32,
     threads: u32,
     first_clause: bool,
+    nice: i32,
 }
 
 impl Default for Settings {
@@ -102,6 +106,7 @@ impl Default for Settings {
             breaker_backoff_ms: DEFAULT_BREAKER_BACKOFF_MS,
             threads: DEFAULT_THREADS,
             first_clause: true,
+            nice: DEFAULT_NICE,
         }
     }
 }
@@ -225,11 +230,12 @@ impl LlmChat {
             .clone()
             .ok_or_else(|| gst::error_msg!(gst::CoreError::StateChange, ("backend not ready")))?;
         let element = self.obj().downgrade();
-        let system = self.settings().system_prompt;
+        let settings = self.settings();
+        let (system, nice) = (settings.system_prompt, settings.nice);
         let (ready_tx, ready) = crossbeam_channel::bounded(1);
         self.serial
             .start("llmchat", move |rx| {
-                worker_loop(element, backend, &system, ready_tx, rx)
+                worker_loop(element, backend, &system, nice, ready_tx, rx)
             })
             .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ("cannot start worker: {}", e)))?;
         // Until the worker is ready (the system prompt evaluated), so that this does not compete
@@ -507,6 +513,7 @@ fn worker_loop(
     element: glib::WeakRef<super::LlmChatElement>,
     backend: Arc<Backend>,
     system: &str,
+    nice: i32,
     ready: crossbeam_channel::Sender<()>,
     rx: Receiver<Work<TurnJob>>,
 ) {
@@ -528,7 +535,17 @@ fn worker_loop(
     };
     let mut generator = match &*backend {
         Backend::OpenAi(client) => Generator::OpenAi(client),
-        Backend::Embedded(model) => Generator::Embedded(model.session()),
+        Backend::Embedded(model) => {
+            // This thread and the compute threads llama.cpp starts from it (they inherit it).
+            if nice > 0 {
+                // SAFETY: setpriority on the calling thread (who = 0), no pointers involved.
+                let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+                if r != 0 {
+                    gst::debug!(CAT, "cannot lower the LLM's priority to nice {nice}");
+                }
+            }
+            Generator::Embedded(model.session())
+        }
     };
     // The system prompt is evaluated before the first question arrives, so the first turn
     // evaluates only the question. A failure here shows again, as a warning, on the first turn.
@@ -645,6 +662,14 @@ impl ObjectImpl for LlmChat {
                 uint("breaker-failures", "Breaker failures", "Faults in a row after which the backend is skipped for a while", 1, 1000, DEFAULT_BREAKER_FAILURES),
                 uint("breaker-backoff-ms", "Breaker back-off", "How long a failing backend is skipped (doubles while it keeps failing)", 0, 3_600_000, DEFAULT_BREAKER_BACKOFF_MS),
                 uint("threads", "Threads", "Threads for the embedded backend", 1, 64, DEFAULT_THREADS),
+                glib::ParamSpecInt::builder("nice")
+                    .nick("Nice")
+                    .blurb("Scheduling niceness of the embedded backend's threads (Linux; 0: normal priority). Above 0 the LLM yields the CPU to speech recognition and synthesis while they run at once")
+                    .minimum(0)
+                    .maximum(19)
+                    .default_value(DEFAULT_NICE)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecBoolean::builder("first-clause")
                     .nick("First clause")
                     .blurb("Push the reply's opening clause (up to a comma, semicolon, colon or dash) on its own, so speech starts sooner; sentences after that")
@@ -684,6 +709,7 @@ impl ObjectImpl for LlmChat {
             }
             "threads" => s.threads = value.get().expect("type checked upstream"),
             "first-clause" => s.first_clause = value.get().expect("type checked upstream"),
+            "nice" => s.nice = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -706,6 +732,7 @@ impl ObjectImpl for LlmChat {
             "breaker-backoff-ms" => s.breaker_backoff_ms.to_value(),
             "threads" => s.threads.to_value(),
             "first-clause" => s.first_clause.to_value(),
+            "nice" => s.nice.to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }

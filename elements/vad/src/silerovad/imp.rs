@@ -12,6 +12,12 @@
 //! `mode=drop-silence` only speech is passed on, and the element adds `min-speech-ms +
 //! speech-pad-ms` plus one chunk of latency, which it reports in the latency query.
 //!
+//! Before speech is confirmed, its first chunk above `threshold` posts `vox-speech-onset`
+//! (`pts`, `running-time`, `probability`), and an onset that falls back to silence posts
+//! `vox-speech-cancel` (`pts`, `running-time`, `since`): messages only, for applications that
+//! must react at once — a live agent pauses its voice at an onset (barge-in) and resumes it on
+//! a cancel (a cough).
+//!
 //! ```sh
 //! gst-launch-1.0 -m filesrc location=speech.wav ! decodebin ! audioconvert ! audioresample ! \
 //!     audio/x-raw,format=F32LE,rate=16000,channels=1 ! silerovad min-silence-ms=300 ! fakesink
@@ -26,7 +32,7 @@ use std::sync::{LazyLock, Mutex};
 use super::{VadEngine, VadMode};
 use crate::detector::{Boundary, Detector, DetectorConfig};
 use crate::silero::SileroVad as SileroModel;
-use vox_common::events::SpeechBoundary;
+use vox_common::events::{SPEECH_CANCEL, SPEECH_ONSET, SpeechBoundary};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -156,6 +162,8 @@ pub struct SileroVad {
 /// What a chain call found, to act on after the state lock is released.
 enum Output {
     Event(SpeechBoundary),
+    /// A message only (speech onset, cancelled onset).
+    Message(gst::Structure),
     Buffer(gst::Buffer),
     Gap(gst::ClockTime, Option<gst::ClockTime>),
 }
@@ -185,6 +193,15 @@ impl SileroVad {
         Ok(model)
     }
 
+    /// A message naming a moment: `pts` and `running-time` of `sample`.
+    fn mark(state: &State, name: &str, sample: u64) -> gst::structure::Builder {
+        let pts = state.sample_pts(sample);
+        let running_time = state.segment.to_running_time(pts).unwrap_or(pts);
+        gst::Structure::builder(name)
+            .field("pts", pts)
+            .field("running-time", running_time)
+    }
+
     fn boundary(&self, state: &mut State, b: Boundary) -> SpeechBoundary {
         let (start, sample, probability) = match b {
             Boundary::Start {
@@ -195,6 +212,9 @@ impl SileroVad {
                 sample,
                 probability,
             } => (false, sample, probability),
+            Boundary::Onset { .. } | Boundary::Cancel { .. } => {
+                unreachable!("onsets and cancels are messages")
+            }
         };
         let pts = state.sample_pts(sample);
         let running_time = state.segment.to_running_time(pts).unwrap_or(pts);
@@ -259,9 +279,28 @@ impl SileroVad {
                         gst::FlowError::Error
                     })?;
                 gst::trace!(CAT, imp = self, "sample {} p={p:.3}", state.samples);
-                if let Some(b) = state.detector.push(state.samples, chunk as u64, p) {
-                    let boundary = self.boundary(state, b);
-                    outputs.push(Output::Event(boundary));
+                match state.detector.push(state.samples, chunk as u64, p) {
+                    Some(Boundary::Onset {
+                        sample,
+                        probability,
+                    }) => outputs.push(Output::Message(
+                        Self::mark(state, SPEECH_ONSET, sample)
+                            .field("probability", f64::from(probability))
+                            .build(),
+                    )),
+                    Some(Boundary::Cancel { since, sample }) => {
+                        let since = state.sample_pts(since);
+                        outputs.push(Output::Message(
+                            Self::mark(state, SPEECH_CANCEL, sample)
+                                .field("since", since)
+                                .build(),
+                        ))
+                    }
+                    Some(b) => {
+                        let boundary = self.boundary(state, b);
+                        outputs.push(Output::Event(boundary));
+                    }
+                    None => {}
                 }
                 state.samples += chunk as u64;
                 consumed += chunk;
@@ -349,6 +388,12 @@ impl SileroVad {
                             .build(),
                     );
                     self.srcpad.push_event(boundary.to_event());
+                }
+                Output::Message(s) => {
+                    gst::debug!(CAT, imp = self, "{s}");
+                    let _ = self
+                        .obj()
+                        .post_message(gst::message::Element::builder(s).src(&*self.obj()).build());
                 }
                 Output::Buffer(buffer) => flow = Ok(self.srcpad.push(buffer)?),
                 Output::Gap(pts, duration) => {
