@@ -57,3 +57,104 @@ fn answers_a_call_over_webrtc() {
         "{log}"
     );
 }
+
+/// `vox call ARGS` inside `ns`, returning its output (not checked).
+fn call(ns: &Netns, url: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let mut c = ns.command(env!("CARGO_BIN_EXE_vox"));
+    isolate(&mut c);
+    c.args(["call", "--webrtc", url]).args(args);
+    run(&mut c)
+}
+
+fn os(s: &str) -> &std::ffi::OsStr {
+    std::ffi::OsStr::new(s)
+}
+
+#[test]
+fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let story = question(
+        dir.path(),
+        "Tell me a long story about a brave dragon and a little girl.",
+        "story.wav",
+    );
+    let q = question(dir.path(), "What is the capital of France?", "q.wav");
+    let ns = Netns::new();
+    // Whole sentences, so the agent is in the middle of a long one when it is interrupted.
+    let mut agent = Agent::start(&ns, 8444, &["max-tokens=300", "first-clause=false"]);
+    let record = dir.path().join("call.wav");
+    let out = call(
+        &ns,
+        &agent.url,
+        &[
+            os("--play"),
+            story.as_os_str(),
+            os("--interrupt-after"),
+            os("0.3"),
+            q.as_os_str(),
+            os("--record"),
+            record.as_os_str(),
+            os("--timeout-s"),
+            os("90"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = agent.drain_log();
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(log.contains("interrupted by the caller"), "{log}");
+    // The cut-off reply is recorded as such, and the second question is answered.
+    assert!(log.contains("(cancelled)"), "{log}");
+    assert!(log.contains("heard \"What is the capital of France?\""), "{log}");
+    // In the recording, the agent's voice stops within 200 ms of the caller's speech.
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("interrupted:"))
+        .unwrap_or_else(|| panic!("no interruption seen in the recording:\n{stdout}\n{log}"));
+    let ms: f64 = line
+        .rsplit('(')
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(ms <= 200.0, "the agent went on for {ms} ms: {line}");
+    let agent_side = dir.path().join("agent.wav");
+    channel(&record, 2, &agent_side);
+    let heard = normalize(&check(vox().arg("transcribe").arg(&agent_side)));
+    assert!(heard.contains("paris"), "the agent said: {heard}");
+}
+
+#[test]
+fn two_calls_at_once_each_get_their_own_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let france = question(dir.path(), "What is the capital of France?", "france.wav");
+    let japan = question(dir.path(), "What is the capital of Japan?", "japan.wav");
+    let ns = Netns::new();
+    let mut agent = Agent::start(&ns, 8445, &["--max-sessions", "2"]);
+    let calls: Vec<_> = [("france", &france), ("japan", &japan)]
+        .into_iter()
+        .map(|(name, q)| {
+            let record = dir.path().join(format!("{name}.call.wav"));
+            let mut c = ns.command(env!("CARGO_BIN_EXE_vox"));
+            isolate(&mut c);
+            c.args(["call", "--webrtc", &agent.url, "--play"])
+                .arg(q)
+                .arg("--record")
+                .arg(&record)
+                .args(["--timeout-s", "90"]);
+            (record, c.spawn().expect("vox call"))
+        })
+        .collect();
+    let mut said = Vec::new();
+    for (record, mut child) in calls {
+        assert!(child.wait().unwrap().success(), "{}", agent.drain_log());
+        let side = record.with_extension("agent.wav");
+        channel(&record, 2, &side);
+        said.push(normalize(&check(vox().arg("transcribe").arg(&side))));
+    }
+    let log = agent.drain_log();
+    assert!(said[0].contains("paris"), "France call heard: {:?}\n{log}", said[0]);
+    assert!(said[1].contains("tokyo"), "Japan call heard: {:?}\n{log}", said[1]);
+    // No cross-talk: each call heard only its own answer.
+    assert!(!said[0].contains("tokyo"), "{said:?}");
+    assert!(!said[1].contains("paris"), "{said:?}");
+}
