@@ -112,6 +112,9 @@ enum Command {
         /// On SIGTERM/Ctrl-C, how long active sessions may go on (a second signal ends them).
         #[arg(long, default_value_t = 30)]
         drain_timeout_s: u64,
+        /// Where /healthz, /readyz and /metrics are served (empty: nowhere).
+        #[arg(long, default_value = "0.0.0.0:9090")]
+        http: String,
         /// Session graph parameters (key=value), e.g. llm-url=http://127.0.0.1:11434/v1 voice=jf_alpha.
         params: Vec<String>,
     },
@@ -277,6 +280,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             signalling,
             max_sessions,
             drain_timeout_s,
+            http,
             params,
         } => {
             if transport != "webrtc" {
@@ -295,6 +299,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 signalling,
                 max_sessions,
                 drain_timeout: std::time::Duration::from_secs(drain_timeout_s),
+                http_listen: http,
                 params,
                 ..agent::AgentOptions::default()
             })?
@@ -487,8 +492,12 @@ fn timed_files(flag: &str, args: &[String]) -> Result<Vec<(std::time::Duration, 
 fn cmd_agent(options: agent::AgentOptions) -> Result<()> {
     let drain = options.drain_timeout;
     let agent = agent::Agent::start(options)?;
+    let http = agent
+        .http_addr()
+        .map(|a| format!("; metrics on http://{a}/metrics"))
+        .unwrap_or_default();
     eprintln!(
-        "vox agent: ready; callers connect through {} (Ctrl-C or SIGTERM to stop)",
+        "vox agent: ready; callers connect through {}{http} (Ctrl-C or SIGTERM to stop)",
         agent.signalling_url()
     );
     while !runner::interrupted() {

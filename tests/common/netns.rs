@@ -61,6 +61,8 @@ impl Drop for Netns {
 /// A running `vox agent`; its stderr is collected, and it is stopped (SIGKILL) when dropped.
 pub struct Agent {
     pub child: Child,
+    /// Where its HTTP endpoints are (signalling port + 1000).
+    pub http_port: u16,
     lines: mpsc::Receiver<String>,
     pub log: Vec<String>,
     pub url: String,
@@ -77,6 +79,8 @@ impl Agent {
             "webrtc",
             "--signalling-listen",
             &format!("{AGENT_IP}:{port}"),
+            "--http",
+            &format!("{AGENT_IP}:{}", port + 1000),
         ])
         .args(args)
         .env("VOX_LOG", "info,gst_plugin_webrtc_signalling=warn")
@@ -97,6 +101,7 @@ impl Agent {
             lines,
             log: Vec::new(),
             url: format!("ws://{AGENT_IP}:{port}"),
+            http_port: port + 1000,
         };
         agent
             .wait_for("vox agent: ready", Duration::from_secs(60))
@@ -136,4 +141,58 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+impl Netns {
+    /// GET `path` from the agent's HTTP endpoints inside the namespace: (status, body).
+    pub fn http_get(&self, port: u16, path: &str) -> (u16, String) {
+        let out = self
+            .command("curl")
+            .args(["-s", "-w", "\n%{http_code}"])
+            .arg(format!("http://{AGENT_IP}:{port}{path}"))
+            .output()
+            .expect("curl is installed by scripts/setup");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// The value of metric `name` (a full series name, labels included) in `/metrics`.
+    pub fn metric(&self, port: u16, name: &str) -> Option<f64> {
+        let (_, body) = self.http_get(port, "/metrics");
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l[name.len()..].trim().parse().ok())
+    }
+
+    /// Waits up to `timeout` for metric `name` to satisfy `ok`.
+    pub fn wait_metric(
+        &self,
+        port: u16,
+        name: &str,
+        timeout: Duration,
+        ok: impl Fn(f64) -> bool,
+    ) -> Option<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.metric(port, name);
+            if v.is_some_and(&ok) || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }

@@ -23,7 +23,7 @@
 //! fallback, cancelled), `backend`, `time-to-first-token` (ns), `tokens-per-second`,
 //! `tokens-in`, `tokens-cached` (of those, the ones kept evaluated from earlier turns: the
 //! embedded backend keeps its context between turns, servers report theirs), `tokens-out`,
-//! `reply`.
+//! `reply`, `circuit` (`open` while the breaker skips the backend, else `closed`).
 //!
 //! ```sh
 //! echo "What is the capital of France?" > q.txt
@@ -497,6 +497,19 @@ impl LlmChat {
                 .field("tokens-cached", usage.tokens_cached)
                 .field("tokens-out", usage.tokens_out)
                 .field("reply", reply.as_str())
+                .field(
+                    "circuit",
+                    if self
+                        .breaker
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_open(Instant::now())
+                    {
+                        "open"
+                    } else {
+                        "closed"
+                    },
+                )
                 .build(),
         );
     }
