@@ -144,6 +144,9 @@ enum Command {
         /// The longest the call may last.
         #[arg(long, default_value_t = 120.0)]
         timeout_s: f64,
+        /// Send the microphone as a stereo track.
+        #[arg(long)]
+        stereo: bool,
     },
     /// Run a graph file (a name from `vox graphs`, or a path) with key=value parameters.
     Run {
@@ -312,6 +315,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             record,
             linger_s,
             timeout_s,
+            stereo,
         } => {
             let mut plays: Vec<(std::time::Duration, PathBuf)> = play
                 .into_iter()
@@ -329,6 +333,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 record,
                 linger: std::time::Duration::from_secs_f64(linger_s.max(0.0)),
                 timeout: std::time::Duration::from_secs_f64(timeout_s.max(1.0)),
+                stereo,
             })?
         }
         Command::Run {
@@ -525,6 +530,9 @@ fn cmd_call(options: &call::CallOptions) -> Result<()> {
             t.voice_to_voice().as_millis(),
             t.answer_end - t.answer_start
         );
+    }
+    if report.turns.is_empty() {
+        println!("the agent did not answer");
     }
     for (onset, stop) in &report.interruptions {
         println!(

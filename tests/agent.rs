@@ -9,6 +9,13 @@ use common::*;
 use std::path::Path;
 use std::time::Duration;
 
+/// One scenario at a time: each runs an agent and its callers with real models on this
+/// machine's cores, and two at once would measure each other (barge-in timing, answers).
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A question spoken by our own TTS.
 fn question(dir: &Path, text: &str, name: &str) -> std::path::PathBuf {
     let path = dir.join(name);
@@ -28,6 +35,7 @@ fn channel(recording: &Path, n: u32, out: &Path) {
 
 #[test]
 fn answers_a_call_over_webrtc() {
+    let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
     let q = question(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();
@@ -96,6 +104,7 @@ fn os(s: &str) -> &std::ffi::OsStr {
 
 #[test]
 fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
+    let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
     let story = question(
         dir.path(),
@@ -156,6 +165,7 @@ fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
 
 #[test]
 fn two_calls_at_once_each_get_their_own_answer() {
+    let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
     let france = question(dir.path(), "What is the capital of France?", "france.wav");
     let japan = question(dir.path(), "What is the capital of Japan?", "japan.wav");
@@ -202,6 +212,7 @@ fn two_calls_at_once_each_get_their_own_answer() {
 /// the agent stays ready, and the error counter says where it failed.
 #[test]
 fn an_llm_that_is_down_gives_the_fallback_and_the_agent_stays_ready() {
+    let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
     let q = question(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();
@@ -244,6 +255,7 @@ fn an_llm_that_is_down_gives_the_fallback_and_the_agent_stays_ready() {
 /// served, and the agent's memory comes back to where it was after the first call.
 #[test]
 fn a_caller_that_vanishes_is_cleaned_up_and_others_go_on() {
+    let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
     let q = question(dir.path(), "What is the capital of France?", "q.wav");
     let story = question(
@@ -301,4 +313,154 @@ fn a_caller_that_vanishes_is_cleaned_up_and_others_go_on() {
         "memory grew from {baseline} KiB to {after} KiB over two more calls"
     );
     assert_eq!(ns.metric(port, "vox_sessions_failed_total"), Some(0.0));
+}
+
+/// SIGTERM: the agent stops being ready and takes no new callers, lets the call in progress
+/// finish, then exits 0 by itself.
+#[test]
+fn sigterm_drains_the_sessions_then_exits() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let q = question(dir.path(), "What is the capital of France?", "q.wav");
+    let ns = Netns::new();
+    let mut agent = Agent::start(&ns, 8448, &["--drain-timeout-s", "60"]);
+    let port = agent.http_port;
+    let record = dir.path().join("call.wav");
+    let mut c = ns.command(env!("CARGO_BIN_EXE_vox"));
+    isolate(&mut c);
+    let caller = c
+        .args(["call", "--webrtc", &agent.url, "--play"])
+        .arg(&q)
+        .arg("--record")
+        .arg(&record)
+        .args(["--timeout-s", "60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    agent
+        .wait_for("heard \"What is the capital", Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("{}", agent.drain_log()));
+    check(&mut std::process::Command::new("kill").args(["-TERM", &agent.child.id().to_string()]));
+    agent
+        .wait_for("draining 1 session", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{}", agent.drain_log()));
+    let (code, body) = ns.http_get(port, "/readyz");
+    assert_eq!((code, body.trim()), (503, "not ready: draining"));
+    // The call in progress is answered in full.
+    let out = caller.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("| 1 |"),
+        "{}",
+        agent.drain_log()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = agent.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not exit after draining"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.success(), "{status}: {}", agent.drain_log());
+}
+
+/// Callers that send nothing useful: silence only, noise only, a stereo track, one that stops
+/// sending (the process frozen, then gone), and malformed signalling. The agent answers none of
+/// the first two, fails no session, and answers a normal question afterwards.
+#[test]
+fn bad_callers_do_not_hurt_the_agent() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let q = question(dir.path(), "What is the capital of France?", "q.wav");
+    let quiet = dir.path().join("quiet.wav");
+    silence(4.0, &quiet);
+    let noise = dir.path().join("noise.wav");
+    check(
+        tool("sox")
+            .args(["-n", "-r", "48000", "-c", "2", "-b", "16"])
+            .arg(&noise)
+            .args(["synth", "4", "whitenoise", "vol", "0.3"]),
+    );
+    let ns = Netns::new();
+    let mut agent = Agent::start(&ns, 8449, &[]);
+    let port = agent.http_port;
+    let url = agent.url.clone();
+    let short_call = |file: &Path, name: &str, timeout: &str, extra: &[&str]| -> String {
+        let mut c = ns.command(env!("CARGO_BIN_EXE_vox"));
+        isolate(&mut c);
+        check(
+            c.args(["call", "--webrtc", &url, "--play"])
+                .arg(file)
+                .arg("--record")
+                .arg(dir.path().join(name))
+                .args(["--timeout-s", timeout])
+                .args(extra),
+        )
+    };
+    for (file, name) in [(&quiet, "quiet.call.wav"), (&noise, "noise.call.wav")] {
+        let out = short_call(file, name, "12", &[]);
+        assert!(out.contains("the agent did not answer"), "{name}: {out}");
+    }
+    // Malformed signalling: a plain HTTP request, a WebSocket with garbage and bad requests.
+    let garbage = r#"
+import base64, os, socket
+s = socket.create_connection(("198.18.0.1", 8449))
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall(("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: " + key + "\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+s.recv(4096)
+for text in [b"{not json", b'{"type":"startSession","peerId":"nobody"}', b'{"type":"peer"}', b"\xff\xfe"]:
+    mask = os.urandom(4)
+    s.sendall(bytes([0x81, 0x80 | len(text)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text)))
+s.close()
+p = socket.create_connection(("198.18.0.1", 8449))
+p.sendall(b"POST /nonsense HTTP/1.1\r\n\r\n\x00\x01\x02")
+p.close()
+"#;
+    check(ns.command("python3").args(["-c", garbage]));
+    // A stereo 48 kHz track with a real question is understood.
+    let out = short_call(&q, "stereo.call.wav", "60", &["--stereo"]);
+    assert!(
+        out.contains("| 1 |"),
+        "stereo: {out}\n{}",
+        agent.drain_log()
+    );
+    // A caller that stops sending (frozen), then vanishes.
+    let mut c = ns.command(env!("CARGO_BIN_EXE_vox"));
+    isolate(&mut c);
+    let mut frozen = c
+        .args(["call", "--webrtc", &agent.url, "--play"])
+        .arg(&q)
+        .arg("--record")
+        .arg(dir.path().join("frozen.wav"))
+        .args(["--timeout-s", "60"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    agent
+        .wait_for("session", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("{}", agent.drain_log()));
+    check(std::process::Command::new("kill").args(["-STOP", &frozen.id().to_string()]));
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(ns.http_get(port, "/readyz").0, 200);
+    frozen.kill().unwrap();
+    frozen.wait().unwrap();
+    let active = ns.wait_metric(port, "vox_sessions_active", Duration::from_secs(30), |v| {
+        v == 0.0
+    });
+    assert_eq!(active, Some(0.0), "{}", agent.drain_log());
+    // And a normal call is still answered.
+    let out = short_call(&q, "after.call.wav", "60", &[]);
+    assert!(out.contains("| 1 |"), "{out}\n{}", agent.drain_log());
+    assert_eq!(
+        ns.metric(port, "vox_sessions_failed_total"),
+        Some(0.0),
+        "{}",
+        agent.drain_log()
+    );
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent died");
 }

@@ -43,6 +43,8 @@ pub struct CallOptions {
     pub linger: Duration,
     /// The longest the call may last.
     pub timeout: Duration,
+    /// Send the microphone as a stereo track (both channels the same), as some clients do.
+    pub stereo: bool,
 }
 
 /// One exchange as heard by the caller, in seconds from the start of the recording.
@@ -91,11 +93,12 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
     let raw = format!("audio/x-raw,format=F32LE,rate={RATE},channels=1,layout=interleaved");
     let description = format!(
         "audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=mic latency=40000000 ! {raw} ! tee name=t \
-         t. ! queue ! webrtcsink name=out congestion-control=disabled signaller::uri={url} meta={meta} \
+         t. ! queue ! audioconvert ! audio/x-raw,channels={channels} ! webrtcsink name=out congestion-control=disabled signaller::uri={url} meta={meta} \
          t. ! queue ! rec.sink_0 \
          audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=agent latency=40000000 ! {raw} ! queue ! rec.sink_1 \
          audiointerleave name=rec latency=40000000 ! audioconvert ! audio/x-raw,format=S16LE,channels=2 ! wavenc ! filesink location={record}",
         url = quote(&options.url),
+        channels = if options.stereo { 2 } else { 1 },
         meta = quote(&format!("meta,vox-role=caller,call={call_id}")),
         record = quote(&options.record.display().to_string()),
     );
