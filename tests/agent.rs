@@ -340,7 +340,7 @@ fn sigterm_drains_the_sessions_then_exits() {
     agent
         .wait_for("heard \"What is the capital", Duration::from_secs(60))
         .unwrap_or_else(|| panic!("{}", agent.drain_log()));
-    check(&mut std::process::Command::new("kill").args(["-TERM", &agent.child.id().to_string()]));
+    check(std::process::Command::new("kill").args(["-TERM", &agent.child.id().to_string()]));
     agent
         .wait_for("draining 1 session", Duration::from_secs(10))
         .unwrap_or_else(|| panic!("{}", agent.drain_log()));
