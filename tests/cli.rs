@@ -209,8 +209,11 @@ fn graphs_are_listed_and_run() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    // Counters stay integers; clock times are seconds.
-    let first = &events[0];
+    // The VAD's onset comes first; then the start. Counters stay integers; clock times are
+    // seconds.
+    assert_eq!(events[0]["type"], "vox-speech-onset", "{}", events[0]);
+    let first = &events[1];
+    assert_eq!(first["type"], "vox-speech-start", "{first}");
     assert_eq!(first["utterance"], 0, "{first}");
     let pts = first["pts"].as_f64().unwrap();
     assert!(pts > 0.1 && pts < 1.0, "{first}");

@@ -84,6 +84,18 @@ fn vad_events(input: &Path, rate: u32, dir: &Path) -> Vec<(f64, f64)> {
     for line in out.lines() {
         let e: serde_json::Value = serde_json::from_str(line).unwrap();
         let pts = e["pts"].as_f64().unwrap();
+        match e["type"].as_str().unwrap() {
+            // Onsets come before confirmed starts; a cancelled one is a blip that did not last.
+            "vox-speech-onset" => {
+                assert!(e["probability"].as_f64().unwrap() >= 0.5, "{e}");
+                continue;
+            }
+            "vox-speech-cancel" => {
+                assert!(open.is_none(), "a cancel inside speech: {e}");
+                continue;
+            }
+            _ => {}
+        }
         let prob = e["probability"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&prob), "{e}");
         match e["type"].as_str().unwrap() {
