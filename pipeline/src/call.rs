@@ -92,11 +92,11 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
     let call_id = call_id();
     let raw = format!("audio/x-raw,format=F32LE,rate={RATE},channels=1,layout=interleaved");
     let description = format!(
-        "audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=mic latency=40000000 ! {raw} ! tee name=t \
+        "audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=mic latency=10000000 ! {raw} ! tee name=t \
          t. ! queue ! audioconvert ! audio/x-raw,channels={channels} ! webrtcsink name=out congestion-control=disabled signaller::uri={url} meta={meta} \
          t. ! queue ! rec.sink_0 \
-         audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=agent latency=40000000 ! {raw} ! queue ! rec.sink_1 \
-         audiointerleave name=rec latency=40000000 ! audioconvert ! audio/x-raw,format=S16LE,channels=2 ! wavenc ! filesink location={record}",
+         audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=agent latency=10000000 ! {raw} ! queue ! rec.sink_1 \
+         audiointerleave name=rec latency=10000000 ! audioconvert ! audio/x-raw,format=S16LE,channels=2 ! wavenc ! filesink location={record}",
         url = quote(&options.url),
         channels = if options.stereo { 2 } else { 1 },
         meta = quote(&format!("meta,vox-role=caller,call={call_id}")),

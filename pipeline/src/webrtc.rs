@@ -214,7 +214,7 @@ pub fn no_public_stun(bin: &gst::Bin) {
 /// The jitter buffer of received WebRTC audio, in ms: webrtcbin's default is 200 ms, meant for
 /// the open internet; the agent and its callers are usually a LAN apart, and every millisecond
 /// here is added to the time the agent takes to hear the end of a question.
-pub const JITTER_MS: u32 = 40;
+pub const JITTER_MS: u32 = 20;
 
 /// Sets [`JITTER_MS`] on every webrtcbin created inside `bin` from now on.
 pub fn low_latency(bin: &gst::Bin) {
