@@ -221,20 +221,23 @@ impl Agent {
                     );
                     return;
                 }
-                match Self::render(&options, &p.id, &call, &url)
-                    .map_err(AgentError::from)
-                    .and_then(|d| Ok(runner::launch(&d)?))
-                {
-                    Ok(pipeline) => {
-                        let stop = Arc::new(AtomicBool::new(false));
-                        let thread = spawn_session(
+                let stop = Arc::new(AtomicBool::new(false));
+                let started = Self::render(&options, &p.id, &call, &url)
+                    .map_err(|e| e.to_string())
+                    .and_then(|d| runner::launch(&d).map_err(|e| e.to_string()))
+                    .and_then(|pipeline| {
+                        spawn_session(
                             p.id.clone(),
                             call,
                             pipeline,
                             stop.clone(),
                             sessions.clone(),
                             metrics.clone(),
-                        );
+                        )
+                        .map_err(|e| format!("cannot start a session thread: {e}"))
+                    });
+                match started {
+                    Ok(thread) => {
                         map.insert(
                             p.id.clone(),
                             Session {
@@ -331,7 +334,7 @@ fn spawn_session(
     stop: Arc<AtomicBool>,
     sessions: Arc<Mutex<HashMap<String, Session>>>,
     metrics: Arc<Metrics>,
-) -> std::thread::JoinHandle<()> {
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     let short: String = call.chars().take(8).collect();
     std::thread::Builder::new()
         .name(format!("session-{short}"))
@@ -361,7 +364,6 @@ fn spawn_session(
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&caller);
         })
-        .expect("cannot start a session thread")
 }
 
 fn run_session(

@@ -279,13 +279,7 @@ mod tests {
             "Yes, it is.",
         ];
         for size in 1..6 {
-            let mut s = SentenceSplitter::first_clause();
-            let mut got = Vec::new();
-            let chars: Vec<char> = text.chars().collect();
-            for chunk in chars.chunks(size) {
-                got.extend(s.push(&chunk.iter().collect::<String>()));
-            }
-            got.extend(s.finish());
+            let got = in_chunks(SentenceSplitter::first_clause(), text, size);
             assert_eq!(got, whole, "chunks of {size}");
         }
         // A sentence that ends before any clause mark is the first piece; "7:30" is no clause.
@@ -305,14 +299,19 @@ mod tests {
             "Mr. Brown paid $4.99 at 10:05 p.m. yesterday. Wow… that's cheap! Isn't it? Yes.";
         let whole = sentences(text);
         for size in 1..8 {
-            let mut s = SentenceSplitter::default();
-            let mut got = Vec::new();
-            let chars: Vec<char> = text.chars().collect();
-            for chunk in chars.chunks(size) {
-                got.extend(s.push(&chunk.iter().collect::<String>()));
-            }
-            got.extend(s.finish());
+            let got = in_chunks(SentenceSplitter::default(), text, size);
             assert_eq!(got, whole, "chunks of {size}");
         }
+    }
+
+    /// What `s` hands out when `text` streams in pieces of `size` characters.
+    fn in_chunks(mut s: SentenceSplitter, text: &str, size: usize) -> Vec<String> {
+        let chars: Vec<char> = text.chars().collect();
+        let mut got = Vec::new();
+        for chunk in chars.chunks(size) {
+            got.extend(s.push(&chunk.iter().collect::<String>()));
+        }
+        got.extend(s.finish());
+        got
     }
 }
