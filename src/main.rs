@@ -115,6 +115,10 @@ enum Command {
         /// Where /healthz, /readyz and /metrics are served (empty: nowhere).
         #[arg(long, default_value = "0.0.0.0:9090")]
         http: String,
+        /// The session graph: agent-webrtc, agent-webrtc-aec (echo cancellation), or a graph
+        /// file of your own with the same parameters and element names.
+        #[arg(long, default_value = "agent-webrtc")]
+        graph: String,
         /// Session graph parameters (key=value), e.g. llm-url=http://127.0.0.1:11434/v1 voice=jf_alpha.
         params: Vec<String>,
     },
@@ -284,6 +288,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             max_sessions,
             drain_timeout_s,
             http,
+            graph,
             params,
         } => {
             if transport != "webrtc" {
@@ -303,8 +308,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 max_sessions,
                 drain_timeout: std::time::Duration::from_secs(drain_timeout_s),
                 http_listen: http,
+                graph,
                 params,
-                ..agent::AgentOptions::default()
             })?
         }
         Command::Call {

@@ -464,3 +464,37 @@ p.close()
     );
     assert!(agent.child.try_wait().unwrap().is_none(), "the agent died");
 }
+
+/// The echo-cancelling session graph (webrtcdsp on the caller's audio, webrtcechoprobe on the
+/// agent's voice) answers a call like the plain one.
+#[test]
+fn the_echo_cancelling_graph_answers_a_call() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let q = question(dir.path(), "What is the capital of France?", "q.wav");
+    let ns = Netns::new();
+    let mut agent = Agent::start(&ns, 8450, &["--graph", "agent-webrtc-aec"]);
+    let record = dir.path().join("call.wav");
+    let out = call(
+        &ns,
+        &agent.url,
+        &[
+            os("--play"),
+            q.as_os_str(),
+            os("--record"),
+            record.as_os_str(),
+            os("--timeout-s"),
+            os("60"),
+        ],
+    );
+    let log = agent.drain_log();
+    assert!(
+        out.status.success(),
+        "{}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent_side = dir.path().join("agent.wav");
+    channel(&record, 2, &agent_side);
+    let heard = normalize(&check(vox().arg("transcribe").arg(&agent_side)));
+    assert!(heard.contains("paris"), "the agent said: {heard}\n{log}");
+}
