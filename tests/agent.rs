@@ -102,6 +102,36 @@ fn os(s: &str) -> &std::ffi::OsStr {
     std::ffi::OsStr::new(s)
 }
 
+/// Calls the agent with question `q`; returns what the agent said (transcribed from the
+/// recording's right channel, normalised) and the agent's log.
+fn ask(ns: &Netns, agent: &mut Agent, q: &Path, dir: &Path) -> (String, String) {
+    let record = dir.join("call.wav");
+    let out = call(
+        ns,
+        &agent.url,
+        &[
+            os("--play"),
+            q.as_os_str(),
+            os("--record"),
+            record.as_os_str(),
+            os("--timeout-s"),
+            os("60"),
+        ],
+    );
+    let log = agent.drain_log();
+    assert!(
+        out.status.success(),
+        "{}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent_side = dir.join("agent.wav");
+    channel(&record, 2, &agent_side);
+    (
+        normalize(&check(vox().arg("transcribe").arg(&agent_side))),
+        log,
+    )
+}
+
 #[test]
 fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
     let _one = exclusive();
@@ -217,28 +247,7 @@ fn an_llm_that_is_down_gives_the_fallback_and_the_agent_stays_ready() {
     let q = question(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();
     let mut agent = Agent::start(&ns, 8446, &["llm-url=http://127.0.0.1:9/v1"]);
-    let record = dir.path().join("call.wav");
-    let out = call(
-        &ns,
-        &agent.url,
-        &[
-            os("--play"),
-            q.as_os_str(),
-            os("--record"),
-            record.as_os_str(),
-            os("--timeout-s"),
-            os("60"),
-        ],
-    );
-    let log = agent.drain_log();
-    assert!(
-        out.status.success(),
-        "{}\n{log}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let agent_side = dir.path().join("agent.wav");
-    channel(&record, 2, &agent_side);
-    let heard = normalize(&check(vox().arg("transcribe").arg(&agent_side)));
+    let (heard, log) = ask(&ns, &mut agent, &q, dir.path());
     assert!(heard.contains("sorry"), "the agent said: {heard}\n{log}");
     let port = agent.http_port;
     assert_eq!(ns.http_get(port, "/readyz").0, 200);
@@ -474,27 +483,6 @@ fn the_echo_cancelling_graph_answers_a_call() {
     let q = question(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();
     let mut agent = Agent::start(&ns, 8450, &["--graph", "agent-webrtc-aec"]);
-    let record = dir.path().join("call.wav");
-    let out = call(
-        &ns,
-        &agent.url,
-        &[
-            os("--play"),
-            q.as_os_str(),
-            os("--record"),
-            record.as_os_str(),
-            os("--timeout-s"),
-            os("60"),
-        ],
-    );
-    let log = agent.drain_log();
-    assert!(
-        out.status.success(),
-        "{}\n{log}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let agent_side = dir.path().join("agent.wav");
-    channel(&record, 2, &agent_side);
-    let heard = normalize(&check(vox().arg("transcribe").arg(&agent_side)));
+    let (heard, log) = ask(&ns, &mut agent, &q, dir.path());
     assert!(heard.contains("paris"), "the agent said: {heard}\n{log}");
 }
