@@ -86,7 +86,6 @@ impl Agent {
     pub fn start(options: AgentOptions) -> Result<Self, AgentError> {
         limit_malloc_arenas();
         runner::init()?;
-        webrtc::register()?;
         let metrics = Arc::new(Metrics::new());
         let accepting = Arc::new(AtomicBool::new(true));
         let loaded = Arc::new(AtomicBool::new(false));
@@ -184,13 +183,7 @@ impl Agent {
             };
             if element.set_state(gst::State::Ready).is_err() {
                 let bus = pipeline.bus().expect("a pipeline has a bus");
-                let why = bus
-                    .iter_filtered(&[gst::MessageType::Error])
-                    .find_map(|m| match m.view() {
-                        gst::MessageView::Error(e) => Some(runner::describe_error(e)),
-                        _ => None,
-                    })
-                    .unwrap_or_else(|| format!("{name} failed to start"));
+                let why = first_error(&bus).unwrap_or_else(|| format!("{name} failed to start"));
                 return Err(AgentError::Models(why));
             }
         }

@@ -4,6 +4,7 @@
 //! one clock — left: what it played, right: what the agent said — from which it reads each
 //! turn's timing.
 
+use crate::graph::quote;
 use crate::runner::{self, RunError};
 use crate::webrtc::{self, ProducerEvent, Producers, WebrtcError};
 use gst::glib;
@@ -72,14 +73,9 @@ pub struct CallReport {
     pub duration: Duration,
 }
 
-fn quote(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
 /// Places a call; returns the timings read from the recording (written whole or not at all).
 pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
     runner::init()?;
-    webrtc::register()?;
     for (_, path) in options.plays.iter().chain(&options.interrupts) {
         if let Err(e) = std::fs::File::open(path) {
             return Err(CallError::Input {
@@ -368,7 +364,7 @@ fn listen_to_agent(
             sink.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
                 if let Some(buffer) = info.buffer()
                     && let Ok(map) = buffer.map_readable()
-                    && loud(map.as_slice())
+                    && loud_f32le(map.as_slice())
                     && let Some(now) = weak.upgrade().and_then(|p| p.current_running_time())
                 {
                     heard.mark(now.nseconds());
@@ -391,18 +387,19 @@ fn listen_to_agent(
     Ok(())
 }
 
-/// Whether F32LE samples hold sound above the noise floor (-40 dBFS RMS).
-fn loud(bytes: &[u8]) -> bool {
-    let n = bytes.len() / 4;
-    if n == 0 {
-        return false;
-    }
-    let sum: f64 = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
-        .map(|x| x * x)
-        .sum();
-    (sum / n as f64).sqrt() > 0.01
+/// Whether samples (full scale ±1) hold sound above the noise floor: RMS over -40 dBFS.
+fn loud(samples: impl Iterator<Item = f64>) -> bool {
+    let (sum, n) = samples.fold((0f64, 0usize), |(s, n), x| (s + x * x, n + 1));
+    n > 0 && (sum / n as f64).sqrt() > 0.01
+}
+
+/// [`loud`] over F32LE bytes.
+fn loud_f32le(bytes: &[u8]) -> bool {
+    loud(
+        bytes
+            .chunks_exact(4)
+            .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+    )
 }
 
 /// How long an audio file plays.
@@ -447,15 +444,12 @@ pub fn analyse(path: &Path) -> Result<CallReport, CallError> {
         samples
             .chunks(frame * 2)
             .map(|c| {
-                let (sum, n) =
+                loud(
                     c.iter()
                         .skip(channel)
                         .step_by(2)
-                        .fold((0f64, 0usize), |(s, n), &x| {
-                            let x = x as f64 / 32768.0;
-                            (s + x * x, n + 1)
-                        });
-                n > 0 && (sum / n as f64).sqrt() > 0.01
+                        .map(|&x| f64::from(x) / 32768.0),
+                )
             })
             .collect()
     };

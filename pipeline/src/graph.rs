@@ -321,7 +321,7 @@ pub fn render_named(name: &str, values: &[(&str, String)]) -> Result<String, Gra
 }
 
 /// Quotes a value for gst-launch syntax.
-fn quote(value: &str) -> String {
+pub fn quote(value: &str) -> String {
     let plain = !value.is_empty()
         && value
             .chars()
