@@ -115,7 +115,7 @@ fn openai_backend_streams_sentences_from_llama_server_and_keeps_history() {
     // History: the second turn's prompt holds the first exchange.
     chat.say("Repeat the name of that city.");
     let turn = chat.turn();
-    assert_eq!(turn.outcome(), "ok");
+    assert_eq!(turn.outcome(), "ok", "warnings: {:?}", turn.warnings);
     let tokens_in = turn.message.get::<u64>("tokens-in").unwrap();
     assert!(
         tokens_in > 40,
