@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use vox_pipeline::models::{self, CATALOGUE};
 use vox_pipeline::transcript::Format;
-use vox_pipeline::{agent, call, fetch, graph, reply, runner, speak, transcribe};
+use vox_pipeline::{agent, call, fetch, graph, livekit, reply, runner, speak, transcribe};
 
 #[derive(Parser)]
 #[command(
@@ -95,11 +95,20 @@ enum Command {
         threads: u32,
     },
     /// The live voice agent: one session per caller, models shared. `--transport webrtc`
-    /// serves callers through a signalling server (run in-process unless --signalling names one).
+    /// serves callers through a signalling server (run in-process unless --signalling names one);
+    /// `--transport livekit` registers as a worker with a LiveKit server and joins the rooms it
+    /// is given (LIVEKIT_API_KEY / LIVEKIT_API_SECRET, or their _FILE variants, from the
+    /// environment).
     Agent {
-        /// webrtc (plain WebRTC with gst-plugin-webrtc's signalling server).
+        /// webrtc (plain WebRTC with gst-plugin-webrtc's signalling server) or livekit.
         #[arg(long, default_value = "webrtc")]
         transport: String,
+        /// The LiveKit server (ws://, wss://, http:// or https://).
+        #[arg(long, env = "LIVEKIT_URL")]
+        livekit_url: Option<String>,
+        /// The agent name for LiveKit's explicit dispatch (empty: every new room).
+        #[arg(long, default_value = "")]
+        agent_name: String,
         /// Where the in-process signalling server listens.
         #[arg(long, default_value = "0.0.0.0:8443")]
         signalling_listen: String,
@@ -115,20 +124,46 @@ enum Command {
         /// Where /healthz, /readyz and /metrics are served (empty: nowhere).
         #[arg(long, default_value = "0.0.0.0:9090")]
         http: String,
-        /// The session graph: agent-webrtc, agent-webrtc-aec (echo cancellation), or a graph
-        /// file of your own with the same parameters and element names.
-        #[arg(long, default_value = "agent-webrtc")]
-        graph: String,
+        /// The session graph: agent-webrtc (the default for webrtc), agent-webrtc-aec (echo
+        /// cancellation), agent-livekit (the default for livekit), or a graph file of your own
+        /// with the same parameters and element names.
+        #[arg(long)]
+        graph: Option<String>,
         /// Session graph parameters (key=value), e.g. llm-url=http://127.0.0.1:11434/v1 voice=jf_alpha.
         params: Vec<String>,
+    },
+    /// Print a LiveKit access token to join ROOM as IDENTITY (from LIVEKIT_API_KEY and
+    /// LIVEKIT_API_SECRET, or their _FILE variants, in the environment).
+    Token {
+        #[arg(long)]
+        room: String,
+        #[arg(long)]
+        identity: String,
+        /// Display name (default: the identity).
+        #[arg(long)]
+        name: Option<String>,
+        /// How long the token is valid.
+        #[arg(long, default_value_t = 6 * 3600)]
+        ttl_s: u64,
+        /// A hidden participant that may only subscribe.
+        #[arg(long)]
+        listener: bool,
     },
     /// Call the agent from the terminal: play audio files as a microphone would (in real
     /// time), record both sides into a stereo WAV (left: you, right: the agent) and print each
     /// turn's timing.
     Call {
         /// The agent's signalling server (ws://HOST:PORT).
-        #[arg(long)]
-        webrtc: String,
+        #[arg(long, required_unless_present = "livekit", conflicts_with = "livekit")]
+        webrtc: Option<String>,
+        /// A LiveKit server (with --token): join its room, where `vox agent --transport
+        /// livekit` is dispatched. Hearing the agent takes a hidden second participant, whose
+        /// token is made from LIVEKIT_API_KEY / LIVEKIT_API_SECRET.
+        #[arg(long, requires = "token")]
+        livekit: Option<String>,
+        /// The LiveKit access token for your participant (see `vox token`).
+        #[arg(long, env = "LIVEKIT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// Audio to say at the start of the call.
         #[arg(long)]
         play: Option<PathBuf>,
@@ -283,6 +318,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         )?,
         Command::Agent {
             transport,
+            livekit_url,
+            agent_name,
             signalling_listen,
             signalling,
             max_sessions,
@@ -291,9 +328,26 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             graph,
             params,
         } => {
-            if transport != "webrtc" {
-                bail!("unknown transport {transport:?}: expected webrtc");
-            }
+            let (transport, default_graph) = match transport.as_str() {
+                "webrtc" => (
+                    agent::Transport::Webrtc {
+                        listen: signalling_listen,
+                        url: signalling,
+                    },
+                    "agent-webrtc",
+                ),
+                "livekit" => (
+                    agent::Transport::Livekit {
+                        url: livekit_url.context(
+                            "--transport livekit needs the server: --livekit-url URL or LIVEKIT_URL",
+                        )?,
+                        agent_name,
+                        credentials: livekit::Credentials::from_env()?,
+                    },
+                    "agent-livekit",
+                ),
+                other => bail!("unknown transport {other:?}: expected webrtc or livekit"),
+            };
             let params = params
                 .iter()
                 .map(|p| {
@@ -303,17 +357,18 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             cmd_agent(agent::AgentOptions {
-                signalling_listen,
-                signalling,
+                transport,
                 max_sessions,
                 drain_timeout: std::time::Duration::from_secs(drain_timeout_s),
                 http_listen: http,
-                graph,
+                graph: graph.unwrap_or_else(|| default_graph.to_string()),
                 params,
             })?
         }
         Command::Call {
             webrtc,
+            livekit,
+            token,
             play,
             play_at,
             interrupt_after,
@@ -331,8 +386,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             if plays.is_empty() {
                 bail!("nothing to say: give --play FILE or --play-at SECONDS FILE");
             }
+            let (url, livekit_token) = match (webrtc, livekit) {
+                (Some(url), _) => (url, None),
+                (None, Some(url)) => (url, token),
+                (None, None) => bail!("give --webrtc URL or --livekit URL --token T"),
+            };
             cmd_call(&call::CallOptions {
-                url: webrtc,
+                url,
+                livekit_token,
                 plays,
                 interrupts,
                 record,
@@ -340,6 +401,22 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 timeout: std::time::Duration::from_secs_f64(timeout_s.max(1.0)),
                 stereo,
             })?
+        }
+        Command::Token {
+            room,
+            identity,
+            name,
+            ttl_s,
+            listener,
+        } => {
+            let token = livekit::Credentials::from_env()?.room_token(
+                &room,
+                &identity,
+                name.as_deref().unwrap_or(&identity),
+                listener,
+                std::time::Duration::from_secs(ttl_s),
+            )?;
+            println!("{token}");
         }
         Command::Run {
             graph,
@@ -508,7 +585,7 @@ fn cmd_agent(options: agent::AgentOptions) -> Result<()> {
         .unwrap_or_default();
     eprintln!(
         "vox agent: ready; callers connect through {}{http} (Ctrl-C or SIGTERM to stop)",
-        agent.signalling_url()
+        agent.url()
     );
     while !runner::interrupted() {
         std::thread::sleep(std::time::Duration::from_millis(100));

@@ -1,10 +1,12 @@
-//! `vox agent`: the live voice agent. One pipeline per session (a caller), built from a ready
-//! graph (`agent-webrtc`); all sessions share the models loaded in the process. A session that
-//! fails is logged and torn down without touching the others. On the first interrupt
-//! (SIGTERM, Ctrl-C) the agent stops taking callers and lets active sessions finish, up to the
-//! drain timeout; a second interrupt or the timeout ends them.
+//! `vox agent`: the live voice agent. One pipeline per session (a caller, or a LiveKit job),
+//! built from a ready graph (`agent-webrtc`, `agent-livekit`); all sessions share the models
+//! loaded in the process. A session that fails is logged and torn down without touching the
+//! others. On the first interrupt (SIGTERM, Ctrl-C) the agent stops taking callers (and tells
+//! the LiveKit server it is full) and lets active sessions finish, up to the drain timeout; a
+//! second interrupt or the timeout ends them.
 
 use crate::graph::{self, GraphError};
+use crate::livekit::{self, Assignment, Credentials, JobOutcome, LivekitError, Reporter, Worker};
 use crate::metrics::{HttpError, HttpServer, Metrics};
 use crate::runner::{self, RunError};
 use crate::webrtc::{self, ProducerEvent, Producers, Signalling, WebrtcError};
@@ -28,15 +30,30 @@ pub enum AgentError {
     Models(String),
     #[error(transparent)]
     Http(#[from] HttpError),
+    #[error(transparent)]
+    Livekit(#[from] LivekitError),
+}
+
+/// How callers reach the agent.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// Plain WebRTC: callers publish on a signalling server, run in-process on `listen` unless
+    /// `url` names one that already runs.
+    Webrtc { listen: String, url: Option<String> },
+    /// LiveKit: the agent registers as a worker with the server's agent service and joins the
+    /// rooms of the jobs it is given.
+    Livekit {
+        url: String,
+        agent_name: String,
+        credentials: Credentials,
+    },
 }
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
-    /// Where to run the signalling server (`HOST:PORT`), when `signalling` is not given.
-    pub signalling_listen: String,
-    /// A signalling server that already runs (`ws://HOST:PORT`).
-    pub signalling: Option<String>,
-    /// The session graph and its parameters (besides `signalling`, `caller`, `call`).
+    pub transport: Transport,
+    /// The session graph and its parameters (besides those the transport sets: `signalling`,
+    /// `caller`, `call` for WebRTC; `livekit-url`, `room` for LiveKit).
     pub graph: String,
     pub params: Vec<(String, String)>,
     pub max_sessions: usize,
@@ -48,8 +65,10 @@ pub struct AgentOptions {
 impl Default for AgentOptions {
     fn default() -> Self {
         Self {
-            signalling_listen: "0.0.0.0:8443".into(),
-            signalling: None,
+            transport: Transport::Webrtc {
+                listen: "0.0.0.0:8443".into(),
+                url: None,
+            },
             graph: "agent-webrtc".into(),
             params: Vec::new(),
             max_sessions: 4,
@@ -69,11 +88,12 @@ pub struct Agent {
     options: AgentOptions,
     url: String,
     _signalling: Option<Signalling>,
-    sessions: Arc<Mutex<HashMap<String, Session>>>,
+    sessions: Sessions,
     accepting: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
-    /// The last signalling fault, while the watch is not connected.
+    /// Why the transport is not connected (signalling watch, LiveKit registration), if it is not.
     transport_fault: Arc<Mutex<Option<String>>>,
+    worker: Option<Worker>,
     http: Option<HttpServer>,
     /// The model elements of one session, kept in READY so the models are loaded before the
     /// first caller and stay loaded between callers.
@@ -84,6 +104,9 @@ pub struct Agent {
 impl Agent {
     /// Loads the models, starts (or joins) the signalling server and waits for callers.
     pub fn start(options: AgentOptions) -> Result<Self, AgentError> {
+        if let Transport::Livekit { url, .. } = &options.transport {
+            livekit::ws_url(url, "/agent")?;
+        }
         limit_malloc_arenas();
         runner::init()?;
         let metrics = Arc::new(Metrics::new());
@@ -107,21 +130,21 @@ impl Agent {
                         return Err("draining".into());
                     }
                     match &*fault.lock().unwrap_or_else(|p| p.into_inner()) {
-                        Some(why) => Err(format!("signalling: {why}")),
+                        Some(why) => Err(format!("transport: {why}")),
                         None => Ok(()),
                     }
                 },
             )?)
         };
         let warm = Self::load_models(&options)?;
-        let signalling = match &options.signalling {
-            Some(_) => None,
-            None => Some(Signalling::start(&options.signalling_listen)?),
-        };
-        let url = match (&options.signalling, &signalling) {
-            (Some(url), _) => url.clone(),
-            (None, Some(s)) => local_url(s),
-            (None, None) => unreachable!("a server was started above"),
+        let (signalling, url) = match &options.transport {
+            Transport::Webrtc { url: Some(url), .. } => (None, url.clone()),
+            Transport::Webrtc { listen, url: None } => {
+                let s = Signalling::start(listen)?;
+                let url = local_url(&s);
+                (Some(s), url)
+            }
+            Transport::Livekit { url, .. } => (None, url.clone()),
         };
         let mut agent = Self {
             options,
@@ -131,11 +154,40 @@ impl Agent {
             accepting,
             metrics,
             transport_fault,
+            worker: None,
             http,
             warm,
             _watch: None,
         };
-        agent._watch = Some(agent.watch()?);
+        match agent.options.transport.clone() {
+            Transport::Webrtc { .. } => agent._watch = Some(agent.watch()?),
+            Transport::Livekit {
+                url,
+                agent_name,
+                credentials,
+            } => {
+                let (reporter, outbox) = livekit::reporter();
+                let jobs = Arc::new(LivekitJobs {
+                    options: agent.options.clone(),
+                    credentials: credentials.clone(),
+                    sessions: agent.sessions.clone(),
+                    accepting: agent.accepting.clone(),
+                    metrics: agent.metrics.clone(),
+                    reporter: reporter.clone(),
+                });
+                agent.worker = Some(Worker::start(
+                    livekit::WorkerOptions {
+                        url,
+                        agent_name,
+                        status_interval: Duration::from_millis(2500),
+                    },
+                    credentials,
+                    jobs,
+                    (reporter, outbox),
+                    agent.transport_fault.clone(),
+                )?);
+            }
+        }
         loaded.store(true, Ordering::SeqCst);
         Ok(agent)
     }
@@ -145,8 +197,8 @@ impl Agent {
         self.http.as_ref().map(HttpServer::addr)
     }
 
-    /// The signalling server's URL.
-    pub fn signalling_url(&self) -> &str {
+    /// Where callers reach the agent: the signalling server's URL, or the LiveKit server's.
+    pub fn url(&self) -> &str {
         &self.url
     }
 
@@ -157,25 +209,16 @@ impl Agent {
             .len()
     }
 
-    fn render(
-        options: &AgentOptions,
-        caller: &str,
-        call: &str,
-        url: &str,
-    ) -> Result<String, GraphError> {
-        let mut values: Vec<(&str, String)> = options
-            .params
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.clone()))
-            .collect();
-        values.push(("signalling", url.to_string()));
-        values.push(("caller", caller.to_string()));
-        values.push(("call", call.to_string()));
-        graph::render_named(&options.graph, &values)
-    }
-
     fn load_models(options: &AgentOptions) -> Result<gst::Pipeline, AgentError> {
-        let description = Self::render(options, "none", "none", "ws://127.0.0.1:1")?;
+        let transport: &[(&str, &str)] = match options.transport {
+            Transport::Webrtc { .. } => &[
+                ("signalling", "ws://127.0.0.1:1"),
+                ("caller", "none"),
+                ("call", "none"),
+            ],
+            Transport::Livekit { .. } => &[("livekit-url", "ws://127.0.0.1:1"), ("room", "none")],
+        };
+        let description = render(options, transport)?;
         let pipeline = runner::launch(&description)?;
         for name in ["vad", "stt", "llm", "tts"] {
             let Some(element) = pipeline.by_name(name) else {
@@ -215,20 +258,24 @@ impl Agent {
                     return;
                 }
                 let stop = Arc::new(AtomicBool::new(false));
-                let started = Self::render(&options, &p.id, &call, &url)
-                    .map_err(|e| e.to_string())
-                    .and_then(|d| runner::launch(&d).map_err(|e| e.to_string()))
-                    .and_then(|pipeline| {
-                        spawn_session(
-                            p.id.clone(),
-                            call,
-                            pipeline,
-                            stop.clone(),
-                            sessions.clone(),
-                            metrics.clone(),
-                        )
-                        .map_err(|e| format!("cannot start a session thread: {e}"))
-                    });
+                let started = render(
+                    &options,
+                    &[("signalling", &url), ("caller", &p.id), ("call", &call)],
+                )
+                .map_err(|e| e.to_string())
+                .and_then(|d| runner::launch(&d).map_err(|e| e.to_string()))
+                .and_then(|pipeline| {
+                    spawn_session(
+                        p.id.clone(),
+                        call,
+                        pipeline,
+                        stop.clone(),
+                        sessions.clone(),
+                        metrics.clone(),
+                        Box::new(|_| {}),
+                    )
+                    .map_err(|e| format!("cannot start a session thread: {e}"))
+                });
                 match started {
                     Ok(thread) => {
                         map.insert(
@@ -266,6 +313,9 @@ impl Agent {
     /// `give_up()`), then ends those left.
     pub fn drain(&self, timeout: Duration, give_up: impl Fn() -> bool) {
         self.accepting.store(false, Ordering::SeqCst);
+        if let Some(worker) = &self.worker {
+            worker.reporter().status();
+        }
         let started = Instant::now();
         while self.active_sessions() > 0 && started.elapsed() < timeout && !give_up() {
             std::thread::sleep(Duration::from_millis(100));
@@ -293,6 +343,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self._watch = None;
         self.stop_all();
+        self.worker = None;
         let _ = self.warm.set_state(gst::State::Null);
     }
 }
@@ -319,14 +370,157 @@ fn local_url(s: &Signalling) -> String {
     }
 }
 
-/// Runs one session's pipeline on a thread of its own until it ends, fails or is stopped.
+type Sessions = Arc<Mutex<HashMap<String, Session>>>;
+
+/// Told how a session ended (the LiveKit job status).
+type Ended = Box<dyn FnOnce(&Result<(), String>) + Send>;
+
+/// The session graph with the user's parameters and the transport's `values`.
+fn render(options: &AgentOptions, values: &[(&str, &str)]) -> Result<String, GraphError> {
+    let mut all: Vec<(&str, String)> = options
+        .params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    all.extend(values.iter().map(|(k, v)| (*k, v.to_string())));
+    graph::render_named(&options.graph, &all)
+}
+
+/// The agent's side of the LiveKit worker: its load, and a session per job.
+struct LivekitJobs {
+    options: AgentOptions,
+    credentials: Credentials,
+    sessions: Sessions,
+    accepting: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    reporter: Reporter,
+}
+
+impl livekit::Jobs for LivekitJobs {
+    fn load(&self) -> (usize, usize, bool) {
+        let active = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        (
+            active,
+            self.options.max_sessions,
+            self.accepting.load(Ordering::SeqCst),
+        )
+    }
+
+    fn assign(&self, job: Assignment) -> Result<(), String> {
+        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(&job.job_id) {
+            return Err("job already running".into());
+        }
+        let pipeline = render(
+            &self.options,
+            &[("livekit-url", &job.url), ("room", &job.room)],
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|d| runner::launch(&d).map_err(|e| e.to_string()))
+        .and_then(|p| self.join(&p, &job).map(|()| p));
+        let pipeline = match pipeline {
+            Ok(p) => p,
+            Err(e) => {
+                self.metrics.sessions_failed.inc();
+                self.metrics.error("session");
+                return Err(e);
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let reporter = self.reporter.clone();
+        let id = job.job_id.clone();
+        let thread = spawn_session(
+            job.job_id.clone(),
+            job.room.clone(),
+            pipeline,
+            stop.clone(),
+            self.sessions.clone(),
+            self.metrics.clone(),
+            Box::new(move |result| {
+                reporter.job(
+                    &id,
+                    match result {
+                        Ok(()) => JobOutcome::Done,
+                        Err(e) => JobOutcome::Failed(e.clone()),
+                    },
+                )
+            }),
+        )
+        .map_err(|e| format!("cannot start a session thread: {e}"))?;
+        map.insert(
+            job.job_id,
+            Session {
+                stop,
+                thread: Some(thread),
+            },
+        );
+        Ok(())
+    }
+
+    fn terminate(&self, job_id: &str) {
+        if let Some(s) = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(job_id)
+        {
+            s.stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl LivekitJobs {
+    /// Gives the session's LiveKit elements their tokens: the job's own (the agent's
+    /// participant, publishing the voice) to `agent`, and to `caller` a hidden, listen-only
+    /// participant's, which subscribes to the job's participant (or anyone but the agent).
+    fn join(&self, pipeline: &gst::Pipeline, job: &Assignment) -> Result<(), String> {
+        let signaller = |name: &str| {
+            pipeline
+                .by_name(name)
+                .filter(|e| e.has_property("signaller"))
+                .map(|e| e.property::<glib::Object>("signaller"))
+                .filter(|s| s.has_property("auth-token"))
+                .ok_or_else(|| format!("the session graph has no LiveKit element named {name:?}"))
+        };
+        let (voice, ears) = (signaller("agent")?, signaller("caller")?);
+        let listener = format!("{}-ears", job.identity);
+        let token = self
+            .credentials
+            .room_token(
+                &job.room,
+                &listener,
+                "vox agent (listening)",
+                true,
+                Duration::from_secs(24 * 3600),
+            )
+            .map_err(|e| e.to_string())?;
+        voice.set_property("auth-token", &job.token);
+        ears.set_property("auth-token", &token);
+        match &job.participant {
+            Some(p) => ears.set_property("producer-peer-id", p),
+            None => ears.set_property(
+                "excluded-producer-peer-ids",
+                gst::Array::new([job.identity.as_str()]),
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Runs one session's pipeline on a thread of its own until it ends, fails or is stopped;
+/// `ended` hears how.
 fn spawn_session(
     caller: String,
     call: String,
     pipeline: gst::Pipeline,
     stop: Arc<AtomicBool>,
-    sessions: Arc<Mutex<HashMap<String, Session>>>,
+    sessions: Sessions,
     metrics: Arc<Metrics>,
+    ended: Ended,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let short: String = call.chars().take(8).collect();
     std::thread::Builder::new()
@@ -337,7 +531,7 @@ fn spawn_session(
             tracing::info!("session {call}: caller {caller}");
             let result = run_session(&call, &pipeline, &stop, &metrics);
             let _ = pipeline.set_state(gst::State::Null);
-            match result {
+            match &result {
                 Ok(()) => tracing::info!("session {call} ended"),
                 Err(e) => {
                     metrics.sessions_failed.inc();
@@ -356,6 +550,7 @@ fn spawn_session(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&caller);
+            ended(&result);
         })
 }
 
@@ -382,6 +577,11 @@ fn run_session(
         };
         match msg.view() {
             gst::MessageView::Error(e) => {
+                // livekitwebrtcsrc's room timeout: everyone else left the room.
+                if e.error().message().contains("Room timeout reached") {
+                    tracing::info!("session {call}: the room is empty");
+                    return Ok(());
+                }
                 metrics.error(stage_of(msg.src()));
                 return Err(runner::describe_error(e));
             }

@@ -1,10 +1,11 @@
 //! `vox call`: a terminal peer for the live agent. It publishes a microphone made of audio
 //! files played in real time (silence in between, as a real microphone sends), finds the
-//! agent's voice for this call on the signalling server, and records both into a stereo WAV on
-//! one clock — left: what it played, right: what the agent said — from which it reads each
-//! turn's timing.
+//! agent's voice for this call (on the signalling server, or in the LiveKit room), and records
+//! both into a stereo WAV on one clock — left: what it played, right: what the agent said —
+//! from which it reads each turn's timing.
 
 use crate::graph::quote;
+use crate::livekit::{self, Credentials, LivekitError};
 use crate::runner::{self, RunError};
 use crate::webrtc::{self, ProducerEvent, Producers, WebrtcError};
 use gst::glib;
@@ -23,6 +24,8 @@ pub enum CallError {
     Run(#[from] RunError),
     #[error(transparent)]
     Webrtc(#[from] WebrtcError),
+    #[error(transparent)]
+    Livekit(#[from] LivekitError),
     #[error("cannot read {path}: {why}")]
     Input { path: PathBuf, why: String },
     #[error("no agent answered within {0:?} (is `vox agent` running at that signalling URL?)")]
@@ -33,8 +36,12 @@ pub enum CallError {
 
 #[derive(Debug, Clone)]
 pub struct CallOptions {
-    /// Signalling server URL (`ws://HOST:PORT`).
+    /// Signalling server URL (`ws://HOST:PORT`), or the LiveKit server's with `livekit_token`.
     pub url: String,
+    /// Join a LiveKit room with this token (its room and identity) instead of plain WebRTC.
+    /// Hearing the agent takes a second, hidden participant, whose token is made from
+    /// `LIVEKIT_API_KEY` / `LIVEKIT_API_SECRET`.
+    pub livekit_token: Option<String>,
     /// Files to play and when (seconds from the start of the call).
     pub plays: Vec<(Duration, PathBuf)>,
     /// Files to play once the agent has been speaking this long (barge-in).
@@ -86,19 +93,50 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
     }
     runner::check_writable(&options.record)?;
     let call_id = call_id();
+    // LiveKit: the microphone is the token's participant; the ears a hidden one beside it.
+    let livekit = match &options.livekit_token {
+        Some(token) => {
+            let (identity, room) = livekit::token_subject(token)?;
+            let ears = Credentials::from_env()?.room_token(
+                &room,
+                &format!("{identity}-ears"),
+                "vox call (listening)",
+                true,
+                Duration::from_secs(3600),
+            )?;
+            Some((token.clone(), identity, ears))
+        }
+        None => None,
+    };
     let raw = format!("audio/x-raw,format=F32LE,rate={RATE},channels=1,layout=interleaved");
+    let out = match &livekit {
+        None => format!(
+            "webrtcsink name=out congestion-control=disabled signaller::uri={url} meta={meta}",
+            url = quote(&options.url),
+            meta = quote(&format!("meta,vox-role=caller,call={call_id}")),
+        ),
+        Some(_) => format!(
+            "livekitwebrtcsink name=out congestion-control=disabled signaller::ws-url={}",
+            quote(&options.url)
+        ),
+    };
     let description = format!(
         "audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=mic latency=10000000 ! {raw} ! tee name=t \
-         t. ! queue ! audioconvert ! audio/x-raw,channels={channels} ! webrtcsink name=out congestion-control=disabled signaller::uri={url} meta={meta} \
+         t. ! queue ! audioconvert ! audio/x-raw,channels={channels} ! {out} \
          t. ! queue ! rec.sink_0 \
          audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=agent latency=10000000 ! {raw} ! queue ! rec.sink_1 \
          audiointerleave name=rec latency=10000000 ! audioconvert ! audio/x-raw,format=S16LE,channels=2 ! wavenc ! filesink location={record}",
-        url = quote(&options.url),
         channels = if options.stereo { 2 } else { 1 },
-        meta = quote(&format!("meta,vox-role=caller,call={call_id}")),
         record = quote(&options.record.display().to_string()),
     );
     let pipeline = runner::launch(&description)?;
+    if let Some((token, _, _)) = &livekit {
+        pipeline
+            .by_name("out")
+            .expect("named in the description")
+            .property::<glib::Object>("signaller")
+            .set_property("auth-token", token);
+    }
     let outputs = runner::AtomicOutputs::redirect(&pipeline)?;
     webrtc::no_public_stun(pipeline.upcast_ref());
     webrtc::low_latency(pipeline.upcast_ref());
@@ -141,13 +179,27 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
     let joined = Arc::new(AtomicBool::new(false));
     let failure = Arc::new(Mutex::new(None::<String>));
     let url = options.url.clone();
-    let watch = {
+    let watch = if let Some((_, identity, ears)) = &livekit {
+        // The agent is whoever else publishes in the room (its own ears are hidden).
+        let src = gst::ElementFactory::make("livekitwebrtcsrc")
+            .build()
+            .map_err(|e| CallError::Failed(format!("livekitwebrtcsrc: {e}")))?;
+        let signaller = src.property::<glib::Object>("signaller");
+        signaller.set_property("ws-url", &options.url);
+        signaller.set_property("auth-token", ears);
+        signaller.set_property(
+            "excluded-producer-peer-ids",
+            gst::Array::new([identity.as_str()]),
+        );
+        listen_to_agent(&pipeline, &agent_mix, src, &heard, &joined).map_err(CallError::Failed)?;
+        None
+    } else {
         let pipeline = pipeline.downgrade();
         let joined = joined.clone();
         let heard = heard.clone();
         let failure = failure.clone();
         let call_id = call_id.clone();
-        Producers::watch(&options.url, move |event| match event {
+        Some(Producers::watch(&options.url, move |event| match event {
             ProducerEvent::Added(p)
                 if p.meta_str("vox-role").as_deref() == Some("agent")
                     && p.meta_str("call").as_deref() == Some(call_id.as_str()) =>
@@ -158,7 +210,17 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
                 let Some(pipeline) = pipeline.upgrade() else {
                     return;
                 };
-                if let Err(e) = listen_to_agent(&pipeline, &agent_mix, &url, &p.id, &heard) {
+                let listened = gst::ElementFactory::make("webrtcsrc")
+                    .build()
+                    .map_err(|e| format!("webrtcsrc: {e}"))
+                    .and_then(|src| {
+                        src.set_property("stun-server", None::<String>);
+                        let signaller = src.property::<glib::Object>("signaller");
+                        signaller.set_property("uri", &url);
+                        signaller.set_property("producer-peer-id", &p.id);
+                        listen_to_agent(&pipeline, &agent_mix, src, &heard, &joined)
+                    });
+                if let Err(e) = listened {
                     *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 }
             }
@@ -167,7 +229,7 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
                     Some(format!("signalling: {e}"));
             }
             _ => {}
-        })?
+        })?)
     };
     let started = Instant::now();
     let bus = pipeline.bus().expect("a pipeline has a bus");
@@ -313,28 +375,24 @@ impl Heard {
     }
 }
 
-/// Adds a `webrtcsrc` consuming the agent's voice, mixed into the recording's right channel.
+/// Adds `src` (a WebRTC source of the agent's voice) mixed into the recording's right channel;
+/// `joined` is set once its audio comes.
 fn listen_to_agent(
     pipeline: &gst::Pipeline,
     mix: &gst::Element,
-    url: &str,
-    producer: &str,
+    src: gst::Element,
     heard: &Heard,
+    joined: &Arc<AtomicBool>,
 ) -> Result<(), String> {
-    let src = gst::ElementFactory::make("webrtcsrc")
-        .build()
-        .map_err(|e| format!("webrtcsrc: {e}"))?;
-    src.set_property("stun-server", None::<String>);
-    let signaller = src.property::<glib::Object>("signaller");
-    signaller.set_property("uri", url);
-    signaller.set_property("producer-peer-id", producer);
     let mix = mix.clone();
     let heard = heard.clone();
+    let joined = joined.clone();
     let weak = pipeline.downgrade();
     src.connect_pad_added(move |_, pad| {
         let Some(pipeline) = weak.upgrade() else {
             return;
         };
+        joined.store(true, Ordering::SeqCst);
         let chain = (|| -> Result<(), glib::BoolError> {
             let convert = gst::ElementFactory::make("audioconvert").build()?;
             let resample = gst::ElementFactory::make("audioresample").build()?;

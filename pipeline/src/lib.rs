@@ -6,6 +6,7 @@ pub mod call;
 pub mod ct2;
 pub mod fetch;
 pub mod graph;
+pub mod livekit;
 pub mod metrics;
 pub mod reply;
 pub mod runner;

@@ -302,9 +302,12 @@ pub fn describe_error(err: &gst::message::Error) -> String {
             None if debug.contains("(): /") => "",
             None => &debug,
         };
+        // Some elements (gst-plugin-webrtc's signallers) put an anyhow error's backtrace in
+        // their message when RUST_BACKTRACE is set: the message is what a user needs.
         let detail = detail
             .lines()
             .map(str::trim)
+            .take_while(|l| !l.starts_with("Stack backtrace:"))
             .filter(|l| !l.is_empty())
             .collect::<Vec<_>>();
         let detail = detail.join("; ");

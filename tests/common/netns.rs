@@ -83,9 +83,13 @@ impl Agent {
             &format!("{AGENT_IP}:{}", port + 1000),
         ])
         .args(args)
-        .env("VOX_LOG", "info,gst_plugin_webrtc_signalling=warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .env("VOX_LOG", "info,gst_plugin_webrtc_signalling=warn");
+        Self::spawn(cmd, format!("ws://{AGENT_IP}:{port}"), port + 1000)
+    }
+
+    /// Runs `cmd` (a `vox agent` command line) and waits until it is ready.
+    pub fn spawn(mut cmd: Command, url: String, http_port: u16) -> Self {
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("cannot start vox agent");
         let (tx, lines) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
@@ -100,8 +104,8 @@ impl Agent {
             child,
             lines,
             log: Vec::new(),
-            url: format!("ws://{AGENT_IP}:{port}"),
-            http_port: port + 1000,
+            url,
+            http_port,
         };
         agent
             .wait_for("vox agent: ready", Duration::from_secs(60))
