@@ -123,9 +123,9 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
     let description = format!(
         "audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=mic latency=10000000 ! {raw} ! tee name=t \
          t. ! queue ! audioconvert ! audio/x-raw,channels={channels} ! {out} \
-         t. ! queue ! rec.sink_0 \
-         audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {raw} ! audiomixer name=agent latency=10000000 ! {raw} ! queue ! rec.sink_1 \
-         audiointerleave name=rec latency=10000000 ! audioconvert ! audio/x-raw,format=S16LE,channels=2 ! wavenc ! filesink location={record}",
+         t. ! queue ! audioconvert mix-matrix=\"<<(float)1.0>, <(float)0.0>>\" ! {stereo} ! rec. \
+         audiotestsrc wave=silence is-live=true samplesperbuffer=960 ! {stereo} ! audiomixer name=rec latency=10000000 ! {stereo} ! audioconvert ! audio/x-raw,format=S16LE,channels=2 ! wavenc ! filesink location={record}",
+        stereo = format!("audio/x-raw,format=F32LE,rate={RATE},channels=2,layout=interleaved"),
         channels = if options.stereo { 2 } else { 1 },
         record = quote(&options.record.display().to_string()),
     );
@@ -175,7 +175,10 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
     // The agent's voice: first and last time it was loud (running time, ns), for the
     // interruptions and for knowing when the call is over.
     let heard = Heard::default();
-    let agent_mix = pipeline.by_name("agent").expect("named in the description");
+    // One mixer records both sides: the caller panned left, the agent's voice right (added when
+    // it comes). A mixer takes new inputs mid-stream in its stride (audiointerleave did not,
+    // now and then failing as not negotiated when the voice joined).
+    let agent_mix = pipeline.by_name("rec").expect("named in the description");
     let joined = Arc::new(AtomicBool::new(false));
     let failure = Arc::new(Mutex::new(None::<String>));
     let url = options.url.clone();
@@ -375,8 +378,8 @@ impl Heard {
     }
 }
 
-/// Adds `src` (a WebRTC source of the agent's voice) mixed into the recording's right channel;
-/// `joined` is set once its audio comes.
+/// Adds `src` (a WebRTC source of the agent's voice) into the recording's right channel (`mix`
+/// is the recorder); `joined` is set once its audio comes.
 fn listen_to_agent(
     pipeline: &gst::Pipeline,
     mix: &gst::Element,
@@ -406,9 +409,26 @@ fn listen_to_agent(
                         .build(),
                 )
                 .build()?;
+            let pan = gst::ElementFactory::make("audioconvert")
+                .property(
+                    "mix-matrix",
+                    gst::Array::new([gst::Array::new([0f32]), gst::Array::new([1f32])]),
+                )
+                .build()?;
+            let stereo = gst::ElementFactory::make("capsfilter")
+                .property(
+                    "caps",
+                    gst::Caps::builder("audio/x-raw")
+                        .field("format", "F32LE")
+                        .field("rate", RATE as i32)
+                        .field("channels", 2)
+                        .build(),
+                )
+                .build()?;
             let queue = gst::ElementFactory::make("queue").build()?;
-            pipeline.add_many([&convert, &resample, &caps, &queue])?;
-            gst::Element::link_many([&convert, &resample, &caps, &queue])?;
+            let chain = [&convert, &resample, &caps, &pan, &stereo, &queue];
+            pipeline.add_many(chain)?;
+            gst::Element::link_many(chain)?;
             let sink = mix
                 .request_pad_simple("sink_%u")
                 .ok_or_else(|| glib::bool_error!("no mixer pad"))?;
@@ -419,7 +439,8 @@ fn listen_to_agent(
                 .map_err(|e| glib::bool_error!("{e:?}"))?;
             let heard = heard.clone();
             let weak = pipeline.downgrade();
-            sink.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+            let mono = caps.static_pad("src").expect("capsfilter has a src pad");
+            mono.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
                 if let Some(buffer) = info.buffer()
                     && let Ok(map) = buffer.map_readable()
                     && loud_f32le(map.as_slice())
@@ -429,7 +450,7 @@ fn listen_to_agent(
                 }
                 gst::PadProbeReturn::Ok
             });
-            for e in [&convert, &resample, &caps, &queue] {
+            for e in chain {
                 e.sync_state_with_parent()?;
             }
             pad.link(&convert.static_pad("sink").expect("sink pad"))

@@ -10,6 +10,9 @@
 //! [`SentenceSplitter::first_clause`] also ends the *first* piece at a clause mark (`,` `;` `:`
 //! `—` followed by white space), so that speech can start before the first sentence is done:
 //! "Sure, the capital of France is Paris." gives "Sure," and then the rest.
+//! [`SentenceSplitter::first_words`] also ends the first piece after so many words when no mark
+//! came before ("The capital of France" and then "is Paris."): speech starts sooner still, at
+//! some cost to the first sentence's intonation.
 
 const ABBREVIATIONS: &[&str] = &[
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "etc", "e.g", "i.e", "a.m",
@@ -105,6 +108,8 @@ pub struct SentenceSplitter {
     line_start: bool,
     /// A clause mark ends the next piece (until one piece has been handed out).
     clause: bool,
+    /// With `clause`: so many words end the first piece too (0: no limit).
+    words: usize,
 }
 
 impl Default for SentenceSplitter {
@@ -114,6 +119,7 @@ impl Default for SentenceSplitter {
             scanned: 0,
             line_start: true,
             clause: false,
+            words: 0,
         }
     }
 }
@@ -138,6 +144,15 @@ impl SentenceSplitter {
     pub fn first_clause() -> Self {
         Self {
             clause: true,
+            ..Self::default()
+        }
+    }
+
+    /// Like [`Self::first_clause`], and the first piece ends after `words` words at most.
+    pub fn first_words(words: usize) -> Self {
+        Self {
+            clause: true,
+            words,
             ..Self::default()
         }
     }
@@ -177,6 +192,13 @@ impl SentenceSplitter {
                 Boundary::No if self.clause && out.is_empty() => {
                     match clause_after(text, i - start, c) {
                         Boundary::Undecided if finished => Boundary::No,
+                        Boundary::No
+                            if self.words > 0
+                                && c.is_whitespace()
+                                && text[..i - start].split_whitespace().count() >= self.words =>
+                        {
+                            Boundary::At(i - start)
+                        }
                         b => b,
                     }
                 }
@@ -291,6 +313,28 @@ mod tests {
         let mut s = SentenceSplitter::first_clause();
         assert!(s.push("Well,").is_empty());
         assert_eq!(s.push(" I"), ["Well,"]);
+    }
+
+    #[test]
+    fn first_words_end_the_first_piece_when_no_mark_comes() {
+        let text = "The capital of France is Paris. It is on the Seine.";
+        for size in 1..=text.len() {
+            let got = in_chunks(SentenceSplitter::first_words(4), text, size);
+            assert_eq!(
+                got,
+                ["The capital of France", "is Paris.", "It is on the Seine."],
+                "chunks of {size}"
+            );
+        }
+        // A mark or a sentence end that comes first still ends it; later pieces are sentences.
+        let mut s = SentenceSplitter::first_words(4);
+        let mut got = s.push("Sure, the capital of France is Paris. ");
+        got.extend(s.finish());
+        assert_eq!(got, ["Sure,", "the capital of France is Paris."]);
+        let mut s = SentenceSplitter::first_words(4);
+        let mut got = s.push("Yes. It is.");
+        got.extend(s.finish());
+        assert_eq!(got, ["Yes.", "It is."]);
     }
 
     #[test]

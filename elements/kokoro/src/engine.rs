@@ -107,3 +107,37 @@ impl Kokoro {
         Ok(audio.to_vec())
     }
 }
+
+/// Kokoro starts every piece with about a quarter of a second of silence, heard as that much
+/// more latency before each answer: cut it to `lead` seconds before the first sound (above
+/// -60 dBFS). The silence at the end is kept; it makes the pause between sentences.
+pub fn trim_leading_silence(audio: &mut Vec<f32>, lead: f32) {
+    let Some(onset) = audio.iter().position(|x| x.abs() > 1e-3) else {
+        return;
+    };
+    let keep = (lead * SAMPLE_RATE as f32) as usize;
+    audio.drain(..onset.saturating_sub(keep));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leading_silence_is_cut_to_the_lead() {
+        let rate = SAMPLE_RATE as usize;
+        let mut audio = vec![0.0f32; rate / 4];
+        audio.extend(std::iter::repeat_n(0.5, rate / 2));
+        audio.extend(vec![0.0; rate / 2]);
+        trim_leading_silence(&mut audio, 0.02);
+        assert_eq!(audio.len(), rate / 50 + rate);
+        assert_eq!(audio[rate / 50], 0.5);
+        // Sound from the start, and silence only, are left as they are.
+        let mut loud = vec![0.5f32; 100];
+        trim_leading_silence(&mut loud, 0.02);
+        assert_eq!(loud.len(), 100);
+        let mut quiet = vec![0.0f32; 100];
+        trim_leading_silence(&mut quiet, 0.02);
+        assert_eq!(quiet.len(), 100);
+    }
+}

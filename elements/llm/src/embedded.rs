@@ -1,10 +1,16 @@
 //! llama.cpp in-process (llama-cpp-2, which bundles llama.cpp), no GStreamer types. A model is
-//! loaded once per process and shared; each session (element instance) has a context of its own,
-//! kept between turns so that only what is new in the conversation is evaluated, and sessions do
-//! not see each other's conversations.
+//! loaded once per process and shared, with one key/value cache for all its conversations
+//! (sessions, element instances): each conversation is a sequence in it, kept between turns so
+//! that only what is new is evaluated, and sessions do not see each other's conversations. The
+//! cache's memory is allocated once, so a session costs no more than its tokens: when the cache
+//! is full, or more conversations are open than it has sequences, the least recently used idle
+//! conversation gives up its place and is evaluated again at its next turn. Decoding is
+//! serialised on the model (token by token, so concurrent replies interleave), which is also
+//! what the CPU wants: two decodes at once on the same cores only slow each other down.
 
 use crate::chat::{Message, Role, Usage};
 use crate::openai::{LlmError, Params};
+use llama_cpp_2::DecodeError;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -15,12 +21,15 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
-/// Context length of a session: system prompt, kept history, the new message and the reply must
-/// fit (the oldest exchanges are left out when they do not).
+/// The longest conversation: system prompt, kept history, the new message and the reply must
+/// fit (the oldest exchanges are left out when they do not). Also the shared cache's size.
 const CONTEXT: u32 = 4096;
+/// Conversations the shared cache holds at once.
+const SEQUENCES: usize = 16;
 /// Tokens evaluated per decode call.
 const BATCH: usize = 512;
 
@@ -39,12 +48,29 @@ fn backend() -> Result<&'static LlamaBackend, LlmError> {
 }
 
 pub struct Embedded {
-    model: LlamaModel,
+    /// Loaded once and kept for the life of the process (the shared cache refers to it).
+    model: &'static LlamaModel,
     template: LlamaChatTemplate,
     threads: i32,
-    /// Creating contexts from one model concurrently is unsound in llama.cpp (it writes to the
-    /// model); this serialises that step only.
-    new_context: Mutex<()>,
+    cache: Mutex<Cache>,
+    next_id: AtomicU64,
+}
+
+/// The shared key/value cache and what each of its sequences holds.
+struct Cache {
+    ctx: Option<LlamaContext<'static>>,
+    seqs: Vec<Seq>,
+}
+
+#[derive(Default)]
+struct Seq {
+    /// The session whose conversation this is (none: free).
+    owner: Option<u64>,
+    /// A reply is being generated: not to be given to another session.
+    busy: bool,
+    used: Option<Instant>,
+    /// The tokens in the cache for this sequence, from position 0.
+    tokens: Vec<LlamaToken>,
 }
 
 impl Embedded {
@@ -74,20 +100,28 @@ impl Embedded {
             .chat_template(None)
             .map_err(|e| fail(format!("no chat template ({e})")))?;
         Ok(Self {
-            model,
+            model: Box::leak(Box::new(model)),
             template,
             threads: threads.max(1) as i32,
-            new_context: Mutex::new(()),
+            cache: Mutex::new(Cache {
+                ctx: None,
+                seqs: (0..SEQUENCES).map(|_| Seq::default()).collect(),
+            }),
+            next_id: AtomicU64::new(1),
         })
     }
 
-    /// A conversation on this model: a context of its own that keeps what it has evaluated.
+    /// A conversation on this model, kept in the shared cache between turns.
     pub fn session(&self) -> Session<'_> {
         Session {
             model: self,
-            ctx: None,
-            cached: Vec::new(),
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            seq: None,
         }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn prompt(
@@ -119,35 +153,18 @@ fn backend_error(e: &dyn std::fmt::Display) -> LlmError {
     LlmError::Backend(format!("llama.cpp: {e}"))
 }
 
-/// One conversation (one element instance): a context that is kept between turns together with
-/// the tokens whose keys and values it holds, so a turn evaluates only what is new since the
-/// last one — the system prompt and the history are not evaluated again.
-pub struct Session<'m> {
-    model: &'m Embedded,
-    ctx: Option<LlamaContext<'m>>,
-    /// The tokens in the context's cache, in order from position 0.
-    cached: Vec<LlamaToken>,
-}
-
-impl<'m> Session<'m> {
-    /// Evaluates `messages` (the system prompt) ahead of the first turn.
-    pub fn prefill(&mut self, messages: &[Message]) -> Result<(), LlmError> {
-        let tokens = self.model.prompt(messages, false)?;
-        self.evaluate(&tokens, &|| false)?;
-        Ok(())
-    }
-
-    /// The context, made on first use.
-    fn context(&mut self) -> Result<&mut LlamaContext<'m>, LlmError> {
+impl Cache {
+    /// The shared context, made on first use.
+    fn context(&mut self, model: &Embedded) -> Result<&mut LlamaContext<'static>, LlmError> {
         if self.ctx.is_none() {
-            let m = self.model;
             let params = LlamaContextParams::default()
                 .with_n_ctx(NonZeroU32::new(CONTEXT))
                 .with_n_batch(BATCH as u32)
-                .with_n_threads(m.threads)
-                .with_n_threads_batch(m.threads);
-            let _guard = m.new_context.lock().unwrap_or_else(|p| p.into_inner());
-            let ctx = m
+                .with_n_seq_max(SEQUENCES as u32)
+                .with_kv_unified(true)
+                .with_n_threads(model.threads)
+                .with_n_threads_batch(model.threads);
+            let ctx = model
                 .model
                 .new_context(backend()?, params)
                 .map_err(|e| backend_error(&e))?;
@@ -156,68 +173,144 @@ impl<'m> Session<'m> {
         Ok(self.ctx.as_mut().expect("context made above"))
     }
 
-    /// Brings the cache to `tokens`: keeps the longest prefix already there, evaluates the rest
-    /// (at least the last token, whose logits the next sample needs). Returns the index of the
-    /// last token in the last batch, where its logits are.
+    /// Empties sequence `seq` (its cells and its tokens).
+    fn clear(&mut self, seq: usize) {
+        if let Some(ctx) = self.ctx.as_mut() {
+            let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+        }
+        self.seqs[seq].tokens.clear();
+    }
+
+    /// The least recently used idle conversation other than `keep` (holding cells, when
+    /// `cells`).
+    fn victim(&self, keep: Option<usize>, cells: bool) -> Option<usize> {
+        self.seqs
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| Some(*i) != keep && !s.busy && (!cells || !s.tokens.is_empty()))
+            .min_by_key(|(_, s)| s.used)
+            .map(|(i, _)| i)
+    }
+
+    /// Session `id`'s sequence: the one it had if it still has it, else a free one, else the
+    /// least recently used idle conversation's.
+    fn claim(&mut self, id: u64, had: Option<usize>) -> Result<usize, LlmError> {
+        if let Some(seq) = had.filter(|&s| self.seqs[s].owner == Some(id)) {
+            return Ok(seq);
+        }
+        let seq = match self.seqs.iter().position(|s| s.owner.is_none()) {
+            Some(free) => free,
+            None => self.victim(None, false).ok_or_else(|| {
+                LlmError::Backend(format!("all {SEQUENCES} conversations are being answered"))
+            })?,
+        };
+        self.clear(seq);
+        self.seqs[seq].owner = Some(id);
+        Ok(seq)
+    }
+
+    /// Decodes `batch` (holding `tokens` for `seq`) and records them as cached. When the cache
+    /// is full, idle conversations give up their places; on failure `seq` is emptied, so that
+    /// its next turn starts clean.
+    fn decode(
+        &mut self,
+        model: &Embedded,
+        seq: usize,
+        batch: &mut LlamaBatch,
+        tokens: &[LlamaToken],
+    ) -> Result<(), LlmError> {
+        loop {
+            match self.context(model)?.decode(batch) {
+                Ok(()) => {
+                    self.seqs[seq].tokens.extend_from_slice(tokens);
+                    self.seqs[seq].used = Some(Instant::now());
+                    return Ok(());
+                }
+                // The victim's session finds its place gone and starts afresh next turn.
+                Err(DecodeError::NoKvCacheSlot) => match self.victim(Some(seq), true) {
+                    Some(v) => {
+                        self.clear(v);
+                        self.seqs[v].owner = None;
+                    }
+                    None => {
+                        self.clear(seq);
+                        return Err(LlmError::Backend(
+                            "llama.cpp: the conversation cache is full".into(),
+                        ));
+                    }
+                },
+                Err(e) => {
+                    self.clear(seq);
+                    return Err(backend_error(&e));
+                }
+            }
+        }
+    }
+
+    /// Brings `seq` to `tokens`: keeps the longest prefix already there, evaluates the rest (at
+    /// least the last token, whose logits the next sample needs). Returns the index of the last
+    /// token in the last batch, where its logits are, and how many tokens were already cached.
     fn evaluate(
         &mut self,
+        model: &Embedded,
+        seq: usize,
         tokens: &[LlamaToken],
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(i32, usize), LlmError> {
-        let keep = self
-            .cached
+        let keep = self.seqs[seq]
+            .tokens
             .iter()
             .zip(tokens)
             .take_while(|(a, b)| a == b)
             .count()
             .min(tokens.len().saturating_sub(1));
-        let ctx = self.context()?;
-        let kept = ctx
-            .clear_kv_cache_seq(Some(0), Some(keep as u32), None)
+        let kept = self
+            .context(model)?
+            .clear_kv_cache_seq(Some(seq as u32), Some(keep as u32), None)
             .unwrap_or(false);
         if kept {
-            self.cached.truncate(keep);
+            self.seqs[seq].tokens.truncate(keep);
         } else {
-            self.reset()?;
+            self.clear(seq);
         }
         let mut batch = LlamaBatch::new(BATCH, 1);
-        let start = self.cached.len();
+        let start = self.seqs[seq].tokens.len();
         for chunk in tokens[start..].chunks(BATCH) {
             if cancelled() {
                 return Err(LlmError::Cancelled);
             }
             batch.clear();
-            let pos = self.cached.len();
+            let pos = self.seqs[seq].tokens.len();
             for (i, t) in chunk.iter().enumerate() {
                 let last = pos + i + 1 == tokens.len();
                 batch
-                    .add(*t, (pos + i) as i32, &[0], last)
+                    .add(*t, (pos + i) as i32, &[seq as i32], last)
                     .map_err(|e| backend_error(&e))?;
             }
-            self.decode(&mut batch, chunk)?;
+            self.decode(model, seq, &mut batch, chunk)?;
         }
         Ok((((tokens.len() - 1 - start) % BATCH) as i32, start))
     }
+}
 
-    /// Decodes `batch` (holding `tokens`) and records them as cached; on failure the cache is
-    /// emptied, so the next turn starts clean.
-    fn decode(&mut self, batch: &mut LlamaBatch, tokens: &[LlamaToken]) -> Result<(), LlmError> {
-        let ctx = self.context()?;
-        match ctx.decode(batch) {
-            Ok(()) => {
-                self.cached.extend_from_slice(tokens);
-                Ok(())
-            }
-            Err(e) => {
-                self.reset()?;
-                Err(backend_error(&e))
-            }
-        }
-    }
+/// One conversation (one element instance): a sequence in the model's shared cache, kept
+/// between turns together with the tokens it holds, so a turn evaluates only what is new since
+/// the last one — the system prompt and the history are not evaluated again.
+pub struct Session<'m> {
+    model: &'m Embedded,
+    id: u64,
+    /// The sequence it had last (another session may have taken it since).
+    seq: Option<usize>,
+}
 
-    fn reset(&mut self) -> Result<(), LlmError> {
-        self.context()?.clear_kv_cache();
-        self.cached.clear();
+impl Session<'_> {
+    /// Evaluates `messages` (the system prompt) ahead of the first turn.
+    pub fn prefill(&mut self, messages: &[Message]) -> Result<(), LlmError> {
+        let tokens = self.model.prompt(messages, false)?;
+        let mut cache = self.model.lock();
+        let seq = cache.claim(self.id, self.seq)?;
+        self.seq = Some(seq);
+        cache.evaluate(self.model, seq, &tokens, &|| false)?;
         Ok(())
     }
 
@@ -253,7 +346,28 @@ impl<'m> Session<'m> {
                 }
             }
         };
-        let (mut logits_at, cached) = self.evaluate(&tokens, cancelled)?;
+        let seq = {
+            let mut cache = self.model.lock();
+            let seq = cache.claim(self.id, self.seq)?;
+            cache.seqs[seq].busy = true;
+            seq
+        };
+        self.seq = Some(seq);
+        let result = self.reply(seq, &tokens, params, started, cancelled, on_delta);
+        self.model.lock().seqs[seq].busy = false;
+        result
+    }
+
+    fn reply(
+        &mut self,
+        seq: usize,
+        tokens: &[LlamaToken],
+        params: &Params,
+        started: Instant,
+        cancelled: &dyn Fn() -> bool,
+        on_delta: &mut dyn FnMut(&str),
+    ) -> Result<Usage, LlmError> {
+        let model = self.model;
         let mut sampler = if params.temperature <= 0.0 {
             LlamaSampler::greedy()
         } else {
@@ -264,24 +378,30 @@ impl<'m> Session<'m> {
                 LlamaSampler::dist(0x5eed),
             ])
         };
+        // The prompt, and the first token sampled from its logits, under one hold of the cache
+        // (another session's decode would replace the logits).
+        let (mut token, cached) = {
+            let mut cache = model.lock();
+            let (logits_at, cached) = cache.evaluate(model, seq, tokens, cancelled)?;
+            let token = sampler.sample(cache.context(model)?, logits_at);
+            (token, cached)
+        };
         let mut usage = Usage {
             tokens_in: tokens.len() as u64,
             tokens_cached: cached as u64,
             ..Usage::default()
         };
-        let model = self.model;
         let vocab = model.model.vocab();
         let mut batch = LlamaBatch::new(1, 1);
         // Pieces can split a UTF-8 character: keep the bytes until they decode.
         let mut pending: Vec<u8> = Vec::new();
-        for _ in 0..budget {
+        for _ in 0..params.max_tokens {
             if cancelled() {
                 return Err(LlmError::Cancelled);
             }
             if started.elapsed() > params.timeout {
                 return Err(LlmError::Timeout(params.timeout));
             }
-            let token = sampler.sample(self.context()?, logits_at);
             sampler.accept(token);
             if vocab.is_eog(token) {
                 break;
@@ -302,17 +422,44 @@ impl<'m> Session<'m> {
                 }
                 Err(_) => {} // an incomplete character: wait for the next piece
             }
+            let mut cache = model.lock();
             batch.clear();
             batch
-                .add(token, self.cached.len() as i32, &[0], true)
+                .add(
+                    token,
+                    cache.seqs[seq].tokens.len() as i32,
+                    &[seq as i32],
+                    true,
+                )
                 .map_err(|e| backend_error(&e))?;
-            self.decode(&mut batch, &[token])?;
-            logits_at = 0;
+            cache.decode(model, seq, &mut batch, &[token])?;
+            token = sampler.sample(cache.context(model)?, 0);
         }
         if usage.first_token.is_none() {
             return Err(LlmError::Empty);
         }
         usage.total = started.elapsed();
         Ok(usage)
+    }
+}
+
+impl Drop for Session<'_> {
+    /// The conversation is over: its place in the cache is free.
+    fn drop(&mut self) {
+        let Some(seq) = self.seq else { return };
+        let mut cache = self.model.lock();
+        if cache.seqs[seq].owner == Some(self.id) {
+            cache.clear(seq);
+            cache.seqs[seq].owner = None;
+            cache.seqs[seq].used = None;
+        }
+        // No conversation left: empty the cache whole, which also sends llama.cpp's next
+        // allocations back to its first cells; otherwise they would walk through all of them,
+        // touching page after page of the cache (the process growing to its full size).
+        if cache.seqs.iter().all(|s| s.owner.is_none())
+            && let Some(ctx) = cache.ctx.as_mut()
+        {
+            ctx.clear_kv_cache();
+        }
     }
 }

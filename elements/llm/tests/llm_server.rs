@@ -197,3 +197,84 @@ fn embedded_backend_with_a_missing_model_fails_at_start() {
     let err = start_error("backend=embedded model=/nonexistent/m.gguf");
     assert!(err.contains("m.gguf"), "{err}");
 }
+
+#[test]
+fn embedded_sessions_share_one_cache_and_keep_their_own_conversations() {
+    let _one = exclusive();
+    // Two llmchat elements in one process: one model, one key/value cache, two conversations.
+    let mut a = Chat::new("temperature=0 backend=embedded history=4");
+    let mut b = Chat::new("temperature=0 backend=embedded history=4");
+    let first_a = check_answers_paris(&mut a, "embedded");
+    b.say("What is the capital of Japan?");
+    let first_b = b.turn();
+    assert!(
+        first_b.sentences.join(" ").contains("Tokyo"),
+        "{:?}",
+        first_b.sentences
+    );
+    // Each second turn finds its own first exchange still cached, after the other's turn.
+    for (chat, first_in, city) in [
+        (&mut a, first_a.get::<u64>("tokens-in").unwrap(), "Paris"),
+        (
+            &mut b,
+            first_b.message.get::<u64>("tokens-in").unwrap(),
+            "Tokyo",
+        ),
+    ] {
+        chat.say("Repeat the name of that city.");
+        let turn = chat.turn();
+        let cached = turn.message.get::<u64>("tokens-cached").unwrap();
+        assert!(
+            cached >= first_in,
+            "{cached} cached, first prompt {first_in}"
+        );
+        let reply = turn.sentences.join(" ");
+        assert!(reply.contains(city), "{city}: {reply}");
+    }
+}
+
+#[test]
+fn embedded_cache_gives_the_least_recently_used_conversation_s_place_away() {
+    use gstvoxllm::chat::{Message, Role};
+    use gstvoxllm::embedded::Embedded;
+    use gstvoxllm::openai::Params;
+    let _one = exclusive();
+    let model = Embedded::load(&model(), 2).unwrap();
+    let system = [Message::new(Role::System, "You are a helpful assistant.")];
+    let params = Params {
+        model: String::new(),
+        max_tokens: 4,
+        temperature: 0.0,
+        timeout: Duration::from_secs(60),
+        first_token_timeout: Duration::from_secs(60),
+    };
+    let ask = |s: &mut gstvoxllm::embedded::Session<'_>| {
+        let mut messages = system.to_vec();
+        messages.push(Message::new(Role::User, "Hi."));
+        s.generate(&messages, &params, &|| false, &mut |_| {})
+            .unwrap()
+            .tokens_cached
+    };
+    // More conversations than the cache holds (16): the first one's place goes to the last.
+    let mut sessions: Vec<_> = (0..17).map(|_| model.session()).collect();
+    for s in sessions.iter_mut() {
+        s.prefill(&system).unwrap();
+    }
+    assert!(ask(&mut sessions[16]) > 0, "the newest lost its place");
+    assert!(ask(&mut sessions[1]) > 0, "a recent one lost its place");
+    // The oldest starts afresh, in the place of the least recently used (the third).
+    assert_eq!(ask(&mut sessions[0]), 0, "the oldest kept its place");
+    assert_eq!(
+        ask(&mut sessions[2]),
+        0,
+        "the least recently used kept its place"
+    );
+    // A session that ends frees its place: the next one takes it without evicting anyone.
+    drop(sessions.remove(10));
+    let mut late = model.session();
+    late.prefill(&system).unwrap();
+    assert!(ask(&mut late) > 0);
+    for i in [1, 4, 9, 14] {
+        assert!(ask(&mut sessions[i]) > 0, "session {i} lost its place");
+    }
+}

@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters};
+use whisper_rs::{
+    FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters, WhisperState,
+};
 
 pub const SAMPLE_RATE: usize = 16_000;
 /// whisper.cpp ignores input shorter than 1 s (100 mel frames): shorter utterances are padded.
@@ -218,17 +220,75 @@ fn is_annotation(text: &str) -> bool {
         || (t.starts_with('*') && t.ends_with('*'))
 }
 
+/// Decoder states (whisper.cpp's caches and compute buffers, tens of MB each) are pooled per
+/// model: a transcription takes one and gives it back, so a process holds as many as run at
+/// once, not one per element (a live agent has an element per session, mostly idle).
+static STATES: Mutex<Vec<(Arc<WhisperContext>, Vec<WhisperState>)>> = Mutex::new(Vec::new());
+
+/// A state taken from the pool for one transcription; back in the pool when dropped.
+struct PooledState<'a> {
+    ctx: &'a Arc<WhisperContext>,
+    state: Option<WhisperState>,
+}
+
+impl<'a> PooledState<'a> {
+    fn take(ctx: &'a Arc<WhisperContext>) -> Result<Self> {
+        let pooled = STATES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+            .find(|(c, _)| Arc::ptr_eq(c, ctx))
+            .and_then(|(_, states)| states.pop());
+        let state = match pooled {
+            Some(s) => s,
+            None => ctx
+                .create_state()
+                .map_err(|e| Error::Inference(format!("cannot create decoder state: {e}")))?,
+        };
+        Ok(Self {
+            ctx,
+            state: Some(state),
+        })
+    }
+}
+
+impl std::ops::Deref for PooledState<'_> {
+    type Target = WhisperState;
+    fn deref(&self) -> &WhisperState {
+        self.state.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PooledState<'_> {
+    fn deref_mut(&mut self) -> &mut WhisperState {
+        self.state.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for PooledState<'_> {
+    fn drop(&mut self) {
+        let Some(state) = self.state.take() else {
+            return;
+        };
+        let mut pool = STATES.lock().unwrap_or_else(|p| p.into_inner());
+        match pool.iter_mut().find(|(c, _)| Arc::ptr_eq(c, self.ctx)) {
+            Some((_, states)) => states.push(state),
+            // The entry keeps the context alive, so its address is never reused for another.
+            None => pool.push((self.ctx.clone(), vec![state])),
+        }
+    }
+}
+
 pub struct Engine {
     ctx: Arc<WhisperContext>,
-    state: whisper_rs::WhisperState,
 }
 
 impl Engine {
+    /// An engine on `ctx`; a decoder state is made (or found in the pool) now, so that a model
+    /// that cannot run fails here and the first transcription does not wait for it.
     pub fn new(ctx: Arc<WhisperContext>) -> Result<Self> {
-        let state = ctx
-            .create_state()
-            .map_err(|e| Error::Inference(format!("cannot create decoder state: {e}")))?;
-        Ok(Self { ctx, state })
+        drop(PooledState::take(&ctx)?);
+        Ok(Self { ctx })
     }
 
     fn params<'a>(
@@ -280,10 +340,10 @@ impl Engine {
         }
     }
 
-    fn detected_language(&self, opts: &Options) -> String {
+    fn detected_language(&self, state: &WhisperState, opts: &Options) -> String {
         let language = self.language(opts);
         if self.ctx.is_multilingual() && language == "auto" {
-            whisper_rs::get_lang_str(self.state.full_lang_id_from_state())
+            whisper_rs::get_lang_str(state.full_lang_id_from_state())
                 .unwrap_or("auto")
                 .to_string()
         } else {
@@ -317,15 +377,16 @@ impl Engine {
         params.set_single_segment(true);
         let seconds = samples.len() as f64 / SAMPLE_RATE as f64;
         params.set_max_tokens((seconds * 8.0).ceil() as i32 + 16);
-        self.state
+        let mut state = PooledState::take(&self.ctx)?;
+        state
             .full(params, audio)
             .map_err(|e| Error::Inference(e.to_string()))?;
         let eot = self.ctx.token_eot();
         let mut out = Output {
-            language: self.detected_language(opts),
+            language: self.detected_language(&state, opts),
             ..Default::default()
         };
-        for segment in self.state.as_iter() {
+        for segment in state.as_iter() {
             let text = segment
                 .to_str_lossy()
                 .map_err(|e| Error::Inference(e.to_string()))?
@@ -401,7 +462,8 @@ impl Engine {
         }
         let mut params = self.params(opts, joined.len(), cancelled);
         params.set_token_timestamps(true);
-        self.state
+        let mut state = PooledState::take(&self.ctx)?;
+        state
             .full(params, &joined)
             .map_err(|e| Error::Inference(e.to_string()))?;
         let ms = |samples: usize| (samples * 1000 / SAMPLE_RATE) as u64;
@@ -415,7 +477,7 @@ impl Engine {
         let mut words: Vec<Vec<WordOut>> = vec![Vec::new(); pieces.len()];
         let mut current = usize::MAX;
         let eot = self.ctx.token_eot();
-        for segment in self.state.as_iter() {
+        for segment in state.as_iter() {
             let seg_text = segment.to_str_lossy().unwrap_or_default().to_string();
             if is_annotation(&seg_text) {
                 continue;
@@ -447,7 +509,8 @@ impl Engine {
                 add_token(&mut words[current], &piece, rel(t0), rel(t1), data.p);
             }
         }
-        let language = self.detected_language(opts);
+        let language = self.detected_language(&state, opts);
+        drop(state);
         Ok(words
             .into_iter()
             .zip(&spans)

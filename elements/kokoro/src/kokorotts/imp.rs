@@ -3,7 +3,8 @@
 //! Text to speech with Kokoro-82M (int8 ONNX on ONNX Runtime) and libespeak-ng phonemes. Each
 //! text buffer is one piece of text to speak (a sentence from `llmchat`, a transcript, a file's
 //! contents); it is split into sentences and clauses, and each sentence's audio is pushed as
-//! soon as it is synthesised, before the next one is started. Output buffers are contiguous,
+//! soon as it is synthesised, before the next one is started. Kokoro's ~250 ms of silence before
+//! each piece is cut to 20 ms (it would be heard as latency). Output buffers are contiguous,
 //! starting at the text's PTS (or where the previous audio ended, if later).
 //!
 //! Bus messages: `vox-tts-first-audio` (`time-to-first-audio` in ns from the text's arrival,
@@ -24,7 +25,7 @@ use gst::subclass::prelude::*;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
-use crate::engine::{Kokoro, SAMPLE_RATE};
+use crate::engine::{Kokoro, SAMPLE_RATE, trim_leading_silence};
 use crate::phonemes::{self, Vocab};
 use crate::voices::{self, Voice};
 use ort::session::RunOptions;
@@ -249,6 +250,9 @@ impl KokoroTts {
     }
 }
 
+/// Silence kept before the first sound of each piece (Kokoro's own is ~250 ms).
+const LEAD: f32 = 0.02;
+
 /// Speaks one job sentence by sentence, pushing each sentence's audio before synthesising the
 /// next. Stops early when the generation changes (flush).
 fn speak(imp: &KokoroTts, loaded: &Loaded, job: Job, generation: u64) {
@@ -287,7 +291,10 @@ fn speak(imp: &KokoroTts, loaded: &Loaded, job: Job, generation: u64) {
                 .synthesise_with(&chunk.ids, style, loaded.speed, &run);
             *imp.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
             let audio = match result {
-                Ok(a) => a,
+                Ok(mut a) => {
+                    trim_leading_silence(&mut a, LEAD);
+                    a
+                }
                 Err(_) if cancelled() => return,
                 Err(e) => {
                     // One bad sentence never stops the stream.

@@ -85,6 +85,7 @@ struct Settings {
     breaker_backoff_ms: u32,
     threads: u32,
     first_clause: bool,
+    first_words: u32,
     nice: i32,
 }
 
@@ -106,6 +107,7 @@ impl Default for Settings {
             breaker_backoff_ms: DEFAULT_BREAKER_BACKOFF_MS,
             threads: DEFAULT_THREADS,
             first_clause: true,
+            first_words: 0,
             nice: DEFAULT_NICE,
         }
     }
@@ -343,7 +345,7 @@ impl LlmChat {
         let mut last = base;
         let mut reply = String::new();
         let mut splitter = if settings.first_clause {
-            SentenceSplitter::first_clause()
+            SentenceSplitter::first_words(settings.first_words as usize)
         } else {
             SentenceSplitter::default()
         };
@@ -689,6 +691,12 @@ impl ObjectImpl for LlmChat {
                     .default_value(true)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecUInt::builder("first-words")
+                    .nick("First words")
+                    .blurb("With first-clause: end the opening piece after this many words when no clause mark came first (speech starts sooner, the first sentence's intonation suffers); 0: wait for a mark")
+                    .default_value(0)
+                    .mutable_playing()
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -722,6 +730,7 @@ impl ObjectImpl for LlmChat {
             }
             "threads" => s.threads = value.get().expect("type checked upstream"),
             "first-clause" => s.first_clause = value.get().expect("type checked upstream"),
+            "first-words" => s.first_words = value.get().expect("type checked upstream"),
             "nice" => s.nice = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
@@ -745,6 +754,7 @@ impl ObjectImpl for LlmChat {
             "breaker-backoff-ms" => s.breaker_backoff_ms.to_value(),
             "threads" => s.threads.to_value(),
             "first-clause" => s.first_clause.to_value(),
+            "first-words" => s.first_words.to_value(),
             "nice" => s.nice.to_value(),
             other => unreachable!("unknown property {other}"),
         }
