@@ -121,6 +121,11 @@ enum Command {
         /// On SIGTERM/Ctrl-C, how long active sessions may go on (a second signal ends them).
         #[arg(long, default_value_t = 30)]
         drain_timeout_s: u64,
+        /// Barge-in also needs this many transcribed words (0: min-speech-ms of speech is
+        /// enough); shorter speech while the agent talks ("uh-huh") neither interrupts nor is
+        /// answered. Turns on partial transcripts (interim-ms=300) unless given.
+        #[arg(long, default_value_t = 0)]
+        barge_in_words: usize,
         /// Where /healthz, /readyz and /metrics are served (empty: nowhere).
         #[arg(long, default_value = "0.0.0.0:9090")]
         http: String,
@@ -324,6 +329,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             signalling,
             max_sessions,
             drain_timeout_s,
+            barge_in_words,
             http,
             graph,
             params,
@@ -356,10 +362,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                         .with_context(|| format!("{p:?} is not key=value"))
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let mut params = params;
+            if barge_in_words > 0 && !params.iter().any(|(k, _)| k == "interim-ms") {
+                params.push(("interim-ms".into(), "300".into()));
+            }
             cmd_agent(agent::AgentOptions {
                 transport,
                 max_sessions,
                 drain_timeout: std::time::Duration::from_secs(drain_timeout_s),
+                barge_in_words,
                 http_listen: http,
                 graph: graph.unwrap_or_else(|| default_graph.to_string()),
                 params,

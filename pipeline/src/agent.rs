@@ -58,6 +58,9 @@ pub struct AgentOptions {
     pub params: Vec<(String, String)>,
     pub max_sessions: usize,
     pub drain_timeout: Duration,
+    /// Barge-in needs this many transcribed words besides `min-speech-ms` of speech (0: speech
+    /// alone interrupts). Shorter speech ("uh-huh") while the agent talks does not interrupt.
+    pub barge_in_words: usize,
     /// Where `/healthz`, `/readyz` and `/metrics` are served (`HOST:PORT`); none when empty.
     pub http_listen: String,
 }
@@ -73,6 +76,7 @@ impl Default for AgentOptions {
             params: Vec::new(),
             max_sessions: 4,
             drain_timeout: Duration::from_secs(30),
+            barge_in_words: 0,
             http_listen: "0.0.0.0:9090".into(),
         }
     }
@@ -272,6 +276,7 @@ impl Agent {
                         stop.clone(),
                         sessions.clone(),
                         metrics.clone(),
+                        options.barge_in_words,
                         Box::new(|_| {}),
                     )
                     .map_err(|e| format!("cannot start a session thread: {e}"))
@@ -440,6 +445,7 @@ impl livekit::Jobs for LivekitJobs {
             stop.clone(),
             self.sessions.clone(),
             self.metrics.clone(),
+            self.options.barge_in_words,
             Box::new(move |result| {
                 reporter.job(
                     &id,
@@ -513,6 +519,7 @@ impl LivekitJobs {
 
 /// Runs one session's pipeline on a thread of its own until it ends, fails or is stopped;
 /// `ended` hears how.
+#[allow(clippy::too_many_arguments)]
 fn spawn_session(
     caller: String,
     call: String,
@@ -520,6 +527,7 @@ fn spawn_session(
     stop: Arc<AtomicBool>,
     sessions: Sessions,
     metrics: Arc<Metrics>,
+    words: usize,
     ended: Ended,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let short: String = call.chars().take(8).collect();
@@ -529,7 +537,7 @@ fn spawn_session(
             metrics.sessions.inc();
             metrics.sessions_active.inc();
             tracing::info!("session {call}: caller {caller}");
-            let result = run_session(&call, &pipeline, &stop, &metrics);
+            let result = run_session(&call, &pipeline, &stop, &metrics, words);
             let _ = pipeline.set_state(gst::State::Null);
             match &result {
                 Ok(()) => tracing::info!("session {call} ended"),
@@ -559,11 +567,12 @@ fn run_session(
     pipeline: &gst::Pipeline,
     stop: &AtomicBool,
     metrics: &Metrics,
+    words: usize,
 ) -> Result<(), String> {
     webrtc::no_public_stun(pipeline.upcast_ref());
     webrtc::low_latency(pipeline.upcast_ref());
-    let voice = Voice::new(pipeline);
-    let mut barge_in = BargeIn::default();
+    let voice = Voice::new(pipeline, words);
+    let mut barge_in = BargeIn::new(words);
     let mut clock = TurnClock::default();
     let bus = pipeline.bus().expect("a pipeline has a bus");
     if pipeline.set_state(gst::State::Playing).is_err() {
@@ -610,19 +619,28 @@ fn run_session(
                         voice.replying.store(false, Ordering::SeqCst);
                         None
                     }
-                    _ => {
-                        if events::Transcript::from_structure(s).is_some_and(|t| !t.partial) {
-                            voice.replying.store(true, Ordering::SeqCst);
+                    _ => match events::Transcript::from_structure(s) {
+                        Some(t) => {
+                            let act =
+                                barge_in.transcript(t.text.split_whitespace().count(), t.partial);
+                            if !t.partial && act != Some(Act::Resume) {
+                                voice.replying.store(true, Ordering::SeqCst);
+                            }
+                            act
                         }
-                        None
-                    }
+                        None => None,
+                    },
                 };
+                voice
+                    .awaiting_words
+                    .store(barge_in.awaiting_words(), Ordering::SeqCst);
                 match act {
                     Some(Act::Pause) => voice.mute(true),
                     Some(Act::Resume) => {
                         tracing::info!("session {call}: not an interruption, resuming");
                         voice.mute(false);
                     }
+                    Some(Act::Wait) => {}
                     Some(Act::Interrupt) => {
                         tracing::info!("session {call}: interrupted by the caller");
                         metrics.interruptions.inc();
@@ -721,28 +739,79 @@ pub enum Act {
     Pause,
     /// It was not speech (a cough, a click): let the agent be heard again.
     Resume,
-    /// Confirmed speech (it lasted the VAD's min-speech-ms): stop the reply for good.
+    /// Confirmed speech (it lasted the VAD's min-speech-ms, and had the words asked for): stop
+    /// the reply for good.
     Interrupt,
+    /// Confirmed speech, silenced, waiting for enough words to interrupt.
+    Wait,
 }
 
 /// The barge-in rule (no GStreamer types): an onset while the agent speaks pauses it; the
-/// onset confirmed as speech interrupts it; an onset cancelled resumes it.
+/// onset confirmed as speech interrupts it; an onset cancelled resumes it. With `words`, the
+/// speech must also be transcribed to that many words (a partial transcript will do): the agent
+/// stays silent while that is decided, and speaks on if the utterance ends with fewer.
 #[derive(Debug, Default)]
 pub struct BargeIn {
     paused: bool,
+    words: usize,
+    /// Speech confirmed while the agent spoke; its words are awaited.
+    waiting: bool,
 }
 
 impl BargeIn {
+    pub fn new(words: usize) -> Self {
+        Self {
+            words,
+            ..Self::default()
+        }
+    }
+
     pub fn onset(&mut self, agent_busy: bool) -> Option<Act> {
         (agent_busy && !std::mem::replace(&mut self.paused, true)).then_some(Act::Pause)
     }
 
     pub fn cancel(&mut self) -> Option<Act> {
+        if self.waiting {
+            return None;
+        }
         std::mem::take(&mut self.paused).then_some(Act::Resume)
     }
 
     pub fn start(&mut self, agent_busy: bool) -> Option<Act> {
-        (std::mem::take(&mut self.paused) || agent_busy).then_some(Act::Interrupt)
+        if !(self.paused || agent_busy) {
+            return None;
+        }
+        if self.words == 0 {
+            self.paused = false;
+            return Some(Act::Interrupt);
+        }
+        self.waiting = true;
+        Some(if std::mem::replace(&mut self.paused, true) {
+            Act::Wait
+        } else {
+            Act::Pause
+        })
+    }
+
+    /// Speech heard while the agent spoke awaits its words.
+    pub fn awaiting_words(&self) -> bool {
+        self.waiting
+    }
+
+    /// A transcript of `words` words (`partial`: while the speech goes on).
+    pub fn transcript(&mut self, words: usize, partial: bool) -> Option<Act> {
+        if !self.waiting {
+            return None;
+        }
+        if words >= self.words {
+            (self.waiting, self.paused) = (false, false);
+            return Some(Act::Interrupt);
+        }
+        if partial {
+            return None;
+        }
+        (self.waiting, self.paused) = (false, false);
+        Some(Act::Resume)
     }
 }
 
@@ -758,22 +827,30 @@ struct Voice {
     speaking_until: Arc<AtomicU64>,
     /// A reply is being generated (a final transcript went in, its turn has not ended).
     replying: AtomicBool,
+    /// Barge-in awaits the words of speech heard while the agent spoke: a final transcript
+    /// with fewer than the words asked for is a backchannel ("uh-huh"), kept from llmchat.
+    awaiting_words: Arc<AtomicBool>,
 }
 
 impl Voice {
     /// The session's voice, when the graph has `llm`, `tts` and the queue `voice` into a mixer.
-    fn new(pipeline: &gst::Pipeline) -> Option<Self> {
+    fn new(pipeline: &gst::Pipeline, words: usize) -> Option<Self> {
         let tts = pipeline.by_name("tts")?;
         let llm_sink = pipeline.by_name("llm")?.static_pad("sink")?;
         let mix_pad = pipeline.by_name("voice")?.static_pad("src")?.peer()?;
         let speaking_until = Arc::new(AtomicU64::new(0));
         live_timestamps(pipeline, &tts, speaking_until.clone());
+        let awaiting_words = Arc::new(AtomicBool::new(false));
+        if words > 0 {
+            drop_backchannels(&llm_sink, words, awaiting_words.clone());
+        }
         Some(Self {
             pipeline: pipeline.downgrade(),
             mix_pad,
             llm_sink,
             speaking_until,
             replying: AtomicBool::new(false),
+            awaiting_words,
         })
     }
 
@@ -804,6 +881,39 @@ impl Voice {
         self.replying.store(false, Ordering::SeqCst);
         self.mute(false);
     }
+}
+
+/// Keeps from llmchat the final transcripts of fewer than `words` words that come while
+/// `awaiting` (speech heard while the agent spoke): the agent talks on, and does not answer
+/// "uh-huh" afterwards. The same count decides barge-in on the bus ([`BargeIn::transcript`]).
+fn drop_backchannels(llm_sink: &gst::Pad, words: usize, awaiting: Arc<AtomicBool>) {
+    // whisperstt sends a `vox-transcript` event (partial or final) before each text buffer.
+    let partial = AtomicBool::new(false);
+    llm_sink.add_probe(
+        gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM,
+        move |_, info| {
+            match &info.data {
+                Some(gst::PadProbeData::Event(e)) => {
+                    if let Some(t) = e.structure().and_then(events::Transcript::from_structure) {
+                        partial.store(t.partial, Ordering::SeqCst);
+                    }
+                }
+                Some(gst::PadProbeData::Buffer(b))
+                    if !partial.load(Ordering::SeqCst) && awaiting.load(Ordering::SeqCst) =>
+                {
+                    let count = b
+                        .map_readable()
+                        .map(|m| String::from_utf8_lossy(&m).split_whitespace().count())
+                        .unwrap_or(0);
+                    if count < words {
+                        return gst::PadProbeReturn::Drop;
+                    }
+                }
+                _ => {}
+            }
+            gst::PadProbeReturn::Ok
+        },
+    );
 }
 
 /// What a session heard and said goes to the log (info); the rest of our messages to debug.
@@ -899,5 +1009,30 @@ mod tests {
         assert_eq!(b.start(false), Some(Act::Interrupt));
         // Confirmed at once (no onset first) while speaking.
         assert_eq!(b.start(true), Some(Act::Interrupt));
+        // Transcripts change nothing without a word rule.
+        assert_eq!(b.transcript(1, false), None);
+    }
+
+    #[test]
+    fn barge_in_with_words_waits_for_them_and_lets_a_backchannel_pass() {
+        let mut b = BargeIn::new(3);
+        // "Uh-huh" while the agent speaks: paused, confirmed as speech, too few words: resumed.
+        assert_eq!(b.onset(true), Some(Act::Pause));
+        assert_eq!(b.start(true), Some(Act::Wait));
+        assert_eq!(b.cancel(), None, "confirmed speech is decided by its words");
+        assert_eq!(b.transcript(1, true), None);
+        assert_eq!(b.transcript(1, false), Some(Act::Resume));
+        // A real interruption: the partial transcript reaches three words.
+        assert_eq!(b.onset(true), Some(Act::Pause));
+        assert_eq!(b.start(true), Some(Act::Wait));
+        assert_eq!(b.transcript(2, true), None);
+        assert_eq!(b.transcript(3, true), Some(Act::Interrupt));
+        assert_eq!(b.transcript(4, false), None, "decided already");
+        // Confirmed without an onset first: silenced at once, then decided.
+        assert_eq!(b.start(true), Some(Act::Pause));
+        assert_eq!(b.transcript(5, false), Some(Act::Interrupt));
+        // The agent quiet: a normal turn.
+        assert_eq!(b.start(false), None);
+        assert_eq!(b.transcript(1, false), None);
     }
 }
