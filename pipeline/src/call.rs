@@ -399,32 +399,26 @@ fn listen_to_agent(
         let chain = (|| -> Result<(), glib::BoolError> {
             let convert = gst::ElementFactory::make("audioconvert").build()?;
             let resample = gst::ElementFactory::make("audioresample").build()?;
-            let caps = gst::ElementFactory::make("capsfilter")
-                .property(
-                    "caps",
-                    gst::Caps::builder("audio/x-raw")
-                        .field("format", "F32LE")
-                        .field("rate", RATE as i32)
-                        .field("channels", 1)
-                        .build(),
-                )
-                .build()?;
+            let raw = |channels: i32| {
+                gst::ElementFactory::make("capsfilter")
+                    .property(
+                        "caps",
+                        gst::Caps::builder("audio/x-raw")
+                            .field("format", "F32LE")
+                            .field("rate", RATE as i32)
+                            .field("channels", channels)
+                            .build(),
+                    )
+                    .build()
+            };
+            let caps = raw(1)?;
             let pan = gst::ElementFactory::make("audioconvert")
                 .property(
                     "mix-matrix",
                     gst::Array::new([gst::Array::new([0f32]), gst::Array::new([1f32])]),
                 )
                 .build()?;
-            let stereo = gst::ElementFactory::make("capsfilter")
-                .property(
-                    "caps",
-                    gst::Caps::builder("audio/x-raw")
-                        .field("format", "F32LE")
-                        .field("rate", RATE as i32)
-                        .field("channels", 2)
-                        .build(),
-                )
-                .build()?;
+            let stereo = raw(2)?;
             let queue = gst::ElementFactory::make("queue").build()?;
             let chain = [&convert, &resample, &caps, &pan, &stereo, &queue];
             pipeline.add_many(chain)?;
