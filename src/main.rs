@@ -424,7 +424,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 &room,
                 &identity,
                 name.as_deref().unwrap_or(&identity),
-                listener,
+                if listener {
+                    livekit::Role::Listener
+                } else {
+                    livekit::Role::Participant
+                },
                 std::time::Duration::from_secs(ttl_s),
             )?;
             println!("{token}");

@@ -245,6 +245,9 @@ fn worker_protocol_registers_takes_jobs_reports_load_and_drains() {
     assert_eq!(register.r#type, proto::JobType::JtRoom as i32);
     assert_eq!(register.agent_name, "vox-test");
     assert!(!register.version.is_empty());
+    // The agent's participant may publish, subscribe and set its own metadata (agent state).
+    let allowed = register.allowed_permissions.expect("permissions asked");
+    assert!(allowed.can_publish && allowed.can_subscribe && allowed.can_update_metadata);
     // Not ready until the server confirms the registration.
     assert_eq!(http_get(http_port, "/readyz").0, 503);
     lk.send(S::Register(proto::RegisterWorkerResponse {

@@ -500,7 +500,7 @@ impl LivekitJobs {
                 &job.room,
                 &listener,
                 "vox agent (listening)",
-                true,
+                livekit::Role::AgentListener,
                 Duration::from_secs(24 * 3600),
             )
             .map_err(|e| e.to_string())?;

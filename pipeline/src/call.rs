@@ -101,7 +101,7 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
                 &room,
                 &format!("{identity}-ears"),
                 "vox call (listening)",
-                true,
+                livekit::Role::Listener,
                 Duration::from_secs(3600),
             )?;
             Some((token.clone(), identity, ears))

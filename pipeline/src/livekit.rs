@@ -94,16 +94,17 @@ impl Credentials {
         }
     }
 
-    /// A token to join `room` as `identity`. A listener is hidden from the other participants
-    /// and may only subscribe (the agent's ears, apart from its voice).
+    /// A token to join `room` as `identity`, in `role`.
     pub fn room_token(
         &self,
         room: &str,
         identity: &str,
         name: &str,
-        listener: bool,
+        role: Role,
         ttl: Duration,
     ) -> Result<String, LivekitError> {
+        let listener = role != Role::Participant;
+        let agent = role == Role::AgentListener;
         let grants = VideoGrants {
             room_join: true,
             room: room.to_string(),
@@ -111,13 +112,20 @@ impl Credentials {
             can_publish_data: Some(!listener),
             can_subscribe: Some(true),
             hidden: listener,
+            agent,
             ..Default::default()
         };
-        AccessToken::with_api_key(&self.key, &self.secret)
+        let token = AccessToken::with_api_key(&self.key, &self.secret)
             .with_identity(identity)
             .with_name(name)
             .with_ttl(ttl)
-            .with_grants(grants)
+            .with_grants(grants);
+        let token = if agent {
+            token.with_kind("agent")
+        } else {
+            token
+        };
+        token
             .to_jwt()
             .map_err(|e| LivekitError::Token(e.to_string()))
     }
@@ -133,6 +141,18 @@ impl Credentials {
             .to_jwt()
             .map_err(|e| LivekitError::Token(e.to_string()))
     }
+}
+
+/// Who a room token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Publishes and subscribes (a user, `vox call`'s microphone).
+    Participant,
+    /// Hidden from the others, may only subscribe (`vox call`'s ears).
+    Listener,
+    /// A listener that is part of an agent (the agent's ears, apart from its voice): like the
+    /// agent's own participant, it neither keeps an empty room open nor counts as a user.
+    AgentListener,
 }
 
 /// The identity and room a token was made for (read without verifying it: the server does).
@@ -319,6 +339,12 @@ type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
 
 /// How long an accepted availability holds a place for the assignment.
 const RESERVATION: Duration = Duration::from_secs(10);
+/// The load LiveKit servers aim their workers at (`agents.target_load`, 0.7 by default): a
+/// server only offers jobs to workers that report less. An available worker reports its share
+/// of this; a full (or draining) one reports 1.
+const TARGET_LOAD: f32 = 0.7;
+/// The server pings every 10 s: this long without a frame, the connection is dead.
+const SILENCE: Duration = Duration::from_secs(30);
 
 struct Connection {
     options: WorkerOptions,
@@ -340,10 +366,12 @@ impl Connection {
             r#type: proto::JobType::JtRoom as i32,
             agent_name: self.options.agent_name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            // What the server grants the agent's participant (as LiveKit's own workers ask).
             allowed_permissions: Some(proto::ParticipantPermission {
                 can_subscribe: true,
                 can_publish: true,
                 can_publish_data: true,
+                can_update_metadata: true,
                 ..Default::default()
             }),
             ..Default::default()
@@ -355,6 +383,7 @@ impl Connection {
         let mut last_status = Instant::now();
         let mut last_sent = None;
         let asked = Instant::now();
+        let mut heard = Instant::now();
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 // Draining was reported before; the server sees the worker go.
@@ -365,6 +394,9 @@ impl Connection {
             }
             if !registered && asked.elapsed() > Duration::from_secs(10) {
                 return "the LiveKit server did not confirm the registration".into();
+            }
+            if heard.elapsed() > SILENCE {
+                return format!("nothing from the LiveKit server for {SILENCE:?}");
             }
             while let Ok(out) = self.outbox.0.try_recv() {
                 let sent = match out {
@@ -381,7 +413,11 @@ impl Connection {
                     return e;
                 }
             }
-            let message = match socket.read() {
+            let message = socket.read();
+            if message.is_ok() {
+                heard = Instant::now();
+            }
+            let message = match message {
                 Ok(Message::Binary(bytes)) => bytes,
                 Ok(Message::Close(frame)) => {
                     return format!(
@@ -548,10 +584,10 @@ impl Connection {
             socket,
             proto::worker_message::Message::UpdateWorker(proto::UpdateWorkerStatus {
                 status: Some(status),
-                load: if max == 0 {
+                load: if full {
                     1.0
                 } else {
-                    (committed as f32 / max as f32).min(1.0)
+                    TARGET_LOAD * committed as f32 / max as f32
                 },
                 job_count: active as u32,
             }),
@@ -649,7 +685,13 @@ mod tests {
     fn tokens_carry_identity_room_and_grants() {
         let c = Credentials::new("devkey", "secret-secret-secret-secret-secret");
         let t = c
-            .room_token("kitchen", "ann", "Ann", true, Duration::from_secs(60))
+            .room_token(
+                "kitchen",
+                "ann",
+                "Ann",
+                Role::AgentListener,
+                Duration::from_secs(60),
+            )
             .unwrap();
         assert_eq!(
             token_subject(&t).unwrap(),
@@ -666,6 +708,7 @@ mod tests {
                 && claims.video.can_publish == Some(false)
                 && claims.video.room_join
         );
+        assert!(claims.video.agent && claims.kind == "agent");
         let agent = livekit_api::access_token::TokenVerifier::with_api_key(
             "devkey",
             "secret-secret-secret-secret-secret",
