@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::netns::Agent;
+use common::netns::{Agent, curl_get, free_port, metric_in};
 use common::*;
 use livekit_api::access_token::{AccessToken, TokenVerifier, VideoGrants};
 use livekit_protocol_07 as proto;
@@ -198,21 +198,11 @@ const AVAILABLE: i32 = proto::WorkerStatus::WsAvailable as i32;
 const FULL: i32 = proto::WorkerStatus::WsFull as i32;
 
 fn http_get(port: u16, path: &str) -> (u16, String) {
-    let out = check(
-        tool("curl")
-            .args(["-s", "-w", "\n%{http_code}"])
-            .arg(format!("http://127.0.0.1:{port}{path}")),
-    );
-    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
+    curl_get(tool("curl"), &format!("http://127.0.0.1:{port}{path}"))
 }
 
 fn metric(port: u16, name: &str) -> Option<f64> {
-    http_get(port, "/metrics")
-        .1
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l[name.len()..].trim().parse().ok())
+    metric_in(&http_get(port, "/metrics").1, name)
 }
 
 #[test]
@@ -223,10 +213,7 @@ fn worker_protocol_registers_takes_jobs_reports_load_and_drains() {
     // (joining) for the signal client's 5 s timeout.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_url = format!("ws://{}", silent.local_addr().unwrap());
-    let http_port = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let http_port = free_port();
     let mut cmd = vox();
     cmd.args(["agent", "--transport", "livekit", "--livekit-url", &url])
         .args(["--agent-name", "vox-test", "--max-sessions", "1"])
@@ -433,10 +420,7 @@ fn livekit_end_to_end_answers_a_call() {
             .args(["speak", "What is the capital of France?", "-o"])
             .arg(&q),
     );
-    let http_port = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let http_port = free_port();
     let mut cmd = vox();
     cmd.args(["agent", "--transport", "livekit", "--livekit-url", &url])
         .args(["--http", &format!("127.0.0.1:{http_port}")])

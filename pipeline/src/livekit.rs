@@ -478,11 +478,12 @@ impl Connection {
         }
     }
 
-    /// Active jobs plus places held for jobs accepted but not yet assigned.
-    fn committed(&mut self) -> (usize, usize, bool) {
+    /// The agent's load with the places held for jobs accepted but not yet assigned:
+    /// (active, active + held, max, accepting).
+    fn committed(&mut self) -> (usize, usize, usize, bool) {
         self.reserved.retain(|_, at| at.elapsed() < RESERVATION);
         let (active, max, accepting) = self.jobs.load();
-        (active + self.reserved.len(), max, accepting)
+        (active, active + self.reserved.len(), max, accepting)
     }
 
     fn availability(
@@ -490,7 +491,7 @@ impl Connection {
         request: proto::AvailabilityRequest,
     ) -> proto::worker_message::Message {
         let job = request.job.unwrap_or_default();
-        let (committed, max, accepting) = self.committed();
+        let (_, committed, max, accepting) = self.committed();
         let available = accepting && committed < max;
         let room = job.room.as_ref().map(|r| r.name.as_str()).unwrap_or("");
         if available {
@@ -567,8 +568,7 @@ impl Connection {
         last: &mut Option<(i32, u32)>,
         always: bool,
     ) -> Result<(), String> {
-        let (committed, max, accepting) = self.committed();
-        let (active, _, _) = self.jobs.load();
+        let (active, committed, max, accepting) = self.committed();
         let full = !accepting || committed >= max;
         let status = if full {
             proto::WorkerStatus::WsFull

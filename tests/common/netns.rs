@@ -147,26 +147,44 @@ impl Drop for Agent {
     }
 }
 
+/// GET `url` with `curl` (a command to run it, in a namespace or not): (status, body).
+pub fn curl_get(mut curl: Command, url: &str) -> (u16, String) {
+    let out = curl
+        .args(["-s", "-w", "\n%{http_code}", url])
+        .output()
+        .expect("curl is installed by scripts/setup");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The value of metric `name` (a full series name, labels included) in a `/metrics` body.
+pub fn metric_in(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l[name.len()..].trim().parse().ok())
+}
+
+/// A port free on 127.0.0.1 just now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
 impl Netns {
     /// GET `path` from the agent's HTTP endpoints inside the namespace: (status, body).
     pub fn http_get(&self, port: u16, path: &str) -> (u16, String) {
-        let out = self
-            .command("curl")
-            .args(["-s", "-w", "\n%{http_code}"])
-            .arg(format!("http://{AGENT_IP}:{port}{path}"))
-            .output()
-            .expect("curl is installed by scripts/setup");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
+        curl_get(
+            self.command("curl"),
+            &format!("http://{AGENT_IP}:{port}{path}"),
+        )
     }
 
     /// The value of metric `name` (a full series name, labels included) in `/metrics`.
     pub fn metric(&self, port: u16, name: &str) -> Option<f64> {
-        let (_, body) = self.http_get(port, "/metrics");
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l[name.len()..].trim().parse().ok())
+        metric_in(&self.http_get(port, "/metrics").1, name)
     }
 
     /// Waits up to `timeout` for metric `name` to satisfy `ok`.
