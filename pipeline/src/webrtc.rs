@@ -216,11 +216,34 @@ pub fn no_public_stun(bin: &gst::Bin) {
 /// here is added to the time the agent takes to hear the end of a question.
 pub const JITTER_MS: u32 = 20;
 
-/// Sets [`JITTER_MS`] on every webrtcbin created inside `bin` from now on.
+/// Opus frames sent, in ms: opusenc's default is 20 ms, and the encoder holds a whole frame
+/// back before it sends it, in both directions of a turn and of a barge-in.
+pub const OPUS_FRAME_MS: &str = "10";
+
+/// Sets [`JITTER_MS`] on every webrtcbin in `bin` and [`OPUS_FRAME_MS`] on the Opus encoders of
+/// every WebRTC sink in it (which builds them in pipelines of its own, per consumer), for the
+/// elements there now and those added later.
 pub fn low_latency(bin: &gst::Bin) {
-    bin.connect_deep_element_added(|_, _, element| {
-        if element.factory().is_some_and(|f| f.name() == "webrtcbin") {
-            element.set_property("latency", JITTER_MS);
+    for element in bin.iterate_recurse().into_iter().flatten() {
+        tune(&element);
+    }
+    bin.connect_deep_element_added(|_, _, element| tune(element));
+}
+
+fn tune(element: &gst::Element) {
+    match element.factory().map(|f| f.name()).as_deref() {
+        Some("webrtcbin") => element.set_property("latency", JITTER_MS),
+        Some("webrtcsink" | "livekitwebrtcsink") => {
+            element.connect("encoder-setup", false, |args| {
+                if let Some(encoder) = args.get(3).and_then(|a| a.get::<gst::Element>().ok())
+                    && encoder.factory().is_some_and(|f| f.name() == "opusenc")
+                {
+                    encoder.set_property_from_str("frame-size", OPUS_FRAME_MS);
+                }
+                // webrtcsink's own defaults still apply.
+                Some(false.to_value())
+            });
         }
-    });
+        _ => {}
+    }
 }

@@ -14,6 +14,10 @@ pub const SPEECH_ONSET: &str = "vox-speech-onset";
 /// Posted (a message only) when an onset fell back to silence without being confirmed.
 pub const SPEECH_CANCEL: &str = "vox-speech-cancel";
 pub const TRANSCRIPT: &str = "vox-transcript";
+/// Speech paused long enough that it may be ending (silerovad `speculate-ms`).
+pub const SPEECH_PAUSE: &str = "vox-speech-pause";
+/// Speech came back after a pause.
+pub const SPEECH_RESUME: &str = "vox-speech-resume";
 
 /// A speech boundary found by the VAD.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +71,60 @@ impl SpeechBoundary {
     }
 }
 
+/// A tentative end of speech, or its withdrawal: serialized custom downstream events in order
+/// with the audio (and element messages), sent between a speech-start and its speech-end.
+/// After a pause the speech-end, if no resume comes first, is at the pause's `pts`: downstream
+/// may start on the utterance at the pause (transcribe it ahead) and drop that work on a resume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpeechPause {
+    /// `false`: paused (`vox-speech-pause`); `true`: resumed (`vox-speech-resume`).
+    pub resume: bool,
+    /// Stream time where the speech would end (pause), or where it came back (resume).
+    pub pts: gst::ClockTime,
+    pub running_time: gst::ClockTime,
+    /// The utterance it belongs to (as in [`SpeechBoundary`]).
+    pub utterance: u64,
+}
+
+impl SpeechPause {
+    pub fn to_structure(&self) -> gst::Structure {
+        gst::Structure::builder(if self.resume {
+            SPEECH_RESUME
+        } else {
+            SPEECH_PAUSE
+        })
+        .field("pts", self.pts)
+        .field("running-time", self.running_time)
+        .field("utterance", self.utterance)
+        .build()
+    }
+
+    pub fn from_structure(s: &gst::StructureRef) -> Option<Self> {
+        let resume = match s.name().as_str() {
+            SPEECH_PAUSE => false,
+            SPEECH_RESUME => true,
+            _ => return None,
+        };
+        Some(Self {
+            resume,
+            pts: s.get("pts").ok()?,
+            running_time: s.get("running-time").ok()?,
+            utterance: s.get("utterance").ok()?,
+        })
+    }
+
+    pub fn to_event(&self) -> gst::Event {
+        gst::event::CustomDownstream::new(self.to_structure())
+    }
+
+    pub fn from_event(event: &gst::EventRef) -> Option<Self> {
+        if event.type_() != gst::EventType::CustomDownstream {
+            return None;
+        }
+        Self::from_structure(event.structure()?)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Word {
     pub start: gst::ClockTime,
@@ -98,6 +156,8 @@ pub struct Transcript {
     pub segments: Vec<Segment>,
     /// Wall time spent in the model for this result.
     pub inference_time: gst::ClockTime,
+    /// Transcribed ahead, at a pause in the speech (before the end was confirmed).
+    pub ahead: bool,
 }
 
 impl Transcript {
@@ -136,6 +196,7 @@ impl Transcript {
             .field("language", &self.language)
             .field("utterance", self.utterance)
             .field("inference-time", self.inference_time)
+            .field("ahead", self.ahead)
             .field("segments", gst::Array::from_values(segments))
             .build()
     }
@@ -177,6 +238,7 @@ impl Transcript {
             language: s.get("language").unwrap_or_default(),
             utterance: s.get("utterance").unwrap_or_default(),
             inference_time: s.get("inference-time").unwrap_or_default(),
+            ahead: s.get("ahead").unwrap_or_default(),
             segments,
         })
     }
@@ -201,6 +263,16 @@ mod tests {
             utterance: 2,
         };
         assert_eq!(SpeechBoundary::from_event(&b.to_event()), Some(b));
+        for resume in [false, true] {
+            let p = SpeechPause {
+                resume,
+                pts: gst::ClockTime::from_mseconds(2500),
+                running_time: gst::ClockTime::from_mseconds(2600),
+                utterance: 3,
+            };
+            assert_eq!(SpeechBoundary::from_event(&p.to_event()), None);
+            assert_eq!(SpeechPause::from_event(&p.to_event()), Some(p));
+        }
         let t = Transcript {
             text: "hello world".into(),
             pts: gst::ClockTime::from_seconds(1),
@@ -220,6 +292,7 @@ mod tests {
                 }],
             }],
             inference_time: gst::ClockTime::from_mseconds(120),
+            ahead: true,
         };
         assert_eq!(Transcript::from_structure(&t.to_structure()), Some(t));
     }

@@ -13,7 +13,11 @@
 //! - boundaries are reported padded by `speech_pad` on both sides;
 //! - before speech is confirmed, its first chunk ≥ `threshold` is reported as an onset (unpadded,
 //!   where the chunk starts), and a candidate that falls back to silence as cancelled: a live
-//!   agent pauses its own voice at an onset and resumes it when the onset was only a cough.
+//!   agent pauses its own voice at an onset and resumes it when the onset was only a cough;
+//! - with `early_silence` (shorter than `min_silence`), confirmed speech followed by that much
+//!   silence is reported as paused, at the place its end would be reported: a tentative end on
+//!   which downstream may start work (transcribe, answer) before the end is confirmed. Speech
+//!   coming back before the end is reported as resumed, and the work is to be dropped.
 //!
 //! Positions are sample offsets from the start of the stream.
 
@@ -24,6 +28,8 @@ pub struct DetectorConfig {
     pub min_speech: u64,
     pub min_silence: u64,
     pub speech_pad: u64,
+    /// Silence after which speech is reported paused (0: never).
+    pub early_silence: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,6 +42,11 @@ pub enum Boundary {
     Onset { sample: u64, probability: f32 },
     /// The onset at `since` fell back to silence at `sample` before it was confirmed.
     Cancel { since: u64, sample: u64 },
+    /// Speech paused long enough to be ending: if no speech comes back, the end will be
+    /// reported at this same sample.
+    Pause { sample: u64 },
+    /// Speech came back at this sample after a pause: the pause was not the end.
+    Resume { sample: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -49,6 +60,8 @@ enum State {
         silence_since: Option<u64>,
         /// End of the last chunk at or above the threshold.
         last_strong: u64,
+        /// The pending silence was reported as a pause.
+        paused: bool,
     },
 }
 
@@ -125,14 +138,16 @@ impl Detector {
             State::Speech {
                 silence_since,
                 last_strong,
+                paused,
             } => {
                 self.accumulate(probability);
                 if probability >= c.threshold {
                     self.state = State::Speech {
                         silence_since: None,
                         last_strong: end,
+                        paused: false,
                     };
-                    return None;
+                    return paused.then_some(Boundary::Resume { sample: offset });
                 }
                 if probability >= c.neg_threshold {
                     return None;
@@ -148,11 +163,15 @@ impl Detector {
                         probability: self.mean(),
                     });
                 }
+                let pause = !paused && c.early_silence > 0 && end - since >= c.early_silence;
                 self.state = State::Speech {
                     silence_since: Some(since),
                     last_strong,
+                    paused: paused || pause,
                 };
-                None
+                pause.then_some(Boundary::Pause {
+                    sample: last_strong + c.speech_pad,
+                })
             }
         }
     }
@@ -184,6 +203,7 @@ impl Detector {
         self.state = State::Speech {
             silence_since: None,
             last_strong: end,
+            paused: false,
         };
         Some(Boundary::Start {
             sample: start.saturating_sub(c.speech_pad).max(self.floor),
@@ -218,6 +238,7 @@ mod tests {
             min_speech: 4 * N,
             min_silence: 8 * N,
             speech_pad: 100,
+            early_silence: 0,
         }
     }
 
@@ -351,13 +372,58 @@ mod tests {
         assert!(matches!(b[1], Boundary::End { sample, .. } if sample == 10 * N));
     }
 
+    #[test]
+    fn a_pause_comes_before_the_end_at_the_same_place() {
+        let mut d = Detector::new(DetectorConfig {
+            early_silence: 3 * N,
+            ..config()
+        });
+        let mut p = vec![0.0; 10];
+        p.extend(vec![0.9; 10]);
+        // A pause that speech resumes after, then one that becomes the end.
+        p.extend(vec![0.1; 4]);
+        p.extend(vec![0.9; 5]);
+        p.extend(vec![0.1; 12]);
+        let b: Vec<_> = p
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &p)| d.push(i as u64 * N, N, p))
+            .filter(|b| !matches!(b, Boundary::Onset { .. }))
+            .collect();
+        assert_eq!(b.len(), 5, "{b:?}");
+        assert!(matches!(b[0], Boundary::Start { .. }), "{b:?}");
+        assert_eq!(
+            b[1],
+            Boundary::Pause {
+                sample: 20 * N + 100
+            }
+        );
+        assert_eq!(b[2], Boundary::Resume { sample: 24 * N });
+        assert_eq!(
+            b[3],
+            Boundary::Pause {
+                sample: 29 * N + 100
+            }
+        );
+        assert!(
+            matches!(b[4], Boundary::End { sample, .. } if sample == 29 * N + 100),
+            "{b:?}"
+        );
+        // Off by default: no pause at all.
+        assert!(
+            !run_all(&p)
+                .iter()
+                .any(|b| matches!(b, Boundary::Pause { .. }))
+        );
+    }
+
     impl Boundary {
         fn probability(&self) -> f32 {
             match *self {
                 Boundary::Start { probability, .. }
                 | Boundary::End { probability, .. }
                 | Boundary::Onset { probability, .. } => probability,
-                Boundary::Cancel { .. } => 0.0,
+                Boundary::Cancel { .. } | Boundary::Pause { .. } | Boundary::Resume { .. } => 0.0,
             }
         }
     }

@@ -3,7 +3,7 @@
 
 use gst::prelude::*;
 use gst_check::Harness;
-use vox_common::events::SpeechBoundary;
+use vox_common::events::{SpeechBoundary, SpeechPause};
 use vox_common::testing::{audio_caps, f32_buffer, fixture_samples, min_latency};
 
 fn init() {
@@ -112,6 +112,46 @@ fn element_messages_mirror_events() {
         ["vox-speech-onset", "vox-speech-start"],
         "{names:?}"
     );
+}
+
+#[test]
+fn speculate_ms_marks_pauses_where_the_end_will_be() {
+    let mut h = harness("speculate-ms=200");
+    for (i, chunk) in fixture_samples("jfk.wav").chunks(320).enumerate() {
+        h.push(f32_buffer(chunk, i * 320, 16000)).unwrap();
+    }
+    h.push_event(gst::event::Eos::new());
+    let mut events = Vec::new();
+    while let Some(ev) = h.try_pull_event() {
+        if let Some(b) = SpeechBoundary::from_event(&ev) {
+            events.push(format!(
+                "{}{}",
+                if b.start { "start" } else { "end" },
+                b.pts
+            ));
+        } else if let Some(p) = SpeechPause::from_event(&ev) {
+            events.push(format!(
+                "{}{}",
+                if p.resume { "resume" } else { "pause" },
+                p.pts
+            ));
+        }
+    }
+    // Every end that silence (not the end of the stream) brought is preceded by a pause at the
+    // same place; a pause is followed by its end or by a resume.
+    let mut ends = 0;
+    for (i, e) in events.iter().enumerate() {
+        if let Some(at) = e.strip_prefix("pause") {
+            let next = &events[i + 1];
+            assert!(
+                next == &format!("end{at}") || next.starts_with("resume"),
+                "{events:?}"
+            );
+            ends += usize::from(next.starts_with("end"));
+        }
+    }
+    assert!(ends >= 2, "{events:?}");
+    assert!(events.iter().any(|e| e.starts_with("resume")), "{events:?}");
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use whisper_rs::{
     FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters, WhisperState,
 };
@@ -222,8 +222,25 @@ fn is_annotation(text: &str) -> bool {
 
 /// Decoder states (whisper.cpp's caches and compute buffers, tens of MB each) are pooled per
 /// model: a transcription takes one and gives it back, so a process holds as many as run at
-/// once, not one per element (a live agent has an element per session, mostly idle).
-static STATES: Mutex<Vec<(Arc<WhisperContext>, Vec<WhisperState>)>> = Mutex::new(Vec::new());
+/// once, not one per element (a live agent has an element per session, mostly idle). At most
+/// [`max_states`] run at once: more would only share the same cores (each already runs on
+/// `threads` of them), finish later all together, and hold more memory; a transcription beyond
+/// that waits for a state.
+struct Pool {
+    ctx: Arc<WhisperContext>,
+    free: Vec<WhisperState>,
+    /// States made (free or taken).
+    made: usize,
+}
+
+static STATES: Mutex<Vec<Pool>> = Mutex::new(Vec::new());
+static RETURNED: Condvar = Condvar::new();
+
+/// Transcriptions that may run at once, each on `threads` threads: one per `threads` cores.
+pub fn max_states(threads: u32) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / threads.max(1) as usize).max(1)
+}
 
 /// A state taken from the pool for one transcription; back in the pool when dropped.
 struct PooledState<'a> {
@@ -232,23 +249,61 @@ struct PooledState<'a> {
 }
 
 impl<'a> PooledState<'a> {
-    fn take(ctx: &'a Arc<WhisperContext>) -> Result<Self> {
-        let pooled = STATES
+    /// Whether a state of `ctx` was ever made (the model is known to run).
+    fn made(ctx: &Arc<WhisperContext>) -> bool {
+        STATES
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter_mut()
-            .find(|(c, _)| Arc::ptr_eq(c, ctx))
-            .and_then(|(_, states)| states.pop());
-        let state = match pooled {
-            Some(s) => s,
-            None => ctx
-                .create_state()
-                .map_err(|e| Error::Inference(format!("cannot create decoder state: {e}")))?,
-        };
-        Ok(Self {
-            ctx,
-            state: Some(state),
-        })
+            .iter()
+            .any(|p| Arc::ptr_eq(&p.ctx, ctx) && p.made > 0)
+    }
+
+    /// A free state of `ctx`'s pool, a new one while fewer than `limit` were made, or else the
+    /// next one given back.
+    fn take(ctx: &'a Arc<WhisperContext>, limit: usize) -> Result<Self> {
+        let mut pools = STATES.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let i = match pools.iter().position(|p| Arc::ptr_eq(&p.ctx, ctx)) {
+                Some(i) => i,
+                None => {
+                    // The entry keeps the context alive, so its address is never reused.
+                    pools.push(Pool {
+                        ctx: ctx.clone(),
+                        free: Vec::new(),
+                        made: 0,
+                    });
+                    pools.len() - 1
+                }
+            };
+            let pool = &mut pools[i];
+            if let Some(state) = pool.free.pop() {
+                return Ok(Self {
+                    ctx,
+                    state: Some(state),
+                });
+            }
+            if pool.made < limit {
+                pool.made += 1;
+                drop(pools);
+                return match ctx.create_state() {
+                    Ok(state) => Ok(Self {
+                        ctx,
+                        state: Some(state),
+                    }),
+                    Err(e) => {
+                        let mut pools = STATES.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(p) = pools.iter_mut().find(|p| Arc::ptr_eq(&p.ctx, ctx)) {
+                            p.made -= 1;
+                        }
+                        RETURNED.notify_one();
+                        Err(Error::Inference(format!(
+                            "cannot create decoder state: {e}"
+                        )))
+                    }
+                };
+            }
+            pools = RETURNED.wait(pools).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 
@@ -270,12 +325,11 @@ impl Drop for PooledState<'_> {
         let Some(state) = self.state.take() else {
             return;
         };
-        let mut pool = STATES.lock().unwrap_or_else(|p| p.into_inner());
-        match pool.iter_mut().find(|(c, _)| Arc::ptr_eq(c, self.ctx)) {
-            Some((_, states)) => states.push(state),
-            // The entry keeps the context alive, so its address is never reused for another.
-            None => pool.push((self.ctx.clone(), vec![state])),
+        let mut pools = STATES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = pools.iter_mut().find(|p| Arc::ptr_eq(&p.ctx, self.ctx)) {
+            pool.free.push(state);
         }
+        RETURNED.notify_one();
     }
 }
 
@@ -287,7 +341,9 @@ impl Engine {
     /// An engine on `ctx`; a decoder state is made (or found in the pool) now, so that a model
     /// that cannot run fails here and the first transcription does not wait for it.
     pub fn new(ctx: Arc<WhisperContext>) -> Result<Self> {
-        drop(PooledState::take(&ctx)?);
+        if !PooledState::made(&ctx) {
+            drop(PooledState::take(&ctx, 1)?);
+        }
         Ok(Self { ctx })
     }
 
@@ -377,7 +433,7 @@ impl Engine {
         params.set_single_segment(true);
         let seconds = samples.len() as f64 / SAMPLE_RATE as f64;
         params.set_max_tokens((seconds * 8.0).ceil() as i32 + 16);
-        let mut state = PooledState::take(&self.ctx)?;
+        let mut state = PooledState::take(&self.ctx, max_states(opts.threads))?;
         state
             .full(params, audio)
             .map_err(|e| Error::Inference(e.to_string()))?;
@@ -462,7 +518,7 @@ impl Engine {
         }
         let mut params = self.params(opts, joined.len(), cancelled);
         params.set_token_timestamps(true);
-        let mut state = PooledState::take(&self.ctx)?;
+        let mut state = PooledState::take(&self.ctx, max_states(opts.threads))?;
         state
             .full(params, &joined)
             .map_err(|e| Error::Inference(e.to_string()))?;

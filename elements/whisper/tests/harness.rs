@@ -4,7 +4,7 @@
 
 use gst::prelude::*;
 use gst_check::Harness;
-use vox_common::events::{SpeechBoundary, Transcript};
+use vox_common::events::{SpeechBoundary, SpeechPause, Transcript};
 use vox_common::testing::{audio_caps, f32_buffer, fixture_samples, min_latency};
 
 fn init() {
@@ -39,6 +39,17 @@ fn boundary(start: bool, ms: u64, utterance: u64) -> gst::Event {
         pts: t,
         running_time: t,
         probability: 0.9,
+        utterance,
+    }
+    .to_event()
+}
+
+fn pause(resume: bool, ms: u64, utterance: u64) -> gst::Event {
+    let t = gst::ClockTime::from_mseconds(ms);
+    SpeechPause {
+        resume,
+        pts: t,
+        running_time: t,
         utterance,
     }
     .to_event()
@@ -107,6 +118,63 @@ fn one_buffer_per_utterance_with_pts_and_duration() {
     );
     let caps = h.sinkpad().unwrap().current_caps().unwrap();
     assert_eq!(caps.structure(0).unwrap().name(), "text/x-raw");
+}
+
+#[test]
+fn a_paused_utterance_is_transcribed_ahead_and_dropped_when_speech_resumes() {
+    let audio = fixture_samples("jfk.wav");
+    let mut h = harness("");
+    // Paused where it ends: transcribed ahead, the same transcript as without the pause.
+    h.push_event(boundary(true, 322, 0));
+    push_range(&mut h, &audio, 0, 2300);
+    h.push_event(pause(false, 2270, 0));
+    push_range(&mut h, &audio, 2300, 2800);
+    h.push_event(boundary(false, 2270, 0));
+    // Paused in mid-sentence, then resumed: what was transcribed ahead is not used.
+    h.push_event(boundary(true, 8162, 1));
+    push_range(&mut h, &audio, 2800, 9300);
+    h.push_event(pause(false, 9000, 1));
+    push_range(&mut h, &audio, 9300, 9500);
+    h.push_event(pause(true, 9450, 1));
+    push_range(&mut h, &audio, 9500, 11000);
+    h.push_event(boundary(false, 10800, 1));
+    // Paused, then the stream ends (elsewhere than at the pause): transcribed again. The
+    // fixture's opening 3 s again, placed from 11 s on.
+    h.push_event(boundary(true, 11100, 2));
+    for i in (0..48000).step_by(320) {
+        h.push(f32_buffer(&audio[i..i + 320], 176_000 + i, 16000))
+            .unwrap();
+    }
+    h.push_event(pause(false, 13000, 2));
+    h.push_event(gst::event::Eos::new());
+    let out = collect(&mut h);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert!(
+        out[0].1.ahead && !out[1].1.ahead && !out[2].1.ahead,
+        "{out:?}"
+    );
+    assert!(
+        normalize(&out[0].1.text).starts_with("and so my fellow americ"),
+        "{}",
+        out[0].1.text
+    );
+    assert_eq!(
+        normalize(&out[1].1.text),
+        "ask what you can do for your country"
+    );
+    assert_eq!(out[2].0.pts(), Some(gst::ClockTime::from_mseconds(11000)));
+    assert_eq!(out[2].0.duration(), Some(gst::ClockTime::from_seconds(3)));
+
+    // The same first utterance without a pause: the very same transcript, not ahead.
+    let mut h = harness("");
+    h.push_event(boundary(true, 322, 0));
+    push_range(&mut h, &audio, 0, 2800);
+    h.push_event(boundary(false, 2270, 0));
+    h.push_event(gst::event::Eos::new());
+    let plain = collect(&mut h);
+    assert_eq!(plain[0].1.text, out[0].1.text);
+    assert_eq!(plain[0].0.duration(), out[0].0.duration());
+    assert!(!plain[0].1.ahead);
 }
 
 #[test]

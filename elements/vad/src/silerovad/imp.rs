@@ -18,6 +18,12 @@
 //! must react at once — a live agent pauses its voice at an onset (barge-in) and resumes it on
 //! a cancel (a cough).
 //!
+//! With `speculate-ms` (shorter than `min-silence-ms`), speech followed by that much silence
+//! sends `vox-speech-pause` (`pts` where the end will be if speech does not come back,
+//! `running-time`, `utterance`), and speech coming back after it `vox-speech-resume`: serialized
+//! events and messages, on which whisperstt transcribes an utterance ahead of its end, so that
+//! its transcript is ready when `min-silence-ms` confirms the end.
+//!
 //! ```sh
 //! gst-launch-1.0 -m filesrc location=speech.wav ! decodebin ! audioconvert ! audioresample ! \
 //!     audio/x-raw,format=F32LE,rate=16000,channels=1 ! silerovad min-silence-ms=300 ! fakesink
@@ -32,7 +38,7 @@ use std::sync::{LazyLock, Mutex};
 use super::{VadEngine, VadMode};
 use crate::detector::{Boundary, Detector, DetectorConfig};
 use crate::silero::SileroVad as SileroModel;
-use vox_common::events::{SPEECH_CANCEL, SPEECH_ONSET, SpeechBoundary};
+use vox_common::events::{SPEECH_CANCEL, SPEECH_ONSET, SpeechBoundary, SpeechPause};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -48,6 +54,7 @@ const DEFAULT_NEG_THRESHOLD: f32 = -1.0;
 const DEFAULT_MIN_SPEECH_MS: u32 = 250;
 const DEFAULT_MIN_SILENCE_MS: u32 = 500;
 const DEFAULT_SPEECH_PAD_MS: u32 = 30;
+const DEFAULT_SPECULATE_MS: u32 = 0;
 const DEFAULT_MODE: VadMode = VadMode::PassThrough;
 const DEFAULT_ENGINE: VadEngine = VadEngine::Auto;
 
@@ -59,6 +66,7 @@ struct Settings {
     min_speech_ms: u32,
     min_silence_ms: u32,
     speech_pad_ms: u32,
+    speculate_ms: u32,
     mode: VadMode,
     engine: VadEngine,
 }
@@ -72,6 +80,7 @@ impl Default for Settings {
             min_speech_ms: DEFAULT_MIN_SPEECH_MS,
             min_silence_ms: DEFAULT_MIN_SILENCE_MS,
             speech_pad_ms: DEFAULT_SPEECH_PAD_MS,
+            speculate_ms: DEFAULT_SPECULATE_MS,
             mode: DEFAULT_MODE,
             engine: DEFAULT_ENGINE,
         }
@@ -91,6 +100,12 @@ impl Settings {
             min_speech: samples(self.min_speech_ms),
             min_silence: samples(self.min_silence_ms),
             speech_pad: samples(self.speech_pad_ms),
+            // A pause at or after the end would never be seen.
+            early_silence: if self.speculate_ms < self.min_silence_ms {
+                samples(self.speculate_ms)
+            } else {
+                0
+            },
         }
     }
 
@@ -162,6 +177,7 @@ pub struct SileroVad {
 /// What a chain call found, to act on after the state lock is released.
 enum Output {
     Event(SpeechBoundary),
+    Pause(SpeechPause),
     /// A message only (speech onset, cancelled onset).
     Message(gst::Structure),
     Buffer(gst::Buffer),
@@ -212,8 +228,11 @@ impl SileroVad {
                 sample,
                 probability,
             } => (false, sample, probability),
-            Boundary::Onset { .. } | Boundary::Cancel { .. } => {
-                unreachable!("onsets and cancels are messages")
+            Boundary::Onset { .. }
+            | Boundary::Cancel { .. }
+            | Boundary::Pause { .. }
+            | Boundary::Resume { .. } => {
+                unreachable!("not a speech boundary")
             }
         };
         let pts = state.sample_pts(sample);
@@ -295,6 +314,15 @@ impl SileroVad {
                                 .field("since", since)
                                 .build(),
                         ))
+                    }
+                    Some(b @ (Boundary::Pause { sample } | Boundary::Resume { sample })) => {
+                        let pts = state.sample_pts(sample);
+                        outputs.push(Output::Pause(SpeechPause {
+                            resume: matches!(b, Boundary::Resume { .. }),
+                            pts,
+                            running_time: state.segment.to_running_time(pts).unwrap_or(pts),
+                            utterance: state.utterance,
+                        }))
                     }
                     Some(b) => {
                         let boundary = self.boundary(state, b);
@@ -388,6 +416,15 @@ impl SileroVad {
                             .build(),
                     );
                     self.srcpad.push_event(boundary.to_event());
+                }
+                Output::Pause(pause) => {
+                    gst::debug!(CAT, imp = self, "{:?}", pause);
+                    let _ = self.obj().post_message(
+                        gst::message::Element::builder(pause.to_structure())
+                            .src(&*self.obj())
+                            .build(),
+                    );
+                    self.srcpad.push_event(pause.to_event());
                 }
                 Output::Message(s) => {
                     gst::debug!(CAT, imp = self, "{s}");
@@ -581,6 +618,13 @@ impl ObjectImpl for SileroVad {
                     .default_value(DEFAULT_SPEECH_PAD_MS)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecUInt::builder("speculate-ms")
+                    .nick("Speculate")
+                    .blurb("Silence after which speech is reported paused (vox-speech-pause), so that downstream can work on it before min-silence-ms ends it (0: off)")
+                    .maximum(10_000)
+                    .default_value(DEFAULT_SPECULATE_MS)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecEnum::builder_with_default("mode", DEFAULT_MODE)
                     .nick("Mode")
                     .blurb("Pass all audio through, or pass speech only")
@@ -610,6 +654,7 @@ impl ObjectImpl for SileroVad {
             "min-speech-ms" => s.min_speech_ms = value.get().expect("type checked upstream"),
             "min-silence-ms" => s.min_silence_ms = value.get().expect("type checked upstream"),
             "speech-pad-ms" => s.speech_pad_ms = value.get().expect("type checked upstream"),
+            "speculate-ms" => s.speculate_ms = value.get().expect("type checked upstream"),
             "mode" => s.mode = value.get().expect("type checked upstream"),
             "engine" => s.engine = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
@@ -625,6 +670,7 @@ impl ObjectImpl for SileroVad {
             "min-speech-ms" => s.min_speech_ms.to_value(),
             "min-silence-ms" => s.min_silence_ms.to_value(),
             "speech-pad-ms" => s.speech_pad_ms.to_value(),
+            "speculate-ms" => s.speculate_ms.to_value(),
             "mode" => s.mode.to_value(),
             "engine" => s.engine.to_value(),
             other => unreachable!("unknown property {other}"),

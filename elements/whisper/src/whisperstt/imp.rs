@@ -7,7 +7,10 @@
 //! element message.
 //!
 //! With `silerovad` upstream, utterances are the spans between its speech-start and speech-end
-//! events (silence is never transcribed). Without a VAD, audio is cut every `max-utterance-ms`.
+//! events (silence is never transcribed). When the VAD reports a pause (`speculate-ms`), the
+//! utterance is transcribed at once, up to where its end will be: if the end follows with no
+//! speech in between, that transcript (of exactly the same audio) goes out the moment the end
+//! arrives (marked `ahead`), instead of starting the work then; if speech resumes, it is dropped. Without a VAD, audio is cut every `max-utterance-ms`.
 //! Inference runs on a worker thread, never on the streaming thread; the encoder window is sized
 //! to each utterance (`audio-ctx=-1`), so a 3 s utterance does not pay for Whisper's 30 s
 //! window. All instances in a process share one loaded model.
@@ -28,7 +31,7 @@ use std::time::Instant;
 
 use crate::engine::{self, Engine, Options};
 use crate::utterance::{Utterance, UtteranceBuffer};
-use vox_common::events::{SpeechBoundary, Transcript};
+use vox_common::events::{SpeechBoundary, SpeechPause, Transcript};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -85,6 +88,13 @@ struct Job {
 enum Work {
     /// One utterance, or several transcribed together (batch-ms > 0).
     Transcribe(Vec<Job>, u64),
+    /// An utterance whose speech paused: transcribed and held for its end.
+    Speculate(Job, u64),
+    /// The utterance ended where it paused: the held transcript goes out (or, if none is held
+    /// for it, this job is transcribed).
+    Commit(Job, u64),
+    /// Speech resumed: the held transcript is dropped.
+    Discard,
     Event(gst::Event, u64),
     Stop,
 }
@@ -113,6 +123,10 @@ struct State {
     worker: Option<Worker>,
     /// Final utterances waiting to be transcribed together (batch-ms > 0).
     batch: Vec<Job>,
+    /// The open utterance paused: transcribe it ahead once audio reaches this position.
+    speculate_at: Option<u64>,
+    /// The utterance (id) transcribed ahead, held by the worker.
+    speculating: Option<u64>,
 }
 
 impl Default for State {
@@ -124,6 +138,8 @@ impl Default for State {
             last_interim_len: 0,
             worker: None,
             batch: Vec::new(),
+            speculate_at: None,
+            speculating: None,
         }
     }
 }
@@ -190,9 +206,8 @@ impl WhisperStt {
     }
 
     fn queue_utterance(&self, state: &mut State, utterance: Utterance, partial: bool) {
-        let pts = samples_to_time(utterance.start);
         let job = Job {
-            pts,
+            pts: samples_to_time(utterance.start),
             id: state.utterance_id,
             utterance,
             partial,
@@ -200,6 +215,18 @@ impl WhisperStt {
         if !partial {
             state.utterance_id += 1;
             state.last_interim_len = 0;
+            state.speculate_at = None;
+            if state.speculating.take() == Some(job.id) {
+                gst::debug!(
+                    CAT,
+                    imp = self,
+                    "utterance {} ended where it paused",
+                    job.id
+                );
+                let generation = self.generation();
+                self.queue(state, Work::Commit(job, generation));
+                return;
+            }
         }
         gst::debug!(
             CAT,
@@ -314,6 +341,7 @@ impl WhisperStt {
         for utterance in cut {
             self.queue_utterance(&mut state, utterance, false);
         }
+        self.speculate(&mut state);
         if settings.interim_ms > 0
             && settings.batch_ms == 0
             && !self.shared.busy.load(Ordering::SeqCst)
@@ -333,8 +361,56 @@ impl WhisperStt {
         Ok(gst::FlowSuccess::Ok)
     }
 
+    /// Transcribes the paused utterance ahead once the audio up to its end is in.
+    fn speculate(&self, state: &mut State) {
+        let Some(at) = state.speculate_at else { return };
+        if state.buffer.position() < at || self.settings().batch_ms > 0 {
+            return;
+        }
+        state.speculate_at = None;
+        let Some(mut utterance) = state.buffer.current().cloned() else {
+            return;
+        };
+        utterance
+            .samples
+            .truncate(at.saturating_sub(utterance.start) as usize);
+        if utterance.samples.is_empty() {
+            return;
+        }
+        let job = Job {
+            pts: samples_to_time(utterance.start),
+            id: state.utterance_id,
+            utterance,
+            partial: false,
+        };
+        gst::debug!(
+            CAT,
+            imp = self,
+            "utterance {} paused: transcribing ahead",
+            job.id
+        );
+        state.speculating = Some(job.id);
+        let generation = self.generation();
+        self.queue(state, Work::Speculate(job, generation));
+    }
+
     fn sink_event(&self, pad: &gst::Pad, event: gst::Event) -> bool {
         use gst::EventView;
+        if let Some(pause) = SpeechPause::from_event(&event) {
+            let pad = u64::from(self.settings().context_pad_ms) * engine::SAMPLE_RATE as u64 / 1000;
+            let mut state = self.lock_state();
+            if pause.resume {
+                state.speculate_at = None;
+                if state.speculating.take().is_some() {
+                    self.queue(&state, Work::Discard);
+                }
+            } else if state.buffer.in_utterance() {
+                // Where the utterance will be cut if the end comes at the pause (see below).
+                state.speculate_at = Some(time_to_samples(pause.pts) + pad);
+                self.speculate(&mut state);
+            }
+            return true;
+        }
         if let Some(boundary) = SpeechBoundary::from_event(&event) {
             let pad = u64::from(self.settings().context_pad_ms) * engine::SAMPLE_RATE as u64 / 1000;
             let mut state = self.lock_state();
@@ -362,6 +438,8 @@ impl WhisperStt {
                     state.started = false;
                     state.batch.clear();
                     state.last_interim_len = 0;
+                    state.speculate_at = None;
+                    state.speculating = None;
                 }
                 self.shared.busy.store(false, Ordering::SeqCst);
                 self.srcpad.push_event(event)
@@ -399,7 +477,7 @@ impl WhisperStt {
         gst::Pad::query_default(pad, Some(&*self.obj()), query)
     }
 
-    fn deliver(&self, job: &Job, out: engine::Output, took: std::time::Duration) {
+    fn deliver(&self, job: &Job, out: engine::Output, took: std::time::Duration, ahead: bool) {
         let duration = samples_to_time(job.utterance.samples.len() as u64);
         let ms = |m: u64| job.pts + gst::ClockTime::from_mseconds(m);
         let transcript = Transcript {
@@ -410,6 +488,7 @@ impl WhisperStt {
             language: out.language,
             utterance: job.id,
             inference_time: gst::ClockTime::from_nseconds(took.as_nanos() as u64),
+            ahead,
             segments: out
                 .segments
                 .into_iter()
@@ -466,16 +545,95 @@ impl WhisperStt {
     }
 }
 
+/// Results of one transcription run, with the time it took per utterance.
+type Run = (
+    Result<Vec<engine::Output>, engine::Error>,
+    std::time::Duration,
+);
+
+/// Transcribes `jobs` in `generation`; `None` when a flush came before or during the work.
+fn run(imp: &WhisperStt, engine: &mut Engine, jobs: &[Job], generation: u64) -> Option<Run> {
+    if generation != imp.generation() || jobs.is_empty() {
+        return None;
+    }
+    let options = imp.settings().options;
+    let shared = imp.shared.clone();
+    let cancelled = move || shared.generation.load(Ordering::SeqCst) != generation;
+    let started = Instant::now();
+    imp.shared.busy.store(true, Ordering::SeqCst);
+    let result = match jobs {
+        [job] => engine
+            .transcribe(&job.utterance.samples, &options, cancelled)
+            .map(|out| vec![out]),
+        _ => {
+            let pieces: Vec<&[f32]> = jobs
+                .iter()
+                .map(|j| j.utterance.samples.as_slice())
+                .collect();
+            engine.transcribe_batch(&pieces, &options, cancelled)
+        }
+    };
+    imp.shared.busy.store(false, Ordering::SeqCst);
+    (generation == imp.generation()).then(|| (result, started.elapsed() / jobs.len() as u32))
+}
+
+/// Pushes the results of `jobs` (unless a flush came since `generation`).
+fn deliver_all(imp: &WhisperStt, jobs: &[Job], (result, took): Run, generation: u64, ahead: bool) {
+    let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+    if generation != imp.generation() {
+        return;
+    }
+    match result {
+        Ok(outputs) => {
+            for (job, out) in jobs.iter().zip(outputs) {
+                imp.deliver(job, out, took, ahead);
+            }
+        }
+        // One bad utterance never stops the stream.
+        Err(e) => gst::element_imp_warning!(
+            imp,
+            gst::StreamError::Failed,
+            ("utterance {} at {}: {}", jobs[0].id, jobs[0].pts, e)
+        ),
+    }
+}
+
 fn worker_loop(
     element: glib::WeakRef<super::WhisperSttElement>,
     mut engine: Engine,
     rx: Receiver<Work>,
 ) {
+    // The transcript of a paused utterance: (generation, utterance id, samples, result).
+    let mut held: Option<(u64, u64, usize, Run)> = None;
     for work in rx {
         let Some(obj) = element.upgrade() else { return };
         let imp = obj.imp();
         match work {
             Work::Stop => return,
+            Work::Discard => held = None,
+            Work::Speculate(job, generation) => {
+                held = run(imp, &mut engine, std::slice::from_ref(&job), generation)
+                    .map(|r| (generation, job.id, job.utterance.samples.len(), r));
+            }
+            Work::Commit(job, generation) => {
+                let jobs = std::slice::from_ref(&job);
+                // Held only when it is of the very same audio (an end of stream or a cut at the
+                // maximum length closes an utterance elsewhere than where it paused).
+                match held.take() {
+                    Some((g, id, len, r))
+                        if g == generation
+                            && id == job.id
+                            && len == job.utterance.samples.len() =>
+                    {
+                        deliver_all(imp, jobs, r, generation, true)
+                    }
+                    _ => {
+                        if let Some(r) = run(imp, &mut engine, jobs, generation) {
+                            deliver_all(imp, jobs, r, generation, false);
+                        }
+                    }
+                }
+            }
             Work::Event(event, generation) => {
                 let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
                 // Sticky events (stream-start, caps, tags) still hold after a flush; a segment
@@ -486,44 +644,8 @@ fn worker_loop(
                 }
             }
             Work::Transcribe(jobs, generation) => {
-                if generation != imp.generation() || jobs.is_empty() {
-                    continue;
-                }
-                let options = imp.settings().options;
-                let shared = imp.shared.clone();
-                let cancelled = move || shared.generation.load(Ordering::SeqCst) != generation;
-                let started = Instant::now();
-                imp.shared.busy.store(true, Ordering::SeqCst);
-                let result = match jobs.as_slice() {
-                    [job] => engine
-                        .transcribe(&job.utterance.samples, &options, cancelled)
-                        .map(|out| vec![out]),
-                    _ => {
-                        let pieces: Vec<&[f32]> = jobs
-                            .iter()
-                            .map(|j| j.utterance.samples.as_slice())
-                            .collect();
-                        engine.transcribe_batch(&pieces, &options, cancelled)
-                    }
-                };
-                imp.shared.busy.store(false, Ordering::SeqCst);
-                let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
-                if generation != imp.generation() {
-                    continue;
-                }
-                match result {
-                    Ok(outputs) => {
-                        let took = started.elapsed() / jobs.len() as u32;
-                        for (job, out) in jobs.iter().zip(outputs) {
-                            imp.deliver(job, out, took);
-                        }
-                    }
-                    // One bad utterance never stops the stream.
-                    Err(e) => gst::element_imp_warning!(
-                        imp,
-                        gst::StreamError::Failed,
-                        ("utterance {} at {}: {}", jobs[0].id, jobs[0].pts, e)
-                    ),
+                if let Some(result) = run(imp, &mut engine, &jobs, generation) {
+                    deliver_all(imp, &jobs, result, generation, false);
                 }
             }
         }
