@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use vox_pipeline::models::{self, CATALOGUE};
 use vox_pipeline::transcript::Format;
-use vox_pipeline::{agent, call, fetch, graph, livekit, reply, runner, speak, transcribe};
+use vox_pipeline::{agent, call, fetch, graph, livekit, reply, runner, serve, speak, transcribe};
 
 #[derive(Parser)]
 #[command(
@@ -136,6 +136,40 @@ enum Command {
         graph: Option<String>,
         /// Session graph parameters (key=value), e.g. llm-url=http://127.0.0.1:11434/v1 voice=jf_alpha.
         params: Vec<String>,
+    },
+    /// Serve OpenAI's speech API over HTTP: /v1/audio/transcriptions and /v1/audio/translations
+    /// (stt), /v1/audio/speech (tts), or both (all); with /v1/models, /healthz, /readyz and
+    /// /metrics.
+    Serve {
+        /// stt, tts or all.
+        what: String,
+        /// Where to listen (default 127.0.0.1:11435 for stt, 127.0.0.1:8880 for tts and all).
+        #[arg(long)]
+        listen: Option<String>,
+        /// A file holding the key that every /v1 request must carry (Authorization: Bearer KEY).
+        #[arg(long)]
+        api_key_file: Option<PathBuf>,
+        /// Largest upload taken, in MB.
+        #[arg(long, default_value_t = 25)]
+        max_upload_mb: usize,
+        /// Longest audio transcribed, in seconds.
+        #[arg(long, default_value_t = 1800)]
+        max_audio_s: u64,
+        /// Longest text spoken, in characters.
+        #[arg(long, default_value_t = 4096)]
+        max_input_chars: usize,
+        /// Requests that may wait per model beyond those running; more get 429.
+        #[arg(long, default_value_t = 8)]
+        queue: usize,
+        /// Whisper model served.
+        #[arg(long, default_value = "tiny.en")]
+        stt_model: String,
+        /// Kokoro voice used when a request names none.
+        #[arg(long, default_value = "jf_alpha")]
+        voice: String,
+        /// Threads per model.
+        #[arg(long, default_value_t = 2)]
+        threads: u32,
     },
     /// Print a LiveKit access token to join ROOM as IDENTITY (from LIVEKIT_API_KEY and
     /// LIVEKIT_API_SECRET, or their _FILE variants, in the environment).
@@ -283,6 +317,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 threads,
                 beam_size,
                 min_silence_ms,
+                ..transcribe::Options::default()
             };
             cmd_transcribe(&files, format, output.as_deref(), &options)?;
         }
@@ -374,6 +409,54 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 http_listen: http,
                 graph: graph.unwrap_or_else(|| default_graph.to_string()),
                 params,
+            })?
+        }
+        Command::Serve {
+            what,
+            listen,
+            api_key_file,
+            max_upload_mb,
+            max_audio_s,
+            max_input_chars,
+            queue,
+            stt_model,
+            voice,
+            threads,
+        } => {
+            let (stt, tts, port) = match what.as_str() {
+                "stt" => (true, false, 11435),
+                "tts" => (false, true, 8880),
+                "all" => (true, true, 8880),
+                other => bail!("vox serve {other:?}: expected stt, tts or all"),
+            };
+            let listen = listen.unwrap_or_else(|| format!("127.0.0.1:{port}"));
+            let api_key = match api_key_file {
+                Some(path) => {
+                    let key = std::fs::read_to_string(&path).with_context(|| {
+                        format!("cannot read the API key file {}", path.display())
+                    })?;
+                    let key = key.trim().to_string();
+                    if key.is_empty() {
+                        bail!("the API key file {} is empty", path.display());
+                    }
+                    Some(key)
+                }
+                None => None,
+            };
+            cmd_serve(serve::Options {
+                listen: listen
+                    .parse()
+                    .with_context(|| format!("--listen {listen:?} is not HOST:PORT"))?,
+                stt,
+                tts,
+                api_key,
+                max_upload_bytes: max_upload_mb * 1024 * 1024,
+                max_audio_seconds: max_audio_s as f64,
+                max_input_chars,
+                queue,
+                stt_model,
+                voice,
+                threads,
             })?
         }
         Command::Call {
@@ -611,6 +694,14 @@ fn cmd_agent(options: agent::AgentOptions) -> Result<()> {
         drain.as_secs()
     );
     agent.drain(drain, || runner::interrupts() > 1);
+    Ok(())
+}
+
+fn cmd_serve(options: serve::Options) -> Result<()> {
+    runner::init()?;
+    serve::serve(options, |addr| {
+        eprintln!("vox serve: ready on http://{addr} (Ctrl-C or SIGTERM to stop)")
+    })?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ pub mod livekit;
 pub mod metrics;
 pub mod reply;
 pub mod runner;
+pub mod serve;
 pub mod speak;
 pub mod transcribe;
 pub mod transcript;

@@ -18,7 +18,7 @@ pub struct Stage {
 }
 
 /// Latency buckets (seconds) from 25 ms to ~13 s.
-fn buckets() -> impl Iterator<Item = f64> {
+pub(crate) fn buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.025, 1.5, 16)
 }
 

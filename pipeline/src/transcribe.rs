@@ -29,6 +29,10 @@ pub struct Options {
     pub threads: u32,
     pub beam_size: u32,
     pub min_silence_ms: u32,
+    /// Text that came before, to steer the decoder (Whisper's initial prompt).
+    pub prompt: String,
+    pub translate: bool,
+    pub word_timestamps: bool,
 }
 
 impl Default for Options {
@@ -39,6 +43,9 @@ impl Default for Options {
             threads: 2,
             beam_size: 1,
             min_silence_ms: 500,
+            prompt: String::new(),
+            translate: false,
+            word_timestamps: false,
         }
     }
 }
@@ -111,6 +118,9 @@ pub fn transcribe_file(
             ("threads", options.threads.to_string()),
             ("beam-size", options.beam_size.to_string()),
             ("min-silence-ms", options.min_silence_ms.to_string()),
+            ("prompt", options.prompt.clone()),
+            ("translate", options.translate.to_string()),
+            ("word-timestamps", options.word_timestamps.to_string()),
         ],
     )?;
     let pipeline = runner::launch(&description)?;

@@ -433,6 +433,20 @@ pub fn onnxruntime_library() -> Result<PathBuf> {
     resolve("onnxruntime", ModelKind::Runtime)
 }
 
+/// The voice names in a Kokoro voices file (an `.npz` with one array per voice), sorted.
+pub fn voice_names(path: &Path) -> std::result::Result<Vec<String>, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut npz = ndarray_npy::NpzReader::new(file).map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = npz
+        .names()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|n| n.trim_end_matches(".npy").to_string())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

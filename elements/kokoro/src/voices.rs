@@ -33,24 +33,13 @@ impl Voice {
 
 /// The voice names in `path`.
 pub fn names(path: &Path) -> Result<Vec<String>, Error> {
-    names_in(&mut open(path)?, path)
-}
-
-fn names_in(npz: &mut NpzReader<std::fs::File>, path: &Path) -> Result<Vec<String>, Error> {
-    let mut names: Vec<String> = npz
-        .names()
-        .map_err(|e| file_err(path, e))?
-        .into_iter()
-        .map(|n| n.trim_end_matches(".npy").to_string())
-        .collect();
-    names.sort();
-    Ok(names)
+    vox_common::models::voice_names(path).map_err(|why| file_err(path, why))
 }
 
 /// Loads `voice` from `path`, checking its shape.
 pub fn load(path: &Path, voice: &str) -> Result<Voice, Error> {
+    let known = names(path)?;
     let mut npz = open(path)?;
-    let known = names_in(&mut npz, path)?;
     if !known.iter().any(|n| n == voice) {
         return Err(Error::Unknown {
             voice: voice.to_string(),

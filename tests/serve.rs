@@ -1,0 +1,614 @@
+//! `vox serve` over real HTTP (curl as the client): OpenAI's transcription and speech API on
+//! the real models, every bad request answered with the right status and an OpenAI-shaped
+//! error while the server stays up, the API key, and the bounded queue (429 + Retry-After).
+
+mod common;
+
+use common::netns::{free_port, metric_in};
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `vox serve`, stopped (SIGTERM) when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Self {
+        let port = free_port();
+        let mut cmd = vox();
+        cmd.arg("serve")
+            .args(args)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("vox runs");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[serve] {line}");
+                if line.contains("vox serve: ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(120)).is_ok(),
+            "vox serve did not get ready (models: run scripts/setup)"
+        );
+        Self { child, port }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// curl with `args` against `path`: (status, headers, body).
+    fn curl(&self, path: &str, args: &[&str]) -> (u16, String, Vec<u8>) {
+        let headers = tempfile::NamedTempFile::new().unwrap();
+        let out = Command::new("curl")
+            .args(["-s", "-o", "-", "-D"])
+            .arg(headers.path())
+            .args(["-w", ""])
+            .args(args)
+            .arg(self.url(path))
+            .output()
+            .expect("curl is installed by scripts/setup");
+        let head = std::fs::read_to_string(headers.path()).unwrap_or_default();
+        // The final status line (after any "100 Continue").
+        let status = head
+            .lines()
+            .rfind(|l| l.starts_with("HTTP/"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, head, out.stdout)
+    }
+
+    fn transcribe(&self, file: &Path, extra: &[&str]) -> (u16, String) {
+        let file = format!("file=@{}", file.display());
+        let mut args = vec!["-F", &file, "-F", "model=whisper-1"];
+        for e in extra {
+            args.extend(["-F", e]);
+        }
+        let (status, _, body) = self.curl("/v1/audio/transcriptions", &args);
+        (status, String::from_utf8_lossy(&body).to_string())
+    }
+
+    /// `n` transcriptions of `file` (text format) sent at once: (status, headers, body) each.
+    fn transcribe_at_once(&self, n: usize, file: &Path) -> Vec<(u16, String, Vec<u8>)> {
+        let f = format!("file=@{}", file.display());
+        let args = [
+            "-F",
+            &f,
+            "-F",
+            "model=whisper-1",
+            "-F",
+            "response_format=text",
+        ];
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|_| s.spawn(|| self.curl("/v1/audio/transcriptions", &args)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn speech(&self, json: &str) -> (u16, String, Vec<u8>) {
+        self.curl(
+            "/v1/audio/speech",
+            &["-H", "Content-Type: application/json", "-d", json],
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `error` object of an OpenAI-shaped error body.
+fn error_of(body: &[u8]) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)));
+    let err = v["error"].clone();
+    for field in ["message", "type", "param", "code"] {
+        assert!(err.get(field).is_some(), "no {field} in {v}");
+    }
+    assert!(
+        err["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    err
+}
+
+#[test]
+fn transcribes_and_speaks_through_the_openai_api() {
+    let server = Server::start(&["all"]);
+    let jfk = fixture("jfk.wav");
+
+    let (status, body) = server.transcribe(&jfk, &[]);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(wer(JFK_TEXT, v["text"].as_str().unwrap()) < 0.2, "{body}");
+
+    let (status, text) = server.transcribe(&jfk, &["response_format=text"]);
+    assert_eq!(status, 200);
+    assert!(
+        normalize(&text).contains("ask not what your country"),
+        "{text}"
+    );
+    let (_, srt) = server.transcribe(&jfk, &["response_format=srt"]);
+    assert!(
+        srt.starts_with("1\n00:00:0") && srt.contains(" --> "),
+        "{srt}"
+    );
+    let (_, vtt) = server.transcribe(&jfk, &["response_format=vtt"]);
+    assert!(vtt.starts_with("WEBVTT\n\n00:00:0"), "{vtt}");
+    let (status, verbose) = server.transcribe(
+        &jfk,
+        &[
+            "response_format=verbose_json",
+            "timestamp_granularities[]=word",
+        ],
+    );
+    assert_eq!(status, 200, "{verbose}");
+    let v: serde_json::Value = serde_json::from_str(&verbose).unwrap();
+    assert_eq!(v["task"], "transcribe");
+    assert!((v["duration"].as_f64().unwrap() - 11.0).abs() < 0.1, "{v}");
+    assert!(v["segments"].as_array().unwrap().len() >= 2, "{v}");
+    let words = v["words"].as_array().unwrap();
+    assert!(words.len() >= 18, "{v}");
+    assert!(
+        words
+            .windows(2)
+            .all(|w| w[0]["start"].as_f64() <= w[1]["start"].as_f64())
+    );
+
+    // Speech in every format; the WAV, transcribed back by the same server, says the text.
+    for format in ["mp3", "opus", "aac", "flac", "pcm"] {
+        let (status, head, audio) = server.speech(&format!(
+            r#"{{"model":"tts-1","input":"Hello there.","voice":"jf_alpha","response_format":"{format}"}}"#
+        ));
+        assert_eq!(status, 200, "{format}: {}", String::from_utf8_lossy(&audio));
+        assert!(audio.len() > 2000, "{format}: {} bytes", audio.len());
+        assert!(
+            head.to_lowercase().contains("content-type: audio/"),
+            "{head}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (status, head, wav) = server.speech(
+        r#"{"model":"kokoro","input":"The weather is sunny today. Tomorrow it will rain.","voice":"jf_alpha","response_format":"wav"}"#,
+    );
+    assert_eq!(status, 200);
+    // Streamed: chunked, no length known up front.
+    assert!(
+        head.to_lowercase().contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    assert_eq!(&wav[..4], b"RIFF");
+    let spoken = dir.path().join("spoken.wav");
+    std::fs::write(&spoken, &wav).unwrap();
+    let (status, heard) = server.transcribe(&spoken, &["response_format=text"]);
+    assert_eq!(status, 200, "{heard}");
+    let heard = normalize(&heard);
+    assert!(
+        heard.contains("weather") && heard.contains("rain"),
+        "{heard}"
+    );
+
+    let (status, _, models) = server.curl("/v1/models", &[]);
+    assert_eq!(status, 200);
+    let models = String::from_utf8_lossy(&models);
+    assert!(
+        models.contains("whisper-1") && models.contains("tts-1"),
+        "{models}"
+    );
+    let (_, _, metrics) = server.curl("/metrics", &[]);
+    let metrics = String::from_utf8_lossy(&metrics);
+    let ok = metric_in(
+        &metrics,
+        "vox_serve_requests_total{endpoint=\"transcriptions\",status=\"200\"}",
+    );
+    assert_eq!(ok, Some(6.0), "{metrics}");
+    assert!(
+        metric_in(
+            &metrics,
+            "vox_serve_audio_seconds_total{endpoint=\"transcriptions\"}"
+        )
+        .is_some_and(|s| s > 55.0),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vox_serve_first_byte_seconds_count 6"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "sesame\n").unwrap();
+    let key_arg = key.display().to_string();
+    let server = Server::start(&["all", "--max-upload-mb", "1", "--api-key-file", &key_arg]);
+    let auth = "Authorization: Bearer sesame";
+    let jfk = fixture("jfk.wav");
+
+    let empty = dir.path().join("empty.wav");
+    std::fs::write(&empty, b"").unwrap();
+    let text = dir.path().join("notes.wav");
+    std::fs::write(
+        &text,
+        "these are not the samples you are looking for\n".repeat(50),
+    )
+    .unwrap();
+    let big = dir.path().join("big.wav");
+    std::fs::write(&big, vec![0u8; 2 * 1024 * 1024]).unwrap();
+    let file = |p: &Path| format!("file=@{}", p.display());
+
+    let cases: Vec<(&str, Vec<String>, u16, &str)> = vec![
+        (
+            "no key",
+            vec![
+                "-F".into(),
+                file(&jfk),
+                "-F".into(),
+                "model=whisper-1".into(),
+            ],
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "missing file",
+            vec![
+                "-H".into(),
+                auth.into(),
+                "-F".into(),
+                "model=whisper-1".into(),
+            ],
+            400,
+            "missing_file",
+        ),
+        (
+            "empty file",
+            vec![
+                "-H".into(),
+                auth.into(),
+                "-F".into(),
+                file(&empty),
+                "-F".into(),
+                "model=whisper-1".into(),
+            ],
+            400,
+            "empty_file",
+        ),
+        (
+            "not audio",
+            vec![
+                "-H".into(),
+                auth.into(),
+                "-F".into(),
+                file(&text),
+                "-F".into(),
+                "model=whisper-1".into(),
+            ],
+            400,
+            "invalid_audio",
+        ),
+        (
+            "too big",
+            vec![
+                "-H".into(),
+                auth.into(),
+                "-F".into(),
+                file(&big),
+                "-F".into(),
+                "model=whisper-1".into(),
+            ],
+            413,
+            "file_too_large",
+        ),
+        (
+            "unknown model",
+            vec![
+                "-H".into(),
+                auth.into(),
+                "-F".into(),
+                file(&jfk),
+                "-F".into(),
+                "model=whisper-9".into(),
+            ],
+            404,
+            "model_not_found",
+        ),
+        (
+            "bad format",
+            vec![
+                "-H".into(),
+                auth.into(),
+                "-F".into(),
+                file(&jfk),
+                "-F".into(),
+                "model=whisper-1".into(),
+                "-F".into(),
+                "response_format=xml".into(),
+            ],
+            400,
+            "invalid_value",
+        ),
+        (
+            "not multipart",
+            vec![
+                "-H".into(),
+                auth.into(),
+                "-H".into(),
+                "Content-Type: application/json".into(),
+                "-d".into(),
+                "{}".into(),
+            ],
+            415,
+            "invalid_content_type",
+        ),
+    ];
+    for (what, args, status, code) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (got, _, body) = server.curl("/v1/audio/transcriptions", &args);
+        assert_eq!(got, status, "{what}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(error_of(&body)["code"], code, "{what}");
+    }
+
+    let long = "word ".repeat(2000);
+    let speech_cases: Vec<(&str, String, &str, u16, &str)> = vec![
+        (
+            "unknown voice",
+            r#"{"model":"tts-1","input":"Hi.","voice":"alloy"}"#.into(),
+            "application/json",
+            400,
+            "invalid_voice",
+        ),
+        (
+            "empty input",
+            r#"{"model":"tts-1","input":"  ","voice":"jf_alpha"}"#.into(),
+            "application/json",
+            400,
+            "empty_input",
+        ),
+        (
+            "10,000 characters",
+            format!(r#"{{"model":"tts-1","input":"{long}","voice":"jf_alpha"}}"#),
+            "application/json",
+            400,
+            "string_above_max_length",
+        ),
+        (
+            "wrong content type",
+            r#"{"model":"tts-1","input":"Hi.","voice":"jf_alpha"}"#.into(),
+            "text/plain",
+            415,
+            "invalid_content_type",
+        ),
+        (
+            "not JSON",
+            "input=Hi".into(),
+            "application/json",
+            400,
+            "invalid_json",
+        ),
+        (
+            "bad format",
+            r#"{"model":"tts-1","input":"Hi.","voice":"jf_alpha","response_format":"wma"}"#.into(),
+            "application/json",
+            400,
+            "invalid_value",
+        ),
+        (
+            "bad speed",
+            r#"{"model":"tts-1","input":"Hi.","voice":"jf_alpha","speed":9}"#.into(),
+            "application/json",
+            400,
+            "invalid_value",
+        ),
+    ];
+    for (what, json, content_type, status, code) in speech_cases {
+        let ct = format!("Content-Type: {content_type}");
+        let (got, _, body) = server.curl("/v1/audio/speech", &["-H", auth, "-H", &ct, "-d", &json]);
+        assert_eq!(got, status, "{what}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(error_of(&body)["code"], code, "{what}");
+    }
+
+    // tiny.en is English-only: translation is refused, naming the model.
+    let f = file(&jfk);
+    let (got, _, body) = server.curl(
+        "/v1/audio/translations",
+        &["-H", auth, "-F", &f, "-F", "model=whisper-1"],
+    );
+    assert_eq!(got, 400, "{}", String::from_utf8_lossy(&body));
+    let err = error_of(&body);
+    assert_eq!(err["code"], "unsupported_task");
+    assert!(
+        err["message"].as_str().unwrap().contains("tiny.en"),
+        "{err}"
+    );
+
+    // Still up, and right with the key.
+    let f = file(&jfk);
+    let (status, _, body) = server.curl(
+        "/v1/audio/transcriptions",
+        &[
+            "-H",
+            auth,
+            "-F",
+            &f,
+            "-F",
+            "model=whisper-1",
+            "-F",
+            "response_format=text",
+        ],
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(normalize(&String::from_utf8_lossy(&body)).contains("ask not"));
+    // Probes and metrics need no key.
+    assert_eq!(server.curl("/readyz", &[]).0, 200);
+    assert_eq!(server.curl("/healthz", &[]).0, 200);
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    // No waiting room: one transcription runs, the others are turned away at once.
+    let server = Server::start(&["stt", "--queue", "0"]);
+    let jfk = fixture("jfk.wav");
+    let results = server.transcribe_at_once(4, &jfk);
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    let full: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    assert!(
+        ok >= 1 && !full.is_empty() && ok + full.len() == 4,
+        "{:?}",
+        results.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
+    for (_, head, body) in full {
+        assert!(head.to_lowercase().contains("retry-after: 1"), "{head}");
+        assert_eq!(error_of(body)["type"], "rate_limit_error");
+    }
+    // Served again once the model is free.
+    let (status, _) = server.transcribe(&jfk, &[]);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn twenty_concurrent_transcriptions_get_answers_or_429s_and_memory_stays_bounded() {
+    let server = Server::start(&["stt", "--queue", "8"]);
+    let jfk = fixture("jfk.wav");
+    let pid = server.child.id();
+    let idle = common::netns::rss_kib(pid);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (results, peak) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                peak = peak.max(common::netns::rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        let results = server.transcribe_at_once(20, &jfk);
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (results, sampler.join().unwrap())
+    });
+    let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
+    let ok = statuses.iter().filter(|&&c| c == 200).count();
+    // One runs and eight wait: at least those nine are answered, the rest only turned away.
+    assert!(ok >= 9, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|&c| c == 200 || c == 429),
+        "{statuses:?}"
+    );
+    for (_, _, body) in results.iter().filter(|r| r.0 == 200) {
+        assert!(normalize(&String::from_utf8_lossy(body)).contains("ask not"));
+    }
+    eprintln!(
+        "20 concurrent: {ok} answered, {} turned away; RSS idle {} MiB, peak {} MiB",
+        20 - ok,
+        idle / 1024,
+        peak / 1024
+    );
+    // Uploads are 350 KB each and only one decoder state exists: memory hardly moves.
+    assert!(peak < idle + 100 * 1024, "idle {idle} KiB, peak {peak} KiB");
+}
+
+/// The official `openai` Python client (PyPI, pinned; scripts/test installs it in a cached venv)
+/// transcribes and synthesises against `vox serve` with only its base URL changed.
+#[test]
+fn the_official_openai_client_works_unchanged() {
+    let python = dirs_home().join(".cache/vox/openai-venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: scripts/test installs the openai client (pip install openai==3.57.0)",
+        python.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "sesame").unwrap();
+    let server = Server::start(&["all", "--api-key-file", &key.display().to_string()]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let out = check(
+        Command::new(&python)
+            .arg(script)
+            .arg(server.url("/v1"))
+            .arg(fixture("jfk.wav"))
+            .arg(dir.path()),
+    );
+    eprintln!("{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("ok ")).count(),
+        8,
+        "{out}"
+    );
+    // The WAV it streamed to a file says what it was asked to.
+    let f = format!("file=@{}", dir.path().join("speech.wav").display());
+    let (status, _, heard) = server.curl(
+        "/v1/audio/transcriptions",
+        &[
+            "-H",
+            "Authorization: Bearer sesame",
+            "-F",
+            &f,
+            "-F",
+            "model=whisper-1",
+            "-F",
+            "response_format=text",
+        ],
+    );
+    let heard = normalize(&String::from_utf8_lossy(&heard));
+    assert_eq!(status, 200, "{heard}");
+    assert!(
+        heard.contains("hello") && heard.contains("service"),
+        "{heard}"
+    );
+}
+
+fn dirs_home() -> std::path::PathBuf {
+    std::path::PathBuf::from(std::env::var("HOME").expect("HOME is set"))
+}
+
+#[test]
+fn startup_errors_name_the_problem() {
+    let out = run(vox().args(["serve", "everything"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected stt, tts or all"), "{err}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(vox().args(["serve", "stt", "--listen", &addr]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot listen on") && err.contains(&addr),
+        "{err}"
+    );
+
+    let out = run(vox().args(["serve", "all", "--api-key-file", "/nonexistent/key"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read the API key file"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one error line: {err}");
+}
