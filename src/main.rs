@@ -90,6 +90,13 @@ enum Command {
         /// Kokoro voice.
         #[arg(long, default_value = "jf_alpha")]
         voice: String,
+        /// Where the question is transcribed: local, or a speech service (http://HOST:PORT,
+        /// e.g. `vox serve stt`).
+        #[arg(long, default_value = "local")]
+        stt: String,
+        /// Where the answer is spoken: local, or a speech service (e.g. `vox serve tts`).
+        #[arg(long, default_value = "local")]
+        tts: String,
         /// Threads per model.
         #[arg(short, long, default_value_t = 2)]
         threads: u32,
@@ -343,6 +350,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             llm_model,
             stt_model,
             voice,
+            stt,
+            tts,
             threads,
         } => cmd_reply(
             &input,
@@ -352,6 +361,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 llm_url,
                 llm_model,
                 voice,
+                stt,
+                tts,
                 threads,
                 ..reply::Options::default()
             },

@@ -612,3 +612,79 @@ fn startup_errors_name_the_problem() {
     assert!(err.contains("cannot read the API key file"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one error line: {err}");
 }
+
+/// `vox reply` with transcription and speech on `vox serve` (whisperstt and kokorotts with
+/// `url=`) hears and says the same as with the models in-process.
+#[test]
+fn reply_with_remote_stt_and_tts_matches_local() {
+    let server = Server::start(&["all"]);
+    let base = server.url("");
+    let dir = tempfile::tempdir().unwrap();
+    let question = dir.path().join("question.wav");
+    check(
+        vox()
+            .args(["speak", "What is the capital of France?", "-o"])
+            .arg(&question),
+    );
+    let line = |out: &str, tag: &str| {
+        out.lines()
+            .find(|l| l.starts_with(tag))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let local = check(
+        vox()
+            .arg("reply")
+            .arg(&question)
+            .arg("-o")
+            .arg(dir.path().join("local.wav")),
+    );
+    let answer = dir.path().join("remote.wav");
+    let remote = check(
+        vox()
+            .arg("reply")
+            .arg(&question)
+            .arg("-o")
+            .arg(&answer)
+            .args(["--stt", &base, "--tts", &base]),
+    );
+    assert_eq!(line(&remote, "you:"), line(&local, "you:"), "{local}\n{remote}");
+    assert_eq!(line(&remote, "reply:"), line(&local, "reply:"), "{local}\n{remote}");
+    assert!(line(&remote, "reply:").contains("Paris"), "{remote}");
+    let heard = normalize(&check(vox().arg("transcribe").arg(&answer)));
+    assert!(heard.contains("paris"), "the remote answer audio says: {heard}");
+    // Both stages really went to the service.
+    let (_, _, metrics) = server.curl("/metrics", &[]);
+    let metrics = String::from_utf8_lossy(&metrics);
+    for endpoint in ["transcriptions", "speech"] {
+        let ok = format!("vox_serve_requests_total{{endpoint=\"{endpoint}\",status=\"200\"}}");
+        assert!(metric_in(&metrics, &ok).is_some_and(|n| n >= 1.0), "{metrics}");
+    }
+}
+
+/// A speech service that is down costs the elements a warning, not the pipeline: `vox reply`
+/// with an unreachable transcription service finds no words and says so, with one line naming
+/// the service, and does not hang.
+#[test]
+fn an_unreachable_speech_service_is_a_warning_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let question = dir.path().join("question.wav");
+    check(
+        vox()
+            .args(["speak", "What is the capital of France?", "-o"])
+            .arg(&question),
+    );
+    let port = free_port();
+    let started = Instant::now();
+    let out = run(vox()
+        .arg("reply")
+        .arg(&question)
+        .arg("-o")
+        .arg(dir.path().join("a.wav"))
+        .args(["--stt", &format!("http://127.0.0.1:{port}")]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert!(!dir.path().join("a.wav").exists());
+}

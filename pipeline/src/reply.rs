@@ -30,6 +30,9 @@ pub struct Options {
     pub voice: String,
     pub threads: u32,
     pub min_silence_ms: u32,
+    /// Where speech is transcribed / spoken: `local`, or a speech service URL.
+    pub stt: String,
+    pub tts: String,
 }
 
 impl Default for Options {
@@ -41,6 +44,8 @@ impl Default for Options {
             voice: "jf_alpha".into(),
             threads: 2,
             min_silence_ms: 500,
+            stt: "local".into(),
+            tts: "local".into(),
         }
     }
 }
@@ -129,6 +134,8 @@ pub fn reply(input: &Path, output: &Path, options: &Options) -> Result<Reply, Re
             ("voice", options.voice.clone()),
             ("threads", options.threads.to_string()),
             ("min-silence-ms", options.min_silence_ms.to_string()),
+            ("stt", options.stt.clone()),
+            ("tts", options.tts.clone()),
         ],
     )?;
     let pipeline = runner::launch(&description)?;

@@ -2,9 +2,11 @@
 //! messages, the caps we use for text, and the model / ONNX Runtime lookup. No model code lives
 //! here, and no plugin depends on another plugin: they all depend on this.
 
+pub mod breaker;
 pub mod events;
 pub mod models;
 pub mod onnx;
+pub mod remote;
 pub mod testing;
 pub mod text;
 pub mod worker;

@@ -8,6 +8,7 @@
 pub mod engine;
 mod kokorotts;
 pub mod phonemes;
+pub mod remote;
 pub mod voices;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {

@@ -32,6 +32,8 @@ pub enum Error {
     Inference(String),
     #[error("transcription cancelled")]
     Cancelled,
+    #[error("speech service: {0}")]
+    Service(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

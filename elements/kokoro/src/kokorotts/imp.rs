@@ -12,6 +12,11 @@
 //! `synthesis-time`, `sentences`) when it is finished. Flushing drops queued text and stops the
 //! synthesis in flight after the current chunk.
 //!
+//! With `url` set to a speech service (OpenAI's audio API, e.g. `vox serve tts`), each sentence
+//! is spoken there instead and its audio pushed as it streams in (24 kHz PCM); no model is
+//! loaded. A service fault costs that sentence, with a warning naming the cause, never the
+//! pipeline: `timeout-ms`, `retries` with back-off, and a circuit breaker, as in whisperstt.
+//!
 //! ```sh
 //! echo "Hello there. How are you today?" > hello.txt
 //! gst-launch-1.0 filesrc location=hello.txt blocksize=1048576 ! text/x-raw,format=utf8 ! \
@@ -29,6 +34,7 @@ use crate::engine::{Kokoro, SAMPLE_RATE, trim_leading_silence};
 use crate::phonemes::{self, Vocab};
 use crate::voices::{self, Voice};
 use ort::session::RunOptions;
+use vox_common::remote::{Remote, RemoteError};
 use vox_common::worker::{Serial, Work};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -56,6 +62,7 @@ struct Settings {
     language: String,
     speed: f32,
     threads: u32,
+    service: vox_common::remote::Settings,
 }
 
 impl Default for Settings {
@@ -68,8 +75,19 @@ impl Default for Settings {
             language: DEFAULT_LANGUAGE.into(),
             speed: DEFAULT_SPEED,
             threads: DEFAULT_THREADS,
+            service: Default::default(),
         }
     }
+}
+
+/// Where speech is made: the model in-process, or a speech service.
+enum Synth {
+    Local(Loaded),
+    Remote {
+        remote: Remote,
+        voice: String,
+        speed: f32,
+    },
 }
 
 /// What the worker needs, loaded at start.
@@ -91,7 +109,7 @@ pub struct KokoroTts {
     sinkpad: gst::Pad,
     srcpad: gst::Pad,
     settings: Mutex<Settings>,
-    loaded: Mutex<Option<Arc<Loaded>>>,
+    loaded: Mutex<Option<Arc<Synth>>>,
     /// The synthesis worker; a flush drops queued text and stops the synthesis in flight.
     serial: Serial<Job>,
     /// Where the next audio buffer starts.
@@ -121,8 +139,16 @@ impl KokoroTts {
             .clone()
     }
 
-    fn load(&self) -> Result<Loaded, String> {
+    fn load(&self) -> Result<Synth, String> {
         let s = self.settings();
+        if let Some(remote) = s.service.remote()? {
+            gst::info!(CAT, imp = self, "speaking on {}", remote.endpoint(""));
+            return Ok(Synth::Remote {
+                remote,
+                voice: s.voice,
+                speed: s.speed,
+            });
+        }
         let resolve =
             |name: &str, kind| vox_common::models::resolve(name, kind).map_err(|e| e.to_string());
         let vocab_path = resolve(&s.vocab, vox_common::models::ModelKind::Vocab)?;
@@ -132,13 +158,13 @@ impl KokoroTts {
         // Starts espeak-ng and checks the language now, not at the first sentence.
         phonemes::phonemise("test", &s.language).map_err(|e| e.to_string())?;
         let model = Kokoro::shared(&s.model, s.threads as usize).map_err(|e| e.to_string())?;
-        Ok(Loaded {
+        Ok(Synth::Local(Loaded {
             model,
             voice,
             vocab,
             language: s.language,
             speed: s.speed,
-        })
+        }))
     }
 
     fn start_worker(&self) -> Result<(), gst::ErrorMessage> {
@@ -254,118 +280,188 @@ impl KokoroTts {
 const LEAD: f32 = 0.02;
 
 /// Speaks one job sentence by sentence, pushing each sentence's audio before synthesising the
-/// next. Stops early when the generation changes (flush).
-fn speak(imp: &KokoroTts, loaded: &Loaded, job: Job, generation: u64) {
+/// next (with a speech service, as it streams in). Stops early when the generation changes
+/// (flush).
+fn speak(imp: &KokoroTts, synth: &Synth, job: Job, generation: u64) {
     let cancelled = || imp.serial.generation() != generation;
-    let mut first_audio = true;
-    let mut total = 0u64;
+    let mut out = Output {
+        first_audio: true,
+        total: 0,
+    };
     let mut sentences = 0u32;
     let started = Instant::now();
     for sentence in vox_common::text::sentences(&job.text) {
-        let chunks = match phonemes::chunks(&sentence, &loaded.language, &loaded.vocab) {
-            Ok(c) => c,
-            Err(e) => {
-                gst::element_imp_warning!(imp, gst::StreamError::Failed, ("{}", e));
-                continue;
+        let go_on = match synth {
+            Synth::Local(loaded) => speak_local(imp, loaded, &job, &sentence, &mut out, &cancelled),
+            Synth::Remote {
+                remote,
+                voice,
+                speed,
+            } => {
+                let synthesis = Instant::now();
+                let result = crate::remote::speak(remote, &sentence, voice, *speed, cancelled, |audio| {
+                    out.push(imp, &job, audio, synthesis.elapsed(), &cancelled)
+                });
+                match result {
+                    Ok(()) => !cancelled(),
+                    Err(RemoteError::Cancelled) => false,
+                    // A service fault costs this sentence, never the stream.
+                    Err(e) => {
+                        gst::element_imp_warning!(
+                            imp,
+                            gst::ResourceError::Read,
+                            ("speech service failed on {:?}: {}", sentence, e)
+                        );
+                        !cancelled()
+                    }
+                }
             }
         };
-        for chunk in chunks {
-            if cancelled() {
-                return;
-            }
-            let style = loaded.voice.style(chunk.ids.len());
-            let synthesis = Instant::now();
-            let run = match RunOptions::new() {
-                Ok(r) => Arc::new(r),
-                Err(e) => {
-                    gst::element_imp_warning!(imp, gst::CoreError::Failed, ("{}", e));
-                    return;
-                }
-            };
-            *imp.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(run.clone());
-            if cancelled() {
-                return;
-            }
-            let result = loaded
-                .model
-                .synthesise_with(&chunk.ids, style, loaded.speed, &run);
-            *imp.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            let audio = match result {
-                Ok(mut a) => {
-                    trim_leading_silence(&mut a, LEAD);
-                    a
-                }
-                Err(_) if cancelled() => return,
-                Err(e) => {
-                    // One bad sentence never stops the stream.
-                    gst::element_imp_warning!(
-                        imp,
-                        gst::StreamError::Failed,
-                        ("cannot speak {:?}: {}", sentence, e)
-                    );
-                    continue;
-                }
-            };
-            let synthesis_took = synthesis.elapsed();
-            gst::debug!(
-                CAT,
-                imp = imp,
-                "{} ids → {} samples: {}",
-                chunk.ids.len(),
-                audio.len(),
-                chunk.phonemes
-            );
-            let _push = imp
-                .serial
-                .push_lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if cancelled() {
-                return;
-            }
-            let (pts, discont) = {
-                let mut next = imp.next_pts.lock().unwrap_or_else(|p| p.into_inner());
-                let pts = match (*next, job.pts) {
-                    (Some(n), Some(p)) => n.max(p),
-                    (Some(n), None) => n,
-                    (None, p) => p.unwrap_or(gst::ClockTime::ZERO),
-                };
-                let discont = *next != Some(pts);
-                *next = Some(pts + samples_to_time(audio.len() as u64));
-                (pts, discont)
-            };
-            if !imp.push_audio(&audio, pts, discont) {
-                return;
-            }
-            total += audio.len() as u64;
-            if first_audio {
-                first_audio = false;
-                imp.post(
-                    gst::Structure::builder("vox-tts-first-audio")
-                        .field(
-                            "time-to-first-audio",
-                            job.arrived.elapsed().as_nanos() as u64,
-                        )
-                        .field("synthesis-time", synthesis_took.as_nanos() as u64)
-                        .field("pts", pts.nseconds())
-                        .build(),
-                );
-            }
+        if !go_on {
+            return;
         }
         sentences += 1;
     }
     imp.post(
         gst::Structure::builder("vox-tts-done")
-            .field("audio-duration", samples_to_time(total).nseconds())
+            .field("audio-duration", samples_to_time(out.total).nseconds())
             .field("synthesis-time", started.elapsed().as_nanos() as u64)
             .field("sentences", sentences)
             .build(),
     );
 }
 
+/// One sentence with the model in-process, chunk by chunk; false when the job is to stop.
+fn speak_local(
+    imp: &KokoroTts,
+    loaded: &Loaded,
+    job: &Job,
+    sentence: &str,
+    out: &mut Output,
+    cancelled: &impl Fn() -> bool,
+) -> bool {
+    let chunks = match phonemes::chunks(sentence, &loaded.language, &loaded.vocab) {
+        Ok(c) => c,
+        Err(e) => {
+            gst::element_imp_warning!(imp, gst::StreamError::Failed, ("{}", e));
+            return true;
+        }
+    };
+    for chunk in chunks {
+        if cancelled() {
+            return false;
+        }
+        let style = loaded.voice.style(chunk.ids.len());
+        let synthesis = Instant::now();
+        let run = match RunOptions::new() {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                gst::element_imp_warning!(imp, gst::CoreError::Failed, ("{}", e));
+                return false;
+            }
+        };
+        *imp.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(run.clone());
+        if cancelled() {
+            return false;
+        }
+        let result = loaded
+            .model
+            .synthesise_with(&chunk.ids, style, loaded.speed, &run);
+        *imp.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let audio = match result {
+            Ok(mut a) => {
+                trim_leading_silence(&mut a, LEAD);
+                a
+            }
+            Err(_) if cancelled() => return false,
+            Err(e) => {
+                // One bad sentence never stops the stream.
+                gst::element_imp_warning!(
+                    imp,
+                    gst::StreamError::Failed,
+                    ("cannot speak {:?}: {}", sentence, e)
+                );
+                return true;
+            }
+        };
+        gst::debug!(
+            CAT,
+            imp = imp,
+            "{} ids → {} samples: {}",
+            chunk.ids.len(),
+            audio.len(),
+            chunk.phonemes
+        );
+        if !out.push(imp, job, &audio, synthesis.elapsed(), cancelled) {
+            return false;
+        }
+    }
+    true
+}
+
+/// A job's audio as it goes out.
+struct Output {
+    first_audio: bool,
+    /// Samples pushed.
+    total: u64,
+}
+
+impl Output {
+    /// Pushes `audio` after what went before (posting the first audio's message); false when
+    /// the job is to stop (flushing, or downstream refused).
+    fn push(
+        &mut self,
+        imp: &KokoroTts,
+        job: &Job,
+        audio: &[f32],
+        synthesis_took: std::time::Duration,
+        cancelled: &impl Fn() -> bool,
+    ) -> bool {
+        if audio.is_empty() {
+            return true;
+        }
+        let _push = imp
+            .serial
+            .push_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if cancelled() {
+            return false;
+        }
+        let (pts, discont) = {
+            let mut next = imp.next_pts.lock().unwrap_or_else(|p| p.into_inner());
+            let pts = match (*next, job.pts) {
+                (Some(n), Some(p)) => n.max(p),
+                (Some(n), None) => n,
+                (None, p) => p.unwrap_or(gst::ClockTime::ZERO),
+            };
+            let discont = *next != Some(pts);
+            *next = Some(pts + samples_to_time(audio.len() as u64));
+            (pts, discont)
+        };
+        if !imp.push_audio(audio, pts, discont) {
+            return false;
+        }
+        self.total += audio.len() as u64;
+        if std::mem::take(&mut self.first_audio) {
+            imp.post(
+                gst::Structure::builder("vox-tts-first-audio")
+                    .field(
+                        "time-to-first-audio",
+                        job.arrived.elapsed().as_nanos() as u64,
+                    )
+                    .field("synthesis-time", synthesis_took.as_nanos() as u64)
+                    .field("pts", pts.nseconds())
+                    .build(),
+            );
+        }
+        true
+    }
+}
+
 fn worker_loop(
     element: glib::WeakRef<super::KokoroTtsElement>,
-    loaded: Arc<Loaded>,
+    loaded: Arc<Synth>,
     rx: Receiver<Work<Job>>,
 ) {
     for work in rx {
@@ -472,6 +568,9 @@ impl ObjectImpl for KokoroTts {
                     .mutable_ready()
                     .build(),
             ]
+            .into_iter()
+            .chain(vox_common::remote::Settings::param_specs("speech"))
+            .collect()
         });
         PROPERTIES.as_ref()
     }
@@ -484,6 +583,9 @@ impl ObjectImpl for KokoroTts {
                 .expect("type checked upstream")
                 .unwrap_or_else(|| default.into())
         };
+        if s.service.set(pspec.name(), value) {
+            return;
+        }
         match pspec.name() {
             "model" => s.model = string(DEFAULT_MODEL),
             "voices" => s.voices = string(DEFAULT_VOICES),
@@ -498,6 +600,9 @@ impl ObjectImpl for KokoroTts {
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
         let s = self.settings();
+        if let Some(v) = s.service.get(pspec.name()) {
+            return v;
+        }
         match pspec.name() {
             "model" => s.model.to_value(),
             "voices" => s.voices.to_value(),

@@ -15,6 +15,13 @@
 //! to each utterance (`audio-ctx=-1`), so a 3 s utterance does not pay for Whisper's 30 s
 //! window. All instances in a process share one loaded model.
 //!
+//! With `url` set to a speech service (OpenAI's audio API, e.g. `vox serve stt`), each utterance
+//! is transcribed there instead (a 16 kHz WAV up, `verbose_json` back): no model is loaded. A
+//! service fault costs that utterance, with a warning naming the cause, never the pipeline:
+//! each request has `timeout-ms`, is retried `retries` times with back-off, and after repeated
+//! faults the service is skipped for a while (a circuit breaker). Partial results are not asked
+//! of a service.
+//!
 //! ```sh
 //! gst-launch-1.0 -m filesrc location=speech.wav ! decodebin ! audioconvert ! audioresample ! \
 //!     audio/x-raw,format=F32LE,rate=16000,channels=1 ! silerovad ! whisperstt ! fakesink
@@ -30,6 +37,8 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::engine::{self, Engine, Options};
+use crate::remote;
+use vox_common::remote::Remote;
 use crate::utterance::{Utterance, UtteranceBuffer};
 use vox_common::events::{SpeechBoundary, SpeechPause, Transcript};
 
@@ -62,6 +71,7 @@ struct Settings {
     latency_ms: u32,
     context_pad_ms: u32,
     batch_ms: u32,
+    service: vox_common::remote::Settings,
 }
 
 impl Default for Settings {
@@ -74,6 +84,7 @@ impl Default for Settings {
             latency_ms: DEFAULT_LATENCY_MS,
             context_pad_ms: DEFAULT_CONTEXT_PAD_MS,
             batch_ms: DEFAULT_BATCH_MS,
+            service: Default::default(),
         }
     }
 }
@@ -162,6 +173,8 @@ pub struct WhisperStt {
     state: Mutex<State>,
     shared: Arc<Shared>,
     model: Mutex<Option<Arc<whisper_rs::WhisperContext>>>,
+    /// The speech service, when `url` names one (then no model is loaded).
+    remote: Mutex<Option<Arc<Remote>>>,
     /// Held by the worker from its generation check to the end of a push, and by FlushStop:
     /// output of work from before a flush never slips out after the flush has ended.
     push_lock: Mutex<()>,
@@ -265,14 +278,24 @@ impl WhisperStt {
     }
 
     fn start_worker(&self) -> Result<(), gst::ErrorMessage> {
-        let ctx = self
-            .model
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| gst::error_msg!(gst::CoreError::StateChange, ("model not loaded")))?;
-        let engine =
-            Engine::new(ctx).map_err(|e| gst::error_msg!(gst::LibraryError::Init, ("{}", e)))?;
+        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let engine = match remote {
+            Some(remote) => Backend::Remote(remote, self.settings().model),
+            None => {
+                let ctx = self
+                    .model
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .ok_or_else(|| {
+                        gst::error_msg!(gst::CoreError::StateChange, ("model not loaded"))
+                    })?;
+                Backend::Local(
+                    Engine::new(ctx)
+                        .map_err(|e| gst::error_msg!(gst::LibraryError::Init, ("{}", e)))?,
+                )
+            }
+        };
         let (tx, rx) = crossbeam_channel::unbounded();
         let element = self.obj().downgrade();
         let handle = std::thread::Builder::new()
@@ -344,6 +367,7 @@ impl WhisperStt {
         self.speculate(&mut state);
         if settings.interim_ms > 0
             && settings.batch_ms == 0
+            && !settings.service.is_remote()
             && !self.shared.busy.load(Ordering::SeqCst)
         {
             let interval = settings.interim_ms as usize * engine::SAMPLE_RATE / 1000;
@@ -551,8 +575,15 @@ type Run = (
     std::time::Duration,
 );
 
+/// Where utterances are transcribed: whisper.cpp in-process, or a speech service (with the
+/// model name to ask it for).
+enum Backend {
+    Local(Engine),
+    Remote(Arc<Remote>, String),
+}
+
 /// Transcribes `jobs` in `generation`; `None` when a flush came before or during the work.
-fn run(imp: &WhisperStt, engine: &mut Engine, jobs: &[Job], generation: u64) -> Option<Run> {
+fn run(imp: &WhisperStt, engine: &mut Backend, jobs: &[Job], generation: u64) -> Option<Run> {
     if generation != imp.generation() || jobs.is_empty() {
         return None;
     }
@@ -561,11 +592,17 @@ fn run(imp: &WhisperStt, engine: &mut Engine, jobs: &[Job], generation: u64) -> 
     let cancelled = move || shared.generation.load(Ordering::SeqCst) != generation;
     let started = Instant::now();
     imp.shared.busy.store(true, Ordering::SeqCst);
-    let result = match jobs {
-        [job] => engine
+    let result = match (engine, jobs) {
+        (Backend::Remote(service, model), _) => jobs
+            .iter()
+            .map(|job| {
+                remote::transcribe(service, model, &job.utterance.samples, &options, &cancelled)
+            })
+            .collect(),
+        (Backend::Local(engine), [job]) => engine
             .transcribe(&job.utterance.samples, &options, cancelled)
             .map(|out| vec![out]),
-        _ => {
+        (Backend::Local(engine), _) => {
             let pieces: Vec<&[f32]> = jobs
                 .iter()
                 .map(|j| j.utterance.samples.as_slice())
@@ -600,7 +637,7 @@ fn deliver_all(imp: &WhisperStt, jobs: &[Job], (result, took): Run, generation: 
 
 fn worker_loop(
     element: glib::WeakRef<super::WhisperSttElement>,
-    mut engine: Engine,
+    mut engine: Backend,
     rx: Receiver<Work>,
 ) {
     // The transcript of a paused utterance: (generation, utterance id, samples, result).
@@ -693,6 +730,7 @@ impl ObjectSubclass for WhisperStt {
             state: Mutex::new(State::default()),
             shared: Arc::new(Shared::default()),
             model: Mutex::new(None),
+            remote: Mutex::new(None),
             push_lock: Mutex::new(()),
         }
     }
@@ -793,6 +831,9 @@ impl ObjectImpl for WhisperStt {
                     .mutable_ready()
                     .build(),
             ]
+            .into_iter()
+            .chain(vox_common::remote::Settings::param_specs("transcription"))
+            .collect()
         });
         PROPERTIES.as_ref()
     }
@@ -800,6 +841,9 @@ impl ObjectImpl for WhisperStt {
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let mut s = self.settings.lock().unwrap_or_else(|p| p.into_inner());
         let string = |v: &glib::Value| v.get::<Option<String>>().ok().flatten().unwrap_or_default();
+        if s.service.set(pspec.name(), value) {
+            return;
+        }
         match pspec.name() {
             "model" => {
                 let m = string(value);
@@ -836,6 +880,9 @@ impl ObjectImpl for WhisperStt {
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
         let s = self.settings();
+        if let Some(v) = s.service.get(pspec.name()) {
+            return v;
+        }
         match pspec.name() {
             "model" => s.model.to_value(),
             "language" => s.options.language.to_value(),
@@ -917,8 +964,24 @@ impl ElementImpl for WhisperStt {
     ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
         match transition {
             gst::StateChange::NullToReady => {
-                let model = self.settings().model;
-                match engine::load_model(&model) {
+                let settings = self.settings();
+                match settings.service.remote() {
+                    Ok(Some(remote)) => {
+                        gst::info!(CAT, imp = self, "transcribing on {}", remote.endpoint(""));
+                        *self.remote.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(Arc::new(remote));
+                        return self.parent_change_state(transition);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.post_error_message(gst::error_msg!(
+                            gst::ResourceError::Settings,
+                            ("{}", e)
+                        ));
+                        return Err(gst::StateChangeError);
+                    }
+                }
+                match engine::load_model(&settings.model) {
                     Ok(ctx) => *self.model.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx),
                     Err(e) => {
                         self.post_error_message(gst::error_msg!(
@@ -957,6 +1020,7 @@ impl ElementImpl for WhisperStt {
         }
         if transition == gst::StateChange::ReadyToNull {
             *self.model.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *self.remote.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         ret
     }

@@ -1,0 +1,182 @@
+//! Transcription by a speech service instead of the model in-process: each utterance goes up as
+//! a 16 kHz WAV to OpenAI's `/v1/audio/transcriptions` (or `translations`), as `vox serve stt`
+//! and other compatible servers offer it, and `verbose_json` comes back. No GStreamer types.
+
+use crate::engine::{Error, Options, Output, Result, SAMPLE_RATE, SegmentOut, WordOut};
+use reqwest::blocking::multipart::{Form, Part};
+use serde_json::Value;
+use vox_common::remote::Remote;
+
+/// Transcribes `samples` (16 kHz mono) with `model` on the service.
+pub fn transcribe(
+    remote: &Remote,
+    model: &str,
+    samples: &[f32],
+    opts: &Options,
+    cancelled: impl Fn() -> bool,
+) -> Result<Output> {
+    let wav = wav(samples);
+    let url = remote.endpoint(if opts.translate {
+        "audio/translations"
+    } else {
+        "audio/transcriptions"
+    });
+    let response = remote
+        .send(
+            |client| {
+                let file = Part::bytes(wav.clone())
+                    .file_name("utterance.wav")
+                    .mime_str("audio/wav")
+                    .expect("a valid MIME type");
+                let mut form = Form::new()
+                    .part("file", file)
+                    .text("model", model.to_string())
+                    .text("response_format", "verbose_json")
+                    .text("timestamp_granularities[]", "segment");
+                if opts.word_timestamps {
+                    form = form.text("timestamp_granularities[]", "word");
+                }
+                if opts.language != "auto" && !opts.translate {
+                    form = form.text("language", opts.language.clone());
+                }
+                if !opts.initial_prompt.is_empty() {
+                    form = form.text("prompt", opts.initial_prompt.clone());
+                }
+                client.post(&url).multipart(form)
+            },
+            cancelled,
+        )
+        .map_err(|e| Error::Service(e.to_string()))?;
+    let body: Value = response
+        .json()
+        .map_err(|e| Error::Service(format!("unreadable answer from {url}: {e}")))?;
+    Ok(output(&body, opts, samples.len()))
+}
+
+/// Our output from a `verbose_json` answer (times in the clip, in ms).
+fn output(v: &Value, opts: &Options, samples: usize) -> Output {
+    let ms = |x: &Value| (x.as_f64().unwrap_or(0.0) * 1000.0).round().max(0.0) as u64;
+    let text = v["text"].as_str().unwrap_or_default().trim().to_string();
+    let words: Vec<WordOut> = v["words"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .map(|w| WordOut {
+                    start_ms: ms(&w["start"]),
+                    end_ms: ms(&w["end"]),
+                    text: w["word"].as_str().unwrap_or_default().trim().to_string(),
+                    probability: 1.0,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut segments: Vec<SegmentOut> = v["segments"]
+        .as_array()
+        .map(|ss| {
+            ss.iter()
+                .map(|s| SegmentOut {
+                    start_ms: ms(&s["start"]),
+                    end_ms: ms(&s["end"]),
+                    text: s["text"].as_str().unwrap_or_default().trim().to_string(),
+                    words: Vec::new(),
+                })
+                .filter(|s| !s.text.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if segments.is_empty() && !text.is_empty() {
+        segments.push(SegmentOut {
+            start_ms: 0,
+            end_ms: (samples * 1000 / SAMPLE_RATE) as u64,
+            text: text.clone(),
+            words: Vec::new(),
+        });
+    }
+    // Each word to the segment it starts in (the last one takes the rest).
+    let last = segments.len().saturating_sub(1);
+    for w in words {
+        let i = segments
+            .iter()
+            .position(|s| w.start_ms < s.end_ms)
+            .unwrap_or(last);
+        if let Some(s) = segments.get_mut(i) {
+            s.words.push(w);
+        }
+    }
+    let language = match (opts.language.as_str(), v["language"].as_str()) {
+        ("auto", Some("english")) => "en".to_string(),
+        ("auto", Some(l)) => l.to_string(),
+        (l, _) => l.to_string(),
+    };
+    Output {
+        text,
+        language,
+        segments,
+    }
+}
+
+/// 16-bit PCM WAV bytes of `samples`.
+fn wav(samples: &[f32]) -> Vec<u8> {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: SAMPLE_RATE as u32,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut out = std::io::Cursor::new(Vec::new());
+    {
+        let mut w = hound::WavWriter::new(&mut out, spec).expect("writing to memory");
+        for s in samples {
+            let _ = w.write_sample((s.clamp(-1.0, 1.0) * 32767.0) as i16);
+        }
+        let _ = w.finalize();
+    }
+    out.into_inner()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn verbose_json_becomes_segments_with_their_words() {
+        let v = json!({
+            "text": " Hello there. General Kenobi.",
+            "language": "english",
+            "segments": [
+                {"start": 0.0, "end": 1.2, "text": " Hello there."},
+                {"start": 1.5, "end": 3.0, "text": " General Kenobi."}
+            ],
+            "words": [
+                {"word": "Hello", "start": 0.1, "end": 0.5},
+                {"word": "there", "start": 0.6, "end": 1.1},
+                {"word": "General", "start": 1.6, "end": 2.1},
+                {"word": "Kenobi", "start": 2.2, "end": 2.9}
+            ]
+        });
+        let opts = Options {
+            language: "auto".into(),
+            ..Options::default()
+        };
+        let out = output(&v, &opts, 48000);
+        assert_eq!(out.text, "Hello there. General Kenobi.");
+        assert_eq!(out.language, "en");
+        assert_eq!(out.segments.len(), 2);
+        assert_eq!(out.segments[1].start_ms, 1500);
+        assert_eq!(out.segments[0].words.len(), 2);
+        assert_eq!(out.segments[1].words[1].text, "Kenobi");
+        // A plain answer (no segments) is one segment over the clip.
+        let out = output(&json!({"text": "Hi."}), &Options::default(), 32000);
+        assert_eq!(out.segments.len(), 1);
+        assert_eq!(out.segments[0].end_ms, 2000);
+    }
+
+    #[test]
+    fn wav_is_16_bit_mono_at_16_khz() {
+        let bytes = wav(&[0.0, 0.5, -0.5]);
+        let r = hound::WavReader::new(std::io::Cursor::new(bytes)).unwrap();
+        assert_eq!(r.spec().sample_rate, 16000);
+        assert_eq!(r.len(), 3);
+    }
+}
