@@ -648,17 +648,31 @@ fn reply_with_remote_stt_and_tts_matches_local() {
             .arg(&answer)
             .args(["--stt", &base, "--tts", &base]),
     );
-    assert_eq!(line(&remote, "you:"), line(&local, "you:"), "{local}\n{remote}");
-    assert_eq!(line(&remote, "reply:"), line(&local, "reply:"), "{local}\n{remote}");
+    assert_eq!(
+        line(&remote, "you:"),
+        line(&local, "you:"),
+        "{local}\n{remote}"
+    );
+    assert_eq!(
+        line(&remote, "reply:"),
+        line(&local, "reply:"),
+        "{local}\n{remote}"
+    );
     assert!(line(&remote, "reply:").contains("Paris"), "{remote}");
     let heard = normalize(&check(vox().arg("transcribe").arg(&answer)));
-    assert!(heard.contains("paris"), "the remote answer audio says: {heard}");
+    assert!(
+        heard.contains("paris"),
+        "the remote answer audio says: {heard}"
+    );
     // Both stages really went to the service.
     let (_, _, metrics) = server.curl("/metrics", &[]);
     let metrics = String::from_utf8_lossy(&metrics);
     for endpoint in ["transcriptions", "speech"] {
         let ok = format!("vox_serve_requests_total{{endpoint=\"{endpoint}\",status=\"200\"}}");
-        assert!(metric_in(&metrics, &ok).is_some_and(|n| n >= 1.0), "{metrics}");
+        assert!(
+            metric_in(&metrics, &ok).is_some_and(|n| n >= 1.0),
+            "{metrics}"
+        );
     }
 }
 
@@ -685,6 +699,10 @@ fn an_unreachable_speech_service_is_a_warning_not_a_crash() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(!dir.path().join("a.wav").exists());
 }

@@ -180,10 +180,14 @@ impl Settings {
     /// The element's properties for these settings.
     pub fn param_specs(service: &str) -> Vec<gst::glib::ParamSpec> {
         use gst::glib;
+        use gst::prelude::*;
+        let url = format!(
+            "A {service} service speaking OpenAI's audio API (http://HOST:PORT, as `vox serve` offers it) to use instead of the model in-process; empty or \"local\": in-process"
+        );
         vec![
             glib::ParamSpecString::builder("url")
                 .nick("Service URL")
-                .blurb(format!("A {service} service speaking OpenAI's audio API (http://HOST:PORT, as `vox serve` offers it) to use instead of the model in-process; empty or \"local\": in-process"))
+                .blurb(&url)
                 .default_value(Some(""))
                 .mutable_ready()
                 .build(),

@@ -3,7 +3,6 @@
 //! and other compatible servers offer it, and `verbose_json` comes back. No GStreamer types.
 
 use crate::engine::{Error, Options, Output, Result, SAMPLE_RATE, SegmentOut, WordOut};
-use reqwest::blocking::multipart::{Form, Part};
 use serde_json::Value;
 use vox_common::remote::Remote;
 
@@ -21,28 +20,28 @@ pub fn transcribe(
     } else {
         "audio/transcriptions"
     });
+    let mut fields: Vec<(&str, String)> = vec![
+        ("model", model.to_string()),
+        ("response_format", "verbose_json".into()),
+        ("timestamp_granularities[]", "segment".into()),
+    ];
+    if opts.word_timestamps {
+        fields.push(("timestamp_granularities[]", "word".into()));
+    }
+    if opts.language != "auto" && !opts.translate {
+        fields.push(("language", opts.language.clone()));
+    }
+    if !opts.initial_prompt.is_empty() {
+        fields.push(("prompt", opts.initial_prompt.clone()));
+    }
+    let (content_type, body) = multipart(&fields, "utterance.wav", "audio/wav", &wav);
     let response = remote
         .send(
             |client| {
-                let file = Part::bytes(wav.clone())
-                    .file_name("utterance.wav")
-                    .mime_str("audio/wav")
-                    .expect("a valid MIME type");
-                let mut form = Form::new()
-                    .part("file", file)
-                    .text("model", model.to_string())
-                    .text("response_format", "verbose_json")
-                    .text("timestamp_granularities[]", "segment");
-                if opts.word_timestamps {
-                    form = form.text("timestamp_granularities[]", "word");
-                }
-                if opts.language != "auto" && !opts.translate {
-                    form = form.text("language", opts.language.clone());
-                }
-                if !opts.initial_prompt.is_empty() {
-                    form = form.text("prompt", opts.initial_prompt.clone());
-                }
-                client.post(&url).multipart(form)
+                client
+                    .post(&url)
+                    .header(reqwest::header::CONTENT_TYPE, content_type.as_str())
+                    .body(body.clone())
             },
             cancelled,
         )
@@ -113,6 +112,39 @@ fn output(v: &Value, opts: &Options, samples: usize) -> Output {
         language,
         segments,
     }
+}
+
+/// A `multipart/form-data` body (RFC 7578) of text `fields` and one file, and its content type.
+/// Built whole here: reqwest's blocking form streams through a pipe, and a refused connection
+/// then shows as a broken body instead of as what it is.
+fn multipart(
+    fields: &[(&str, String)],
+    filename: &str,
+    mime: &str,
+    file: &[u8],
+) -> (String, Vec<u8>) {
+    let boundary = format!("vox-{:016x}", {
+        use std::hash::{BuildHasher, RandomState};
+        RandomState::new().hash_one(file.len())
+    });
+    let mut body = Vec::with_capacity(file.len() + 1024);
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\nContent-Type: {mime}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(file);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
 /// 16-bit PCM WAV bytes of `samples`.

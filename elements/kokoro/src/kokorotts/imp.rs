@@ -299,9 +299,10 @@ fn speak(imp: &KokoroTts, synth: &Synth, job: Job, generation: u64) {
                 speed,
             } => {
                 let synthesis = Instant::now();
-                let result = crate::remote::speak(remote, &sentence, voice, *speed, cancelled, |audio| {
-                    out.push(imp, &job, audio, synthesis.elapsed(), &cancelled)
-                });
+                let result =
+                    crate::remote::speak(remote, &sentence, voice, *speed, cancelled, |audio| {
+                        out.push(imp, &job, audio, synthesis.elapsed(), &cancelled)
+                    });
                 match result {
                     Ok(()) => !cancelled(),
                     Err(RemoteError::Cancelled) => false,

@@ -38,9 +38,9 @@ use std::time::Instant;
 
 use crate::engine::{self, Engine, Options};
 use crate::remote;
-use vox_common::remote::Remote;
 use crate::utterance::{Utterance, UtteranceBuffer};
 use vox_common::events::{SpeechBoundary, SpeechPause, Transcript};
+use vox_common::remote::Remote;
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -278,7 +278,11 @@ impl WhisperStt {
     }
 
     fn start_worker(&self) -> Result<(), gst::ErrorMessage> {
-        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let remote = self
+            .remote
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let engine = match remote {
             Some(remote) => Backend::Remote(remote, self.settings().model),
             None => {
