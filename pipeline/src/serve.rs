@@ -330,7 +330,9 @@ pub fn serve(
     let running = whisper_lanes(options.threads);
     let app = Arc::new(App {
         stt: Lane::new("whisper", running, options.queue),
-        tts: Lane::new("kokoro", 1, options.queue),
+        // Speech streams run side by side, their sentences taking turns on Kokoro's one session:
+        // a request's first sentence waits for the sentences in flight, not for whole answers.
+        tts: Lane::new("kokoro", SPEECH_STREAMS, options.queue),
         voices,
         metrics: Metrics::new(),
         ready: AtomicBool::new(false),
@@ -366,6 +368,9 @@ pub fn serve(
             .map_err(|e| ServeError::Runtime(e.to_string()))
     })
 }
+
+/// Speech requests streaming at once (Kokoro itself runs one sentence at a time).
+const SPEECH_STREAMS: usize = 4;
 
 /// Transcriptions at once: one per `threads` cores (as whisperstt's state pool allows).
 fn whisper_lanes(threads: u32) -> usize {
