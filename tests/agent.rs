@@ -17,12 +17,6 @@ fn exclusive() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// A question spoken by our own TTS.
-fn question(dir: &Path, text: &str, name: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    check(vox().args(["speak", text, "-o"]).arg(&path));
-    path
-}
-
 /// One channel of a call recording (1: the caller, 2: the agent) as a mono WAV.
 fn channel(recording: &Path, n: u32, out: &Path) {
     check(
@@ -37,7 +31,7 @@ fn channel(recording: &Path, n: u32, out: &Path) {
 fn answers_a_call_over_webrtc() {
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let q = question(dir.path(), "What is the capital of France?", "q.wav");
+    let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();
     let mut agent = Agent::start(&ns, 8443, &[]);
     let record = dir.path().join("call.wav");
@@ -136,12 +130,12 @@ fn ask(ns: &Netns, agent: &mut Agent, q: &Path, dir: &Path) -> (String, String) 
 fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let story = question(
+    let story = spoken(
         dir.path(),
         "Tell me a long story about a brave dragon and a little girl.",
         "story.wav",
     );
-    let q = question(dir.path(), "What is the capital of France?", "q.wav");
+    let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();
     // Whole sentences, so the agent is in the middle of a long one when it is interrupted.
     let mut agent = Agent::start(&ns, 8444, &["max-tokens=300", "first-clause=false"]);
@@ -197,8 +191,8 @@ fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
 fn two_calls_at_once_each_get_their_own_answer() {
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let france = question(dir.path(), "What is the capital of France?", "france.wav");
-    let japan = question(dir.path(), "What is the capital of Japan?", "japan.wav");
+    let france = spoken(dir.path(), "What is the capital of France?", "france.wav");
+    let japan = spoken(dir.path(), "What is the capital of Japan?", "japan.wav");
     let ns = Netns::new();
     let mut agent = Agent::start(&ns, 8445, &["--max-sessions", "2"]);
     let calls: Vec<_> = [("france", &france), ("japan", &japan)]
@@ -244,7 +238,7 @@ fn two_calls_at_once_each_get_their_own_answer() {
 fn an_llm_that_is_down_gives_the_fallback_and_the_agent_stays_ready() {
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let q = question(dir.path(), "What is the capital of France?", "q.wav");
+    let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();
     let mut agent = Agent::start(&ns, 8446, &["llm-url=http://127.0.0.1:9/v1"]);
     let (heard, log) = ask(&ns, &mut agent, &q, dir.path());
@@ -266,8 +260,8 @@ fn an_llm_that_is_down_gives_the_fallback_and_the_agent_stays_ready() {
 fn a_caller_that_vanishes_is_cleaned_up_and_others_go_on() {
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let q = question(dir.path(), "What is the capital of France?", "q.wav");
-    let story = question(
+    let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
+    let story = spoken(
         dir.path(),
         "Tell me a long story about a dragon.",
         "story.wav",
@@ -336,7 +330,7 @@ fn a_caller_that_vanishes_is_cleaned_up_and_others_go_on() {
 fn sigterm_drains_the_sessions_then_exits() {
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let q = question(dir.path(), "What is the capital of France?", "q.wav");
+    let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();
     let mut agent = Agent::start(&ns, 8448, &["--drain-timeout-s", "60"]);
     let port = agent.http_port;
@@ -390,7 +384,7 @@ fn sigterm_drains_the_sessions_then_exits() {
 fn bad_callers_do_not_hurt_the_agent() {
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let q = question(dir.path(), "What is the capital of France?", "q.wav");
+    let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
     let quiet = dir.path().join("quiet.wav");
     silence(4.0, &quiet);
     let noise = dir.path().join("noise.wav");
@@ -486,7 +480,7 @@ p.close()
 fn the_echo_cancelling_graph_answers_a_call() {
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let q = question(dir.path(), "What is the capital of France?", "q.wav");
+    let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();
     let mut agent = Agent::start(&ns, 8450, &["--graph", "agent-webrtc-aec"]);
     let (heard, log) = ask(&ns, &mut agent, &q, dir.path());

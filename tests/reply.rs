@@ -12,12 +12,7 @@ use std::fs;
 #[test]
 fn answers_a_spoken_question_out_loud() {
     let dir = tempfile::tempdir().unwrap();
-    let question = dir.path().join("question.wav");
-    check(
-        vox()
-            .args(["speak", "What is the capital of France?", "-o"])
-            .arg(&question),
-    );
+    let question = spoken(dir.path(), "What is the capital of France?", "question.wav");
     let answer = dir.path().join("answer.wav");
     let out = check(vox().arg("reply").arg(&question).arg("-o").arg(&answer));
     let you = out.lines().find(|l| l.starts_with("you:")).unwrap_or("");

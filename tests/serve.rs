@@ -620,12 +620,7 @@ fn reply_with_remote_stt_and_tts_matches_local() {
     let server = Server::start(&["all"]);
     let base = server.url("");
     let dir = tempfile::tempdir().unwrap();
-    let question = dir.path().join("question.wav");
-    check(
-        vox()
-            .args(["speak", "What is the capital of France?", "-o"])
-            .arg(&question),
-    );
+    let question = spoken(dir.path(), "What is the capital of France?", "question.wav");
     let line = |out: &str, tag: &str| {
         out.lines()
             .find(|l| l.starts_with(tag))
@@ -682,12 +677,7 @@ fn reply_with_remote_stt_and_tts_matches_local() {
 #[test]
 fn an_unreachable_speech_service_is_a_warning_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let question = dir.path().join("question.wav");
-    check(
-        vox()
-            .args(["speak", "What is the capital of France?", "-o"])
-            .arg(&question),
-    );
+    let question = spoken(dir.path(), "What is the capital of France?", "question.wav");
     let port = free_port();
     let started = Instant::now();
     let out = run(vox()

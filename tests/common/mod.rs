@@ -108,6 +108,13 @@ pub fn speak(text: &str, out: &Path) {
     std::fs::remove_file(raw).ok();
 }
 
+/// `text` spoken by our own TTS (`vox speak`) into `dir/name`.
+pub fn spoken(dir: &Path, text: &str, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    check(vox().args(["speak", text, "-o"]).arg(&path));
+    path
+}
+
 pub fn silence(seconds: f64, out: &Path) {
     check(
         tool("sox")
