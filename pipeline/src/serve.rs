@@ -327,7 +327,8 @@ pub fn serve(
     if options.stt {
         vox_common::models::resolve(&options.stt_model, vox_common::models::ModelKind::Whisper)?;
     }
-    let running = whisper_lanes(options.threads);
+    // Transcriptions at once: as many as whisperstt's state pool lets run.
+    let running = vox_common::worker::runs_at_once(options.threads);
     let app = Arc::new(App {
         stt: Lane::new("whisper", running, options.queue),
         // Speech streams run side by side, their sentences taking turns on Kokoro's one session:
@@ -371,12 +372,6 @@ pub fn serve(
 
 /// Speech requests streaming at once (Kokoro itself runs one sentence at a time).
 const SPEECH_STREAMS: usize = 4;
-
-/// Transcriptions at once: one per `threads` cores (as whisperstt's state pool allows).
-fn whisper_lanes(threads: u32) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / threads.max(1) as usize).max(1)
-}
 
 /// Resolves on SIGINT/SIGTERM (the command line's handler notes them).
 async fn shutdown() {

@@ -19,6 +19,13 @@ pub const SPEECH_PAUSE: &str = "vox-speech-pause";
 /// Speech came back after a pause.
 pub const SPEECH_RESUME: &str = "vox-speech-resume";
 
+/// The structure of a custom downstream event (how our events travel).
+fn custom_downstream(event: &gst::EventRef) -> Option<&gst::StructureRef> {
+    (event.type_() == gst::EventType::CustomDownstream)
+        .then(|| event.structure())
+        .flatten()
+}
+
 /// A speech boundary found by the VAD.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpeechBoundary {
@@ -64,10 +71,7 @@ impl SpeechBoundary {
     }
 
     pub fn from_event(event: &gst::EventRef) -> Option<Self> {
-        if event.type_() != gst::EventType::CustomDownstream {
-            return None;
-        }
-        Self::from_structure(event.structure()?)
+        Self::from_structure(custom_downstream(event)?)
     }
 }
 
@@ -118,10 +122,7 @@ impl SpeechPause {
     }
 
     pub fn from_event(event: &gst::EventRef) -> Option<Self> {
-        if event.type_() != gst::EventType::CustomDownstream {
-            return None;
-        }
-        Self::from_structure(event.structure()?)
+        Self::from_structure(custom_downstream(event)?)
     }
 }
 

@@ -9,6 +9,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
+/// Inference runs that pay off at once on this machine when each uses `threads` threads: one
+/// per `threads` cores. More would only share the same cores and finish later all together.
+pub fn runs_at_once(threads: u32) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / threads.max(1) as usize).max(1)
+}
+
 /// What the worker receives, tagged with the generation it was queued in.
 pub enum Work<J> {
     Job(J, u64),

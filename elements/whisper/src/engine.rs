@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
+use vox_common::worker::runs_at_once;
 use whisper_rs::{
     FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters, WhisperState,
 };
@@ -225,7 +226,7 @@ fn is_annotation(text: &str) -> bool {
 /// Decoder states (whisper.cpp's caches and compute buffers, tens of MB each) are pooled per
 /// model: a transcription takes one and gives it back, so a process holds as many as run at
 /// once, not one per element (a live agent has an element per session, mostly idle). At most
-/// [`max_states`] run at once: more would only share the same cores (each already runs on
+/// [`runs_at_once`] run at once: more would only share the same cores (each already runs on
 /// `threads` of them), finish later all together, and hold more memory; a transcription beyond
 /// that waits for a state.
 struct Pool {
@@ -237,12 +238,6 @@ struct Pool {
 
 static STATES: Mutex<Vec<Pool>> = Mutex::new(Vec::new());
 static RETURNED: Condvar = Condvar::new();
-
-/// Transcriptions that may run at once, each on `threads` threads: one per `threads` cores.
-pub fn max_states(threads: u32) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / threads.max(1) as usize).max(1)
-}
 
 /// A state taken from the pool for one transcription; back in the pool when dropped.
 struct PooledState<'a> {
@@ -435,7 +430,7 @@ impl Engine {
         params.set_single_segment(true);
         let seconds = samples.len() as f64 / SAMPLE_RATE as f64;
         params.set_max_tokens((seconds * 8.0).ceil() as i32 + 16);
-        let mut state = PooledState::take(&self.ctx, max_states(opts.threads))?;
+        let mut state = PooledState::take(&self.ctx, runs_at_once(opts.threads))?;
         state
             .full(params, audio)
             .map_err(|e| Error::Inference(e.to_string()))?;
@@ -520,7 +515,7 @@ impl Engine {
         }
         let mut params = self.params(opts, joined.len(), cancelled);
         params.set_token_timestamps(true);
-        let mut state = PooledState::take(&self.ctx, max_states(opts.threads))?;
+        let mut state = PooledState::take(&self.ctx, runs_at_once(opts.threads))?;
         state
             .full(params, &joined)
             .map_err(|e| Error::Inference(e.to_string()))?;
