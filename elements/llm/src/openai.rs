@@ -74,6 +74,9 @@ impl OpenAi {
         };
         let client = reqwest_async::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            // Below the 5 s after which llama-server closes an idle connection, so that
+            // we rarely send on one it is closing.
+            .pool_idle_timeout(Duration::from_secs(4))
             .build()
             .map_err(|e| LlmError::Backend(e.to_string()))?;
         Ok(Self {
@@ -103,12 +106,25 @@ impl OpenAi {
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
         });
-        let mut request = self.client.post(&self.endpoint).json(&body);
-        if let Some(key) = &self.api_key {
-            request = request.bearer_auth(key);
-        }
         let deadline = started + params.timeout;
-        let response = tokio::time::timeout(params.first_token_timeout, request.send())
+        let send = async {
+            // A kept-alive connection the server closes just as the request goes out fails
+            // with "connection closed before message completed" although the server never
+            // saw the request (llama-server closes idle connections after 5 s). Such a
+            // failure, before any answer, is tried once more on a fresh connection.
+            let mut retried = false;
+            loop {
+                let mut request = self.client.post(&self.endpoint).json(&body);
+                if let Some(key) = &self.api_key {
+                    request = request.bearer_auth(key);
+                }
+                match request.send().await {
+                    Err(e) if !retried && (e.is_request() || e.is_connect()) => retried = true,
+                    result => break result,
+                }
+            }
+        };
+        let response = tokio::time::timeout(params.first_token_timeout, send)
             .await
             .map_err(|_| LlmError::FirstToken(params.first_token_timeout))?
             .map_err(|e| LlmError::Connect {
