@@ -174,7 +174,8 @@ enum Command {
         /// Kokoro voice used when a request names none.
         #[arg(long, default_value = "jf_alpha")]
         voice: String,
-        /// Threads per model.
+        /// Cores per model: a transcription alone uses them all; under load, transcriptions
+        /// run side by side on one core each.
         #[arg(long, default_value_t = 2)]
         threads: u32,
     },
@@ -1090,18 +1091,10 @@ fn cmd_doctor() -> Result<ExitCode> {
             ),
         );
     }
-    let gpu =
-        Path::new("/dev/nvidia0").exists() || Path::new("/proc/driver/nvidia/version").exists();
-    let cuda_build = cfg!(feature = "cuda");
-    let detail = match (gpu, cuda_build) {
-        (true, true) => "NVIDIA GPU present; CUDA build".to_string(),
-        (true, false) => {
-            "NVIDIA GPU present, but this build is CPU-only: rebuild with --features cuda".into()
-        }
-        (false, true) => "no GPU found: the CUDA build falls back to the CPU".into(),
-        (false, false) => "none (CPU inference)".into(),
-    };
-    println!("--   GPU: {detail}");
+    println!(
+        "--   GPU: {}",
+        vox_pipeline::metrics::Accelerator::detect().describe()
+    );
     Ok(if failures == 0 {
         ExitCode::SUCCESS
     } else {

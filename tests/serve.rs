@@ -515,8 +515,9 @@ fn twenty_concurrent_transcriptions_get_answers_or_429s_and_memory_stays_bounded
     });
     let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
     let ok = statuses.iter().filter(|&&c| c == 200).count();
-    // One runs and eight wait: at least those nine are answered, the rest only turned away.
-    assert!(ok >= 9, "{statuses:?}");
+    // Two run (one per core) and eight wait: at least those ten are answered, the rest only
+    // turned away.
+    assert!(ok >= 10, "{statuses:?}");
     assert!(
         statuses.iter().all(|&c| c == 200 || c == 429),
         "{statuses:?}"
@@ -530,8 +531,9 @@ fn twenty_concurrent_transcriptions_get_answers_or_429s_and_memory_stays_bounded
         idle / 1024,
         peak / 1024
     );
-    // Uploads are 350 KB each and only one decoder state exists: memory hardly moves.
-    assert!(peak < idle + 100 * 1024, "idle {idle} KiB, peak {peak} KiB");
+    // Uploads are 350 KB each; what grows is one Whisper state and decoding pipeline per core
+    // (two here), bounded by the cores, not by the queue or the clients.
+    assert!(peak < idle + 160 * 1024, "idle {idle} KiB, peak {peak} KiB");
 }
 
 /// The official `openai` Python client (PyPI, pinned; scripts/test installs it in a cached venv)

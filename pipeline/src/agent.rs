@@ -113,6 +113,7 @@ impl Agent {
         }
         limit_malloc_arenas();
         runner::init()?;
+        crate::metrics::Accelerator::detect().log();
         let metrics = Arc::new(Metrics::new());
         let accepting = Arc::new(AtomicBool::new(true));
         let loaded = Arc::new(AtomicBool::new(false));

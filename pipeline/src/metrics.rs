@@ -7,14 +7,108 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+use std::borrow::Cow;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::thread::JoinHandle;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Stage {
     /// transport, vad, stt, llm, tts, session
     pub stage: String,
+}
+
+/// Where inference runs, decided at start-up: the GPU when this is a CUDA build and an NVIDIA
+/// GPU is there, else the CPU (a CUDA build without a GPU falls back and says so).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accelerator {
+    pub cuda_build: bool,
+    pub gpu_present: bool,
+}
+
+impl Accelerator {
+    pub fn detect() -> Self {
+        Self {
+            cuda_build: cfg!(feature = "cuda"),
+            gpu_present: std::path::Path::new("/dev/nvidia0").exists()
+                || std::path::Path::new("/proc/driver/nvidia/version").exists(),
+        }
+    }
+
+    /// `cuda` or `cpu`.
+    pub fn device(&self) -> &'static str {
+        if self.cuda_build && self.gpu_present {
+            "cuda"
+        } else {
+            "cpu"
+        }
+    }
+
+    /// One line for the log (and `vox doctor`).
+    pub fn describe(&self) -> &'static str {
+        match (self.gpu_present, self.cuda_build) {
+            (true, true) => "NVIDIA GPU present; CUDA build: inference on the GPU",
+            (true, false) => {
+                "NVIDIA GPU present, but this build is CPU-only: inference on the CPU (rebuild with --features cuda)"
+            }
+            (false, true) => "no GPU found: the CUDA build falls back to the CPU",
+            (false, false) => "no GPU: inference on the CPU",
+        }
+    }
+
+    /// Says where inference runs, as a warning when a CUDA build found no GPU.
+    pub fn log(&self) {
+        if self.cuda_build && !self.gpu_present {
+            tracing::warn!("{}", self.describe());
+        } else {
+            tracing::info!("{}", self.describe());
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AcceleratorLabels {
+    device: String,
+    cuda_build: String,
+    gpu_present: String,
+}
+
+/// A registry for the `vox_` metrics of one process. In a pod (the Downward API's `$POD_NAME`
+/// and `$POD_NAMESPACE`) every series carries `pod` and `namespace`, which Prometheus keeps
+/// (`honor_labels`) and prometheus-adapter needs; found by DNS, the targets have no other
+/// source for them. Holds `vox_start_time_seconds` (restarts) and `vox_accelerator_info`.
+pub(crate) fn registry() -> Registry {
+    let labels = [("pod", "POD_NAME"), ("namespace", "POD_NAMESPACE")]
+        .into_iter()
+        .filter_map(|(label, var)| {
+            let value = std::env::var(var).ok().filter(|v| !v.is_empty())?;
+            Some((Cow::Borrowed(label), Cow::Owned(value)))
+        });
+    let mut registry = Registry::with_prefix_and_labels("vox", labels);
+    let started: Gauge<f64, AtomicU64> = Gauge::default();
+    started.set(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+    );
+    registry.register(
+        "start_time_seconds",
+        "When this process started, in seconds since the Unix epoch",
+        started,
+    );
+    let accelerator = Accelerator::detect();
+    registry.register(
+        "accelerator",
+        "Where inference runs (device cuda or cpu), whether this is a CUDA build and whether a GPU was found",
+        Info::new(AcceleratorLabels {
+            device: accelerator.device().into(),
+            cuda_build: accelerator.cuda_build.to_string(),
+            gpu_present: accelerator.gpu_present.to_string(),
+        }),
+    );
+    registry
 }
 
 /// Latency buckets (seconds) from 25 ms to ~13 s.
@@ -59,7 +153,7 @@ impl Metrics {
             first_audio_seconds: Histogram::new(buckets()),
             voice_to_voice_seconds: Histogram::new(buckets()),
             llm_circuit_open: Gauge::default(),
-            registry: Registry::with_prefix("vox"),
+            registry: registry(),
         };
         m.registry.register(
             "sessions_active",
