@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{check, run};
+use common::{check, installed, k8s_venv as venv, run};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -21,51 +21,17 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A program of the venv scripts/k8s-tools makes.
-fn venv(program: &str) -> Command {
-    let dir = std::env::var_os("VOX_K8S_VENV").map_or_else(
-        || {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-                .join(".cache/vox/k8s-venv")
-        },
-        PathBuf::from,
-    );
-    let path = dir.join("bin").join(program);
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/k8s-tools (it installs kubernetes-validate, checkov and PyYAML)",
-        path.display()
-    );
-    Command::new(path)
-}
-
-/// A program from Debian's prometheus packages.
-fn debian(program: &str) -> Command {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "{program} is missing: run scripts/k8s-tools (it installs prometheus and prometheus-alertmanager)"
-    );
-    Command::new(program)
-}
-
+const PROMETHEUS_TOOLS: &str =
+    "run scripts/k8s-tools (it installs prometheus and prometheus-alertmanager)";
 /// `kubectl kustomize k8s/overlays/NAME` into `dir/NAME.yaml`.
 fn render(overlay: &str, dir: &Path) -> PathBuf {
-    let found = Command::new("sh")
-        .args(["-c", "command -v kubectl"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "kubectl is missing: it renders the overlays (kubectl kustomize); see scripts/k8s-tools"
-    );
     let text = check(
-        Command::new("kubectl")
-            .arg("kustomize")
-            .arg(root().join("k8s/overlays").join(overlay)),
+        installed(
+            "kubectl",
+            "it renders the overlays (kubectl kustomize); see scripts/k8s-tools",
+        )
+        .arg("kustomize")
+        .arg(root().join("k8s/overlays").join(overlay)),
     );
     let path = dir.join(format!("{overlay}.yaml"));
     std::fs::write(&path, text).unwrap();
@@ -281,24 +247,24 @@ fn checkov_passes_every_check_but_the_accepted_ones_and_fails_a_root_container()
 fn prometheus_and_alertmanager_configs_pass_promtool_and_amtool() {
     let monitoring = root().join("k8s/base/monitoring");
     check(
-        debian("promtool")
+        installed("promtool", PROMETHEUS_TOOLS)
             .args(["check", "config"])
             .arg(monitoring.join("prometheus.yml")),
     );
     check(
-        debian("promtool")
+        installed("promtool", PROMETHEUS_TOOLS)
             .args(["check", "rules"])
             .arg(monitoring.join("rules.yml")),
     );
     // Each alert fires on its series, after its `for` and not before.
     let out = check(
-        debian("promtool")
+        installed("promtool", PROMETHEUS_TOOLS)
             .args(["test", "rules", "rules_test.yml"])
             .current_dir(&monitoring),
     );
     assert!(out.contains("SUCCESS"), "{out}");
     check(
-        debian("amtool")
+        installed("amtool", PROMETHEUS_TOOLS)
             .arg("check-config")
             .arg(monitoring.join("alertmanager.yml")),
     );
@@ -316,8 +282,10 @@ fn prometheus_and_alertmanager_configs_pass_promtool_and_amtool() {
     )
     .unwrap();
     assert!(
-        !run(debian("promtool").args(["check", "rules"]).arg(&bad))
-            .status
-            .success()
+        !run(installed("promtool", PROMETHEUS_TOOLS)
+            .args(["check", "rules"])
+            .arg(&bad))
+        .status
+        .success()
     );
 }

@@ -23,23 +23,6 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn k8s_python() -> Command {
-    let dir = std::env::var_os("VOX_K8S_VENV").map_or_else(
-        || {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-                .join(".cache/vox/k8s-venv")
-        },
-        PathBuf::from,
-    );
-    let python = dir.join("bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/k8s-tools",
-        python.display()
-    );
-    Command::new(python)
-}
-
 /// A server process in the namespace, killed when dropped.
 struct Server(Child);
 
@@ -51,13 +34,9 @@ impl Drop for Server {
 }
 
 fn spawn(ns: &Netns, program: &'static str, args: &[String], log: &Path) -> Server {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "{program} is missing: run scripts/k8s-tools (it installs prometheus and prometheus-alertmanager)"
+    installed(
+        program,
+        "run scripts/k8s-tools (it installs prometheus and prometheus-alertmanager)",
     );
     let child = ns
         .command(program)
@@ -179,7 +158,7 @@ fn expressions() -> Vec<(String, String)> {
         }
     }
     let out = check(
-        k8s_python()
+        k8s_venv("python")
             .arg("-c")
             .arg(
                 "import json, sys, yaml\n\
@@ -254,7 +233,7 @@ fn prometheus_scrapes_the_agent_and_the_llm_circuit_alert_reaches_alertmanager()
         "prometheus": [format!("127.0.0.1:{prom_port}")],
     });
     check(
-        k8s_python()
+        k8s_venv("python")
             .arg("-c")
             .arg(
                 "import json, shutil, sys, yaml\n\

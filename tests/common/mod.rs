@@ -78,16 +78,36 @@ pub fn check(cmd: &mut Command) -> String {
 
 /// `sox`/`espeak-ng` are installed by scripts/setup.
 pub fn tool(name: &str) -> Command {
+    installed(name, "run scripts/setup (it installs espeak-ng and sox)")
+}
+
+/// `name` from the PATH; a failure saying how to get it (`how`) when it is not there.
+pub fn installed(name: &str, how: &str) -> Command {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{name} is missing: run scripts/setup (it installs espeak-ng and sox)"
-    );
+        .is_ok_and(|o| o.status.success());
+    assert!(found, "{name} is missing: {how}");
     Command::new(name)
+}
+
+/// A program of the venv that scripts/k8s-tools makes (kubernetes-validate, checkov, and a
+/// python with PyYAML); `$VOX_K8S_VENV` names another.
+pub fn k8s_venv(program: &str) -> Command {
+    let dir = std::env::var_os("VOX_K8S_VENV").map_or_else(
+        || {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache/vox/k8s-venv")
+        },
+        PathBuf::from,
+    );
+    let path = dir.join("bin").join(program);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/k8s-tools (it installs kubernetes-validate, checkov and PyYAML)",
+        path.display()
+    );
+    Command::new(path)
 }
 
 /// Speaks `text` with espeak-ng into a 16 kHz mono s16 WAV file.
