@@ -11,7 +11,6 @@ mod common;
 
 use common::{check, installed, k8s_venv as venv, run};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const OVERLAYS: [&str; 3] = ["gpu", "cpu", "hybrid"];
 /// The custom resources kubernetes-validate has no schema for; k8s_policy.py checks them.

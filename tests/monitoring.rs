@@ -16,7 +16,7 @@ mod common;
 use common::netns::{AGENT_IP, Agent, Netns, curl_get, free_port};
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
