@@ -77,10 +77,10 @@ enum Command {
         /// Output WAV file for the spoken answer.
         #[arg(short, long)]
         output: PathBuf,
-        /// An OpenAI-compatible server (Ollama: http://127.0.0.1:11434/v1, llama-server); without
-        /// it the LLM runs in-process.
-        #[arg(long, default_value = "")]
-        llm_url: String,
+        /// Where answers come from: embedded (llama.cpp in-process) or an OpenAI-compatible
+        /// server's URL (Ollama: http://127.0.0.1:11434/v1, llama-server).
+        #[arg(long, alias = "llm-url", default_value = "embedded")]
+        llm: String,
         /// Model name for the server, or a GGUF name or path in-process (default smollm2-135m).
         #[arg(long, default_value = "")]
         llm_model: String,
@@ -141,7 +141,7 @@ enum Command {
         /// with the same parameters and element names.
         #[arg(long)]
         graph: Option<String>,
-        /// Session graph parameters (key=value), e.g. llm-url=http://127.0.0.1:11434/v1 voice=jf_alpha.
+        /// Session graph parameters (key=value), e.g. llm=http://127.0.0.1:11434/v1 voice=jf_alpha.
         params: Vec<String>,
     },
     /// Serve OpenAI's speech API over HTTP: /v1/audio/transcriptions and /v1/audio/translations
@@ -347,7 +347,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Reply {
             input,
             output,
-            llm_url,
+            llm,
             llm_model,
             stt_model,
             voice,
@@ -359,7 +359,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             &output,
             &reply::Options {
                 stt_model,
-                llm_url,
+                llm,
                 llm_model,
                 voice,
                 stt,

@@ -240,7 +240,7 @@ fn an_llm_that_is_down_gives_the_fallback_and_the_agent_stays_ready() {
     let dir = tempfile::tempdir().unwrap();
     let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();
-    let mut agent = Agent::start(&ns, 8446, &["llm-url=http://127.0.0.1:9/v1"]);
+    let mut agent = Agent::start(&ns, 8446, &["llm=http://127.0.0.1:9/v1"]);
     let (heard, log) = ask(&ns, &mut agent, &q, dir.path());
     assert!(heard.contains("sorry"), "the agent said: {heard}\n{log}");
     let port = agent.http_port;

@@ -206,7 +206,7 @@ fn prometheus_scrapes_the_agent_and_the_llm_circuit_alert_reaches_alertmanager()
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap());
     let _serve = Server(serve.spawn().expect("vox serve starts"));
-    let mut agent = Agent::start(&ns, 8461, &["llm-url=http://127.0.0.1:9/v1"]);
+    let mut agent = Agent::start(&ns, 8461, &["llm=http://127.0.0.1:9/v1"]);
     let agent_http = format!("{AGENT_IP}:{}", agent.http_port);
     let serve_http = format!("{AGENT_IP}:{serve_port}");
     let (up, _) = wait_for(

@@ -65,7 +65,7 @@ fn an_unreachable_llm_url_speaks_the_fallback() {
     let res = run(vox()
         .arg("reply")
         .arg(&question)
-        .args(["--llm-url", &format!("http://127.0.0.1:{port}/v1")])
+        .args(["--llm", &format!("http://127.0.0.1:{port}/v1")])
         .arg("-o")
         .arg(&answer));
     let out = String::from_utf8_lossy(&res.stdout);

@@ -25,7 +25,8 @@ pub enum ReplyError {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub stt_model: String,
-    pub llm_url: String,
+    /// Where answers come from: `embedded` (llama.cpp in-process) or a server URL.
+    pub llm: String,
     pub llm_model: String,
     pub voice: String,
     pub threads: u32,
@@ -39,7 +40,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             stt_model: "tiny.en".into(),
-            llm_url: String::new(),
+            llm: "embedded".into(),
             llm_model: String::new(),
             voice: "jf_alpha".into(),
             threads: 2,
@@ -129,7 +130,7 @@ pub fn reply(input: &Path, output: &Path, options: &Options) -> Result<Reply, Re
             ("input", input.display().to_string()),
             ("output", output.display().to_string()),
             ("stt-model", options.stt_model.clone()),
-            ("llm-url", options.llm_url.clone()),
+            ("llm", options.llm.clone()),
             ("llm-model", options.llm_model.clone()),
             ("voice", options.voice.clone()),
             ("threads", options.threads.to_string()),

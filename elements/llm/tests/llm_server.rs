@@ -153,7 +153,8 @@ fn openai_backend_cancels_on_flush() {
 #[test]
 fn embedded_backend_answers_in_process_and_keeps_history_evaluated() {
     let _one = exclusive();
-    let mut chat = Chat::new("temperature=0 backend=embedded history=4");
+    // `url=embedded` (what the graphs' `llm=embedded` sets) picks llama.cpp in-process.
+    let mut chat = Chat::new("temperature=0 url=embedded history=4");
     let first = check_answers_paris(&mut chat, "embedded");
     // The system prompt was evaluated at start, so the first turn found it cached.
     let first_in = first.get::<u64>("tokens-in").unwrap();

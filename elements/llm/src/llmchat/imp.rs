@@ -114,9 +114,14 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// The server's URL; none when `url` is empty or `embedded` (llama.cpp in-process).
+    fn server_url(&self) -> Option<&str> {
+        Some(self.url.trim()).filter(|u| !u.is_empty() && *u != "embedded")
+    }
+
     fn uses_openai(&self) -> bool {
         match self.backend {
-            LlmBackend::Auto => !self.url.trim().is_empty(),
+            LlmBackend::Auto => self.server_url().is_some(),
             LlmBackend::Openai => true,
             LlmBackend::Embedded => false,
         }
@@ -199,7 +204,7 @@ impl LlmChat {
     fn load(&self) -> Result<Backend, String> {
         let s = self.settings();
         if s.uses_openai() {
-            if s.url.trim().is_empty() {
+            if s.server_url().is_none() {
                 return Err("backend=openai needs a url (e.g. http://127.0.0.1:11434/v1)".into());
             }
             let key = api_key(&s.api_key_file)?;
@@ -657,7 +662,7 @@ impl ObjectImpl for LlmChat {
                     .blurb("openai (an OpenAI-compatible server at url), embedded (llama.cpp in-process), or auto: openai when url is set")
                     .mutable_ready()
                     .build(),
-                string("url", "URL", "Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1 (Ollama)", ""),
+                string("url", "URL", "Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1 (Ollama); empty or embedded: llama.cpp in-process", ""),
                 string("model", "Model", "Model name for the server; for embedded, a GGUF name from `vox models list` or a path (empty: smollm2-135m)", DEFAULT_MODEL),
                 string("system-prompt", "System prompt", "Instructions sent first in every request", DEFAULT_SYSTEM),
                 uint("history", "History", "Past exchanges (user + reply) kept and sent with each turn", 0, 1000, DEFAULT_HISTORY),
