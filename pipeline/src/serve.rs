@@ -13,7 +13,7 @@
 //! line. Whisper has `threads` cores: a transcription that finds it idle and nobody waiting
 //! gets them all (the fastest answer for one client); under load they run side by side on one
 //! core each, which on a CPU gets more audio through than one at a time on all of them
-//! (measured on 2 cores: 21.8 against 15.5 audio seconds per second with 4 clients), because
+//! (measured on 2 cores with 4 clients: 20-22 against 15.5 audio seconds per second), because
 //! whisper.cpp's threads wait on each other at every layer of a model as small as tiny.en.
 //! whisper.cpp has no batching across requests. Kokoro runs one sentence at a time on its one
 //! session, with up to four speech requests streaming and taking turns per sentence.
