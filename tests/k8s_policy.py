@@ -107,7 +107,7 @@ def check_workloads(docs, overlay):
                 "maxUnavailable"
             ) != 0:
                 problems.append(f"{where}: updates are not rolling with maxUnavailable 0")
-            labels = pod and w["spec"]["template"]["metadata"]["labels"]
+            labels = w["spec"]["template"]["metadata"]["labels"]
             if not any(
                 ns_of(p) == ns
                 and all(labels.get(k) == v for k, v in p["spec"]["selector"]["matchLabels"].items())
@@ -234,11 +234,10 @@ def check_services(docs):
 
 def configmap_file(docs, name, key):
     for d in docs:
-        if d["kind"] == "ConfigMap" and name_of(d).startswith(name + "-") or (
-            d["kind"] == "ConfigMap" and name_of(d) == name
-        ):
-            if key in d.get("data", {}):
-                return yaml.safe_load(d["data"][key])
+        # configMapGenerator appends a content hash to the name.
+        generated = name_of(d) == name or name_of(d).startswith(name + "-")
+        if d["kind"] == "ConfigMap" and generated and key in d.get("data", {}):
+            return yaml.safe_load(d["data"][key])
     raise KeyError(f"ConfigMap {name} with {key}")
 
 
