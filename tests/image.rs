@@ -17,8 +17,7 @@
 
 mod common;
 
-use common::{check, installed, run, vox};
-use std::path::PathBuf;
+use common::{check, installed, repo, run, vox};
 use std::process::{Command, Output};
 
 const TAG: &str = "localhost/vox:test";
@@ -68,9 +67,8 @@ fn text(out: &Output) -> String {
 
 #[test]
 fn the_image_runs_vox_doctor_as_non_root_on_a_read_only_root() {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     check(
-        Command::new(repo.join("scripts/image"))
+        Command::new(repo().join("scripts/image"))
             .arg(TAG)
             .env("VOX_SETUP_QUIET", "1"),
     );

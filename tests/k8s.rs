@@ -9,16 +9,12 @@
 
 mod common;
 
-use common::{check, installed, k8s_venv as venv, run};
+use common::{check, installed, k8s_venv as venv, repo, run};
 use std::path::{Path, PathBuf};
 
 const OVERLAYS: [&str; 3] = ["gpu", "cpu", "hybrid"];
 /// The custom resources kubernetes-validate has no schema for; k8s_policy.py checks them.
 const CUSTOM_KINDS: [&str; 3] = ["HelmChart", "IngressRoute", "Middleware"];
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 const PROMETHEUS_TOOLS: &str =
     "run scripts/k8s-tools (it installs prometheus and prometheus-alertmanager)";
@@ -30,7 +26,7 @@ fn render(overlay: &str, dir: &Path) -> PathBuf {
             "it renders the overlays (kubectl kustomize); see scripts/k8s-tools",
         )
         .arg("kustomize")
-        .arg(root().join("k8s/overlays").join(overlay)),
+        .arg(repo().join("k8s/overlays").join(overlay)),
     );
     let path = dir.join(format!("{overlay}.yaml"));
     std::fs::write(&path, text).unwrap();
@@ -94,7 +90,7 @@ fn every_overlay_validates_strictly_against_kubernetes_1_33() {
 #[test]
 fn our_policy_holds_in_every_overlay_and_catches_each_break() {
     let dir = tempfile::tempdir().unwrap();
-    let policy = root().join("tests/k8s_policy.py");
+    let policy = repo().join("tests/k8s_policy.py");
     for overlay in OVERLAYS {
         let file = render(overlay, dir.path());
         let out = run(venv("python").arg(&policy).arg(&file).arg(overlay));
@@ -166,7 +162,7 @@ fn checkov_policy() -> serde_json::Value {
                 "-c",
                 "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
             ])
-            .arg(root().join("k8s/policy/checkov.yaml")),
+            .arg(repo().join("k8s/policy/checkov.yaml")),
     );
     serde_json::from_str(&out).unwrap()
 }
@@ -244,7 +240,7 @@ fn checkov_passes_every_check_but_the_accepted_ones_and_fails_a_root_container()
 
 #[test]
 fn prometheus_and_alertmanager_configs_pass_promtool_and_amtool() {
-    let monitoring = root().join("k8s/base/monitoring");
+    let monitoring = repo().join("k8s/base/monitoring");
     check(
         installed("promtool", PROMETHEUS_TOOLS)
             .args(["check", "config"])

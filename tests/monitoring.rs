@@ -15,13 +15,9 @@ mod common;
 
 use common::netns::{AGENT_IP, Agent, Netns, curl_get, free_port};
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// A server process in the namespace, killed when dropped.
 struct Server(Child);
@@ -136,7 +132,7 @@ const DCGM: [&str; 3] = [
 
 /// Every PromQL expression of the dashboard, the alert rules and prometheus-adapter's rule.
 fn expressions() -> Vec<(String, String)> {
-    let monitoring = root().join("k8s/base/monitoring");
+    let monitoring = repo().join("k8s/base/monitoring");
     let dash: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(monitoring.join("dashboard-voice-ai.json")).unwrap(),
     )
@@ -252,9 +248,9 @@ fn prometheus_scrapes_the_agent_and_the_llm_circuit_alert_reaches_alertmanager()
                  yaml.safe_dump(c, open(dst, 'w'))\n\
                  shutil.copy(rules, dst.rsplit('/', 1)[0] + '/rules.yml')\n",
             )
-            .arg(root().join("k8s/base/monitoring/prometheus.yml"))
+            .arg(repo().join("k8s/base/monitoring/prometheus.yml"))
             .arg(&config)
-            .arg(root().join("k8s/base/monitoring/rules.yml"))
+            .arg(repo().join("k8s/base/monitoring/rules.yml"))
             .arg(targets.to_string())
             .arg(format!("127.0.0.1:{am_port}")),
     );
@@ -264,7 +260,7 @@ fn prometheus_scrapes_the_agent_and_the_llm_circuit_alert_reaches_alertmanager()
         &[
             format!(
                 "--config.file={}",
-                root()
+                repo()
                     .join("k8s/base/monitoring/alertmanager.yml")
                     .display()
             ),

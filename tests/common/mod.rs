@@ -7,11 +7,14 @@ pub mod netns;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The checkout's root (scripts, graphs, k8s).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// `../shared/fixtures` beside the checkout.
 pub fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
+    let p = repo().join("../shared/fixtures").join(name);
     assert!(
         p.is_file(),
         "fixture {} is missing: the tests read ../shared/fixtures beside the checkout",
