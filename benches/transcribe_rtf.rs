@@ -1,4 +1,4 @@
-//! Offline transcription real-time factor, tiny.en, 2 threads, on about a minute of speech with
+//! Offline transcription real-time factor, tiny.en (8-bit), 2 threads, on about a minute of speech with
 //! pauses (made here with espeak-ng): ours (`vox transcribe`'s pipeline: silerovad skips the
 //! silence, whisperstt transcribes the speech in batched passes with the encoder window sized to
 //! the audio) against whisper-rs called
@@ -56,8 +56,11 @@ fn main() {
     let (o5, ours5_text) = ours_run(5);
 
     // whisper-rs directly on the whole file (30 s windows, as its users call it).
-    let model = vox_common::models::resolve("tiny.en", vox_common::models::ModelKind::Whisper)
-        .expect("tiny.en: run scripts/setup");
+    let model = vox_common::models::resolve(
+        vox_common::models::DEFAULT_WHISPER,
+        vox_common::models::ModelKind::Whisper,
+    )
+    .expect("run scripts/setup");
     let ctx = WhisperContext::new_with_params(&model, WhisperContextParameters::default()).unwrap();
     let mut state = ctx.create_state().unwrap();
     let mut direct = Vec::new();
@@ -83,7 +86,7 @@ fn main() {
     }
     let d = median(direct);
     println!(
-        "\nOffline transcription, tiny.en, 2 threads, {seconds:.1} s of speech with 1.2 s pauses"
+        "\nOffline transcription, tiny.en 8-bit, 2 threads, {seconds:.1} s of speech with 1.2 s pauses"
     );
     println!("| system | wall (median of {RUNS}) | RTF | WER |");
     println!("|---|---|---|---|");

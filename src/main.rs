@@ -36,7 +36,7 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// Whisper model: a name from `vox models list`, or a path to a ggml file.
-        #[arg(short, long, default_value = "tiny.en")]
+        #[arg(short, long, default_value = models::DEFAULT_WHISPER)]
         model: String,
         /// Spoken language (ISO code), or auto (multilingual models).
         #[arg(short, long, default_value = "en")]
@@ -85,7 +85,7 @@ enum Command {
         #[arg(long, default_value = "")]
         llm_model: String,
         /// Whisper model.
-        #[arg(long, default_value = "tiny.en")]
+        #[arg(long, default_value = models::DEFAULT_WHISPER)]
         stt_model: String,
         /// Kokoro voice.
         #[arg(long, default_value = "jf_alpha")]
@@ -169,7 +169,7 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         queue: usize,
         /// Whisper model served.
-        #[arg(long, default_value = "tiny.en")]
+        #[arg(long, default_value = models::DEFAULT_WHISPER)]
         stt_model: String,
         /// Kokoro voice used when a request names none.
         #[arg(long, default_value = "jf_alpha")]
@@ -253,6 +253,13 @@ enum Command {
     Doctor,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Weights {
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
 #[derive(Subcommand)]
 enum ModelsCommand {
     /// List known models: name, size, state and path.
@@ -275,6 +282,10 @@ enum ModelsCommand {
         /// Verify the result against this catalogue model's sha256 (e.g. tiny.en).
         #[arg(long)]
         expect: Option<String>,
+        /// How to store the big weights: f16 (lossless) or q8_0 (8-bit, half the size,
+        /// faster on CPUs).
+        #[arg(long, value_enum, default_value_t = Weights::F16)]
+        weights: Weights,
     },
     /// Print the models directory.
     Dir,
@@ -927,14 +938,29 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
                 );
             }
         }
-        ModelsCommand::ConvertCt2 { dir, out, expect } => {
+        ModelsCommand::ConvertCt2 {
+            dir,
+            out,
+            expect,
+            weights,
+        } => {
             let spec = match &expect {
                 Some(n) => Some(models::spec(n).with_context(|| format!("unknown model {n:?}"))?),
                 None => None,
             };
             runner::check_writable(&out)?;
             let tmp = out.with_extension("vox-tmp");
-            let converted = vox_pipeline::ct2::convert(&dir, &tmp).and_then(|()| {
+            let weights = match weights {
+                Weights::F16 => vox_pipeline::ct2::WeightType::F16,
+                Weights::Q8_0 => vox_pipeline::ct2::WeightType::Q8_0,
+            };
+            let converted = vox_pipeline::ct2::convert_files_as(
+                &dir.join("model.bin"),
+                &dir.join("vocabulary.txt"),
+                &tmp,
+                weights,
+            )
+            .and_then(|()| {
                 models::sha256_file(&tmp).map_err(|e| vox_pipeline::ct2::Ct2Error::Read {
                     path: tmp.display().to_string(),
                     why: e.to_string(),

