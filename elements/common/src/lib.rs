@@ -3,6 +3,7 @@
 //! here, and no plugin depends on another plugin: they all depend on this.
 
 pub mod breaker;
+pub mod cpu;
 pub mod events;
 pub mod models;
 pub mod onnx;

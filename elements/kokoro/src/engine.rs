@@ -6,6 +6,7 @@ use ort::session::{RunOptions, Session};
 use ort::value::Tensor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 pub const SAMPLE_RATE: u32 = 24_000;
 
@@ -23,6 +24,8 @@ pub enum Error {
 
 pub struct Kokoro {
     session: Mutex<Session>,
+    /// ONNX Runtime's intra-op threads: the cores a synthesis takes.
+    threads: usize,
 }
 
 type Registry = Mutex<Vec<((PathBuf, usize), Arc<Kokoro>)>>;
@@ -67,22 +70,26 @@ impl Kokoro {
         }
         Ok(Self {
             session: Mutex::new(session),
+            threads: threads.max(1),
         })
     }
 
     /// Audio for one chunk of ids (without the padding zeros, at most 509) in `style`.
     pub fn synthesise(&self, ids: &[i64], style: &[f32], speed: f32) -> Result<Vec<f32>, Error> {
         let run = RunOptions::new().map_err(|e| Error::Inference(e.to_string()))?;
-        self.synthesise_with(ids, style, speed, &run)
+        self.synthesise_with(ids, style, speed, &run, Instant::now())
     }
 
-    /// [`Self::synthesise`] under `run`, which another thread may terminate (a flush).
+    /// [`Self::synthesise`] under `run`, which another thread may terminate (a flush). The
+    /// audio is needed by `deadline` (now for a reply's first piece; later ones when the audio
+    /// before them will have played): the process's cores go to the earliest deadline first.
     pub fn synthesise_with(
         &self,
         ids: &[i64],
         style: &[f32],
         speed: f32,
         run: &RunOptions,
+        deadline: Instant,
     ) -> Result<Vec<f32>, Error> {
         let infer = |e: ort::Error| Error::Inference(e.to_string());
         let mut padded = Vec::with_capacity(ids.len() + 2);
@@ -92,6 +99,7 @@ impl Kokoro {
         let tokens = Tensor::from_array(([1usize, padded.len()], padded)).map_err(infer)?;
         let style = Tensor::from_array(([1usize, style.len()], style.to_vec())).map_err(infer)?;
         let speed = Tensor::from_array(([1usize], vec![speed])).map_err(infer)?;
+        let _cores = vox_common::cpu::Cores::global().take(self.threads, deadline);
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = session
             .run_with_options(

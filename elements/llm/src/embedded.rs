@@ -23,7 +23,7 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The longest conversation: system prompt, kept history, the new message and the reply must
 /// fit (the oldest exchanges are left out when they do not). Also the shared cache's size.
@@ -32,6 +32,11 @@ const CONTEXT: u32 = 4096;
 const SEQUENCES: usize = 16;
 /// Tokens evaluated per decode call.
 const BATCH: usize = 512;
+/// About how long a token of an answer takes to say: the deadline of each next token moves on
+/// by this much, so another caller's turn goes before the rest of a long answer.
+const TOKEN_SPEECH: Duration = Duration::from_millis(200);
+/// A system prompt evaluated ahead of the first turn is needed this soon.
+const PREFILL_SLACK: Duration = Duration::from_secs(1);
 
 /// llama.cpp's backend, initialised once per process (a second init is an error).
 fn backend() -> Result<&'static LlamaBackend, LlmError> {
@@ -122,6 +127,13 @@ impl Embedded {
 
     fn lock(&self) -> MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The process's cores for one evaluation, needed by `deadline` (none to wait for when
+    /// llama.cpp runs on the GPU). Taken while holding the cache, never the other way round.
+    fn cores(&self, deadline: Instant) -> Option<vox_common::cpu::Turn<'static>> {
+        (!cfg!(feature = "cuda"))
+            .then(|| vox_common::cpu::Cores::global().take(self.threads as usize, deadline))
     }
 
     fn prompt(
@@ -310,6 +322,8 @@ impl Session<'_> {
         let mut cache = self.model.lock();
         let seq = cache.claim(self.id, self.seq)?;
         self.seq = Some(seq);
+        // Ahead of the first turn: wanted soon, not before anyone's reply.
+        let _cores = self.model.cores(Instant::now() + PREFILL_SLACK);
         cache.evaluate(self.model, seq, &tokens, &|| false)?;
         Ok(())
     }
@@ -382,6 +396,7 @@ impl Session<'_> {
         // (another session's decode would replace the logits).
         let (mut token, cached) = {
             let mut cache = model.lock();
+            let _cores = model.cores(started);
             let (logits_at, cached) = cache.evaluate(model, seq, tokens, cancelled)?;
             let token = sampler.sample(cache.context(model)?, logits_at);
             (token, cached)
@@ -432,6 +447,8 @@ impl Session<'_> {
                     true,
                 )
                 .map_err(|e| backend_error(&e))?;
+            // The reply's text runs ahead of its speech: each token is needed a little later.
+            let _cores = model.cores(started + TOKEN_SPEECH * usage.tokens_out as u32);
             cache.decode(model, seq, &mut batch, &[token])?;
             token = sampler.sample(cache.context(model)?, 0);
         }

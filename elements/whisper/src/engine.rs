@@ -167,6 +167,14 @@ pub fn load_model(name_or_path: &str) -> Result<Arc<WhisperContext>> {
     load(&path)
 }
 
+/// The process's cores for one transcription on `threads` threads (none to wait for when
+/// whisper.cpp runs on the GPU). A transcription is always wanted now: someone has stopped
+/// speaking, or a file is waiting.
+fn cpu_turn(threads: u32) -> Option<vox_common::cpu::Turn<'static>> {
+    (!cfg!(feature = "cuda"))
+        .then(|| vox_common::cpu::Cores::global().take(threads as usize, std::time::Instant::now()))
+}
+
 /// The encoder context for `samples` of audio (`audio_ctx` = -1): the audio's frames plus a
 /// margin, rounded up to 64, at least 256 frames (5 s) and at most the model's window. Measured
 /// on tiny.en: windows much tighter than that make Whisper repeat itself or emit garbage on
@@ -431,9 +439,11 @@ impl Engine {
         let seconds = samples.len() as f64 / SAMPLE_RATE as f64;
         params.set_max_tokens((seconds * 8.0).ceil() as i32 + 16);
         let mut state = PooledState::take(&self.ctx, runs_at_once(opts.threads))?;
+        let cores = cpu_turn(opts.threads);
         state
             .full(params, audio)
             .map_err(|e| Error::Inference(e.to_string()))?;
+        drop(cores);
         let eot = self.ctx.token_eot();
         let mut out = Output {
             language: self.detected_language(&state, opts),
@@ -516,9 +526,11 @@ impl Engine {
         let mut params = self.params(opts, joined.len(), cancelled);
         params.set_token_timestamps(true);
         let mut state = PooledState::take(&self.ctx, runs_at_once(opts.threads))?;
+        let cores = cpu_turn(opts.threads);
         state
             .full(params, &joined)
             .map_err(|e| Error::Inference(e.to_string()))?;
+        drop(cores);
         let ms = |samples: usize| (samples * 1000 / SAMPLE_RATE) as u64;
         // Piece i owns the words timed from OWNER_LEAD_MS before its start to the next's.
         let owner = |t_ms: u64| {

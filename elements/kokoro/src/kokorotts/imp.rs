@@ -114,6 +114,9 @@ pub struct KokoroTts {
     serial: Serial<Job>,
     /// Where the next audio buffer starts.
     next_pts: Mutex<Option<gst::ClockTime>>,
+    /// When the audio pushed so far will have played, at real-time pace from its push: the
+    /// deadline of the next piece's synthesis.
+    audio_until: Mutex<Option<Instant>>,
     /// The synthesis in flight, which a flush terminates (ONNX Runtime stops between nodes).
     running: Mutex<Option<Arc<RunOptions>>>,
 }
@@ -230,6 +233,7 @@ impl KokoroTts {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
                 *self.next_pts.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self.audio_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 self.srcpad.push_event(event)
             }
             EventView::Caps(_) => {
@@ -365,9 +369,15 @@ fn speak_local(
         if cancelled() {
             return false;
         }
+        // Needed when the audio already out has played; a first piece, now.
+        let deadline = imp
+            .audio_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or_else(Instant::now, |until| until.max(Instant::now()));
         let result = loaded
             .model
-            .synthesise_with(&chunk.ids, style, loaded.speed, &run);
+            .synthesise_with(&chunk.ids, style, loaded.speed, &run, deadline);
         *imp.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let audio = match result {
             Ok(mut a) => {
@@ -443,6 +453,12 @@ impl Output {
         if !imp.push_audio(audio, pts, discont) {
             return false;
         }
+        {
+            let mut until = imp.audio_until.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let from = until.map_or(now, |u| u.max(now));
+            *until = Some(from + std::time::Duration::from(samples_to_time(audio.len() as u64)));
+        }
         self.total += audio.len() as u64;
         if std::mem::take(&mut self.first_audio) {
             imp.post(
@@ -513,6 +529,7 @@ impl ObjectSubclass for KokoroTts {
             loaded: Mutex::new(None),
             serial: Serial::default(),
             next_pts: Mutex::new(None),
+            audio_until: Mutex::new(None),
             running: Mutex::new(None),
         }
     }
@@ -683,6 +700,7 @@ impl ElementImpl for KokoroTts {
             },
             gst::StateChange::ReadyToPaused => {
                 *self.next_pts.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self.audio_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 if let Err(err) = self.start_worker() {
                     self.post_error_message(err);
                     return Err(gst::StateChangeError);

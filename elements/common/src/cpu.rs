@@ -1,0 +1,272 @@
+//! The process's CPU cores, shared out between the models' inference calls.
+//!
+//! whisper.cpp, llama.cpp and ONNX Runtime each run an inference on their own threads, which
+//! spin while they wait for each other between layers. Two inferences that together want more
+//! threads than there are cores slow each other down far more than running one after the other:
+//! the spinning threads burn the time slices the working ones need (measured here: a second
+//! call's answer came 2.1–2.7× later than one call alone, with the LLM's first token taking
+//! 0.78 s beside a transcription instead of ~0.06 s). So every inference on the CPU takes its
+//! cores here first, and waits while they are taken.
+//!
+//! Waiters are served by deadline, the moment their result is needed, then in arrival order: a
+//! caller's first words go before the rest of another caller's long answer, whose audio is
+//! still playing. A waiter at the head of the line is not passed by smaller requests behind it,
+//! so nobody starves.
+
+use std::collections::BTreeSet;
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+/// Where the process's [`Cores`] are kept (see [`Cores::global`]).
+const REGISTRY_KEY: &str = "vox-cpu-cores";
+
+/// A set of cores handed out by deadline.
+pub struct Cores {
+    total: usize,
+    /// `VOX_CPU_TURNS=off`: everyone runs at once, as the libraries alone would.
+    enforced: bool,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+struct State {
+    free: usize,
+    /// (deadline, ticket) of each waiter; the first is next.
+    waiting: BTreeSet<(Instant, u64)>,
+    tickets: u64,
+}
+
+/// Cores held for one inference call; given back when dropped.
+pub struct Turn<'a> {
+    cores: &'a Cores,
+    held: usize,
+}
+
+impl Turn<'_> {
+    /// How many cores this turn holds.
+    pub fn cores(&self) -> usize {
+        self.held
+    }
+}
+
+impl Cores {
+    pub fn new(total: usize) -> Self {
+        let total = total.max(1);
+        Self {
+            total,
+            enforced: true,
+            state: Mutex::new(State {
+                free: total,
+                waiting: BTreeSet::new(),
+                tickets: 0,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// The process's cores: as many as it may run on (CPU affinity and cgroup quota included).
+    ///
+    /// Each plugin library carries its own copy of this crate (and of its statics), so the one
+    /// instance for the process lives with GStreamer's default registry, a process-wide object:
+    /// the first copy to ask creates it under the registry's lock, the others find it there.
+    pub fn global() -> &'static Cores {
+        static THIS_COPY: OnceLock<&'static Cores> = OnceLock::new();
+        THIS_COPY.get_or_init(|| {
+            let cores = || -> &'static Cores {
+                let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let mut cores = Cores::new(n);
+                cores.enforced = std::env::var("VOX_CPU_TURNS").map_or(true, |v| v != "off");
+                Box::leak(Box::new(cores))
+            };
+            // SAFETY: gst_is_initialized has no preconditions.
+            if unsafe { gst::ffi::gst_is_initialized() } == 0 {
+                return cores();
+            }
+            use gst::prelude::*;
+            let registry = gst::Registry::get();
+            let _lock = registry.object_lock();
+            // SAFETY: only this function touches the key, always with a `usize` holding the
+            // address of a leaked `Cores`; every copy of this crate is built from the same
+            // source by the same compiler, so they agree on its layout.
+            unsafe {
+                if let Some(address) = registry.data::<usize>(REGISTRY_KEY) {
+                    return &*(*address.as_ptr() as *const Cores);
+                }
+                let created = cores();
+                registry.set_data::<usize>(REGISTRY_KEY, created as *const Cores as usize);
+                created
+            }
+        })
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until `wanted` cores (at least one, at most all) are free and every waiter with
+    /// an earlier deadline has had its turn, then holds them.
+    pub fn take(&self, wanted: usize, deadline: Instant) -> Turn<'_> {
+        if !self.enforced {
+            return Turn {
+                cores: self,
+                held: 0,
+            };
+        }
+        let held = wanted.clamp(1, self.total);
+        let mut state = self.lock();
+        let ticket = (deadline, state.tickets);
+        state.tickets += 1;
+        state.waiting.insert(ticket);
+        while state.waiting.first() != Some(&ticket) || state.free < held {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.waiting.remove(&ticket);
+        state.free -= held;
+        drop(state);
+        // The next in line may fit in the cores left.
+        self.changed.notify_all();
+        Turn { cores: self, held }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if self.held == 0 {
+            return;
+        }
+        self.cores.lock().free += self.held;
+        self.cores.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// Starts a thread that takes `wanted` cores with `deadline` and records its order.
+    fn waiter(
+        cores: &Arc<Cores>,
+        order: &Arc<Mutex<Vec<&'static str>>>,
+        name: &'static str,
+        wanted: usize,
+        deadline: Instant,
+    ) -> std::thread::JoinHandle<()> {
+        let (cores, order) = (cores.clone(), order.clone());
+        std::thread::spawn(move || {
+            let _turn = cores.take(wanted, deadline);
+            order.lock().unwrap().push(name);
+            std::thread::sleep(Duration::from_millis(20));
+        })
+    }
+
+    /// Waits until `n` threads are queued on `cores`.
+    fn until_waiting(cores: &Cores, n: usize) {
+        for _ in 0..500 {
+            if cores.lock().waiting.len() == n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!("{n} waiters never queued");
+    }
+
+    #[test]
+    fn waiters_go_by_deadline_then_arrival() {
+        let cores = Arc::new(Cores::new(2));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let now = Instant::now();
+        let busy = cores.take(2, now);
+        let late = waiter(&cores, &order, "late", 2, now + Duration::from_secs(2));
+        until_waiting(&cores, 1);
+        let first = waiter(&cores, &order, "urgent-1", 2, now);
+        until_waiting(&cores, 2);
+        let second = waiter(&cores, &order, "urgent-2", 2, now);
+        until_waiting(&cores, 3);
+        drop(busy);
+        for t in [late, first, second] {
+            t.join().unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["urgent-1", "urgent-2", "late"]);
+    }
+
+    #[test]
+    fn small_turns_share_the_cores_and_the_head_of_the_line_is_not_passed() {
+        let cores = Arc::new(Cores::new(2));
+        let now = Instant::now();
+        // Two one-core turns run side by side.
+        let a = cores.take(1, now);
+        let b = cores.take(1, now);
+        assert_eq!(cores.lock().free, 0);
+        // A two-core waiter is first in line; a one-core waiter behind it must not pass it
+        // when one core comes free.
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let big = waiter(&cores, &order, "big", 2, now);
+        until_waiting(&cores, 1);
+        let small = waiter(&cores, &order, "small", 1, now + Duration::from_millis(1));
+        until_waiting(&cores, 2);
+        drop(a);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(order.lock().unwrap().is_empty(), "a waiter passed the head");
+        drop(b);
+        big.join().unwrap();
+        small.join().unwrap();
+        assert_eq!(*order.lock().unwrap(), ["big", "small"]);
+        assert_eq!(cores.lock().free, 2);
+    }
+
+    #[test]
+    fn the_process_wide_cores_live_with_the_registry() {
+        gst::init().unwrap();
+        let cores = Cores::global();
+        // Another copy of this crate (another plugin) finds the same instance by the key.
+        use gst::prelude::*;
+        let registry = gst::Registry::get();
+        let found = unsafe { registry.data::<usize>(REGISTRY_KEY) }.expect("stored");
+        assert_eq!(unsafe { *found.as_ptr() }, cores as *const Cores as usize);
+        assert_eq!(
+            cores.total(),
+            std::thread::available_parallelism().unwrap().get()
+        );
+    }
+
+    #[test]
+    fn requests_are_clamped_to_the_cores_there_are() {
+        let cores = Cores::new(2);
+        let t = cores.take(8, Instant::now());
+        assert_eq!(t.cores(), 2);
+        drop(t);
+        assert_eq!(cores.take(0, Instant::now()).cores(), 1);
+    }
+
+    #[test]
+    fn never_more_cores_in_use_than_there_are() {
+        let cores = Arc::new(Cores::new(3));
+        let in_use = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..12)
+            .map(|i| {
+                let (cores, in_use, peak) = (cores.clone(), in_use.clone(), peak.clone());
+                std::thread::spawn(move || {
+                    let wanted = 1 + i % 3;
+                    let _turn = cores.take(wanted, Instant::now());
+                    let now = in_use.fetch_add(wanted, Ordering::SeqCst) + wanted;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(5));
+                    in_use.fetch_sub(wanted, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(peak.load(Ordering::SeqCst) <= 3);
+        assert_eq!(cores.lock().free, 3);
+    }
+}
