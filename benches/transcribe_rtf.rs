@@ -34,10 +34,11 @@ fn main() {
 
     // Ours, in process (plugins from the build directory, model loaded once).
     vox_pipeline::runner::init().expect("GStreamer and our plugins");
-    let ours_run = |beam_size: u32| {
+    let ours_run = |beam_size: u32, model: &str| {
         let opts = vox_pipeline::transcribe::Options {
             threads: 2,
             beam_size,
+            model: model.into(),
             ..Default::default()
         };
         let mut text = String::new();
@@ -52,8 +53,16 @@ fn main() {
         }
         (median(times), text)
     };
-    let (o, ours_text) = ours_run(1);
-    let (o5, ours5_text) = ours_run(5);
+    let default = vox_common::models::DEFAULT_WHISPER;
+    let (o, ours_text) = ours_run(1, default);
+    let (o5, ours5_text) = ours_run(5, default);
+    // The lossless f16 conversion of the same weights, for the 8-bit model's cost in accuracy.
+    vox_common::models::resolve("tiny.en", vox_common::models::ModelKind::Whisper)
+        .expect("the f16 model: vox models fetch tiny.en");
+    let (f, f16_text) = ours_run(1, "tiny.en");
+    if std::env::var_os("VOX_BENCH_TEXT").is_some() {
+        eprintln!("8-bit: {ours_text}\nf16:   {f16_text}");
+    }
 
     // whisper-rs directly on the whole file (30 s windows, as its users call it).
     let model = vox_common::models::resolve(
@@ -94,6 +103,11 @@ fn main() {
         "| vox transcribe (silerovad + whisperstt, batched), greedy (default) | {o:.2} s | {:.3} | {:.1}% |",
         o / seconds,
         common::wer(&reference, &ours_text) * 100.0
+    );
+    println!(
+        "| vox transcribe, greedy, f16 model (`-m tiny.en`) | {f:.2} s | {:.3} | {:.1}% |",
+        f / seconds,
+        common::wer(&reference, &f16_text) * 100.0
     );
     println!(
         "| vox transcribe, --beam-size 5 | {o5:.2} s | {:.3} | {:.1}% |",

@@ -376,6 +376,7 @@ impl Engine {
         params.set_print_realtime(false);
         params.set_print_timestamps(false);
         params.set_suppress_blank(true);
+        params.set_temperature_inc(0.0);
         params.set_token_timestamps(opts.word_timestamps);
         if !opts.initial_prompt.is_empty() {
             params.set_initial_prompt(&opts.initial_prompt);
