@@ -17,6 +17,9 @@ use std::collections::BTreeSet;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+/// How often a waiter looks whether it was cancelled.
+const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Where the process's [`Cores`] are kept (see [`Cores::global`]).
 const REGISTRY_KEY: &str = "vox-cpu-cores";
 
@@ -110,11 +113,23 @@ impl Cores {
     /// Waits until `wanted` cores (at least one, at most all) are free and every waiter with
     /// an earlier deadline has had its turn, then holds them.
     pub fn take(&self, wanted: usize, deadline: Instant) -> Turn<'_> {
+        self.take_unless(wanted, deadline, &|| false)
+            .expect("a wait that cannot be cancelled")
+    }
+
+    /// [`Self::take`], but gives up (`None`) as soon as `cancelled()` says so while waiting: a
+    /// flushed synthesis or a cancelled reply does not keep its place in the line.
+    pub fn take_unless(
+        &self,
+        wanted: usize,
+        deadline: Instant,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Option<Turn<'_>> {
         if !self.enforced {
-            return Turn {
+            return Some(Turn {
                 cores: self,
                 held: 0,
-            };
+            });
         }
         let held = wanted.clamp(1, self.total);
         let mut state = self.lock();
@@ -122,14 +137,24 @@ impl Cores {
         state.tickets += 1;
         state.waiting.insert(ticket);
         while state.waiting.first() != Some(&ticket) || state.free < held {
-            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            if cancelled() {
+                state.waiting.remove(&ticket);
+                drop(state);
+                // Those behind it may go now.
+                self.changed.notify_all();
+                return None;
+            }
+            state = match self.changed.wait_timeout(state, CANCEL_POLL) {
+                Ok((state, _)) => state,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
         }
         state.waiting.remove(&ticket);
         state.free -= held;
         drop(state);
         // The next in line may fit in the cores left.
         self.changed.notify_all();
-        Turn { cores: self, held }
+        Some(Turn { cores: self, held })
     }
 }
 
@@ -234,6 +259,33 @@ mod tests {
             cores.total(),
             std::thread::available_parallelism().unwrap().get()
         );
+    }
+
+    #[test]
+    fn a_cancelled_waiter_leaves_the_line_and_the_next_goes() {
+        let cores = Arc::new(Cores::new(1));
+        let now = Instant::now();
+        let busy = cores.take(1, now);
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let first = {
+            let (cores, cancel) = (cores.clone(), cancel.clone());
+            std::thread::spawn(move || {
+                cores
+                    .take_unless(1, now, &|| cancel.load(Ordering::SeqCst))
+                    .is_some()
+            })
+        };
+        until_waiting(&cores, 1);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let second = waiter(&cores, &order, "second", 1, now + Duration::from_secs(1));
+        until_waiting(&cores, 2);
+        cancel.store(true, Ordering::SeqCst);
+        assert!(!first.join().unwrap(), "the cancelled waiter got the core");
+        until_waiting(&cores, 1);
+        drop(busy);
+        second.join().unwrap();
+        assert_eq!(*order.lock().unwrap(), ["second"]);
+        assert_eq!(cores.lock().free, 1);
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub enum Error {
     Load { path: PathBuf, why: String },
     #[error("Kokoro inference failed: {0}")]
     Inference(String),
+    #[error("the synthesis was cancelled")]
+    Cancelled,
 }
 
 pub struct Kokoro {
@@ -77,12 +79,13 @@ impl Kokoro {
     /// Audio for one chunk of ids (without the padding zeros, at most 509) in `style`.
     pub fn synthesise(&self, ids: &[i64], style: &[f32], speed: f32) -> Result<Vec<f32>, Error> {
         let run = RunOptions::new().map_err(|e| Error::Inference(e.to_string()))?;
-        self.synthesise_with(ids, style, speed, &run, Instant::now())
+        self.synthesise_with(ids, style, speed, &run, Instant::now(), &|| false)
     }
 
     /// [`Self::synthesise`] under `run`, which another thread may terminate (a flush). The
     /// audio is needed by `deadline` (now for a reply's first piece; later ones when the audio
     /// before them will have played): the process's cores go to the earliest deadline first.
+    /// `cancelled()` ends the wait for them.
     pub fn synthesise_with(
         &self,
         ids: &[i64],
@@ -90,6 +93,7 @@ impl Kokoro {
         speed: f32,
         run: &RunOptions,
         deadline: Instant,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<Vec<f32>, Error> {
         let infer = |e: ort::Error| Error::Inference(e.to_string());
         let mut padded = Vec::with_capacity(ids.len() + 2);
@@ -99,7 +103,9 @@ impl Kokoro {
         let tokens = Tensor::from_array(([1usize, padded.len()], padded)).map_err(infer)?;
         let style = Tensor::from_array(([1usize, style.len()], style.to_vec())).map_err(infer)?;
         let speed = Tensor::from_array(([1usize], vec![speed])).map_err(infer)?;
-        let _cores = vox_common::cpu::Cores::global().take(self.threads, deadline);
+        let _cores = vox_common::cpu::Cores::global()
+            .take_unless(self.threads, deadline, cancelled)
+            .ok_or(Error::Cancelled)?;
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = session
             .run_with_options(

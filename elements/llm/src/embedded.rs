@@ -130,10 +130,20 @@ impl Embedded {
     }
 
     /// The process's cores for one evaluation, needed by `deadline` (none to wait for when
-    /// llama.cpp runs on the GPU). Taken while holding the cache, never the other way round.
-    fn cores(&self, deadline: Instant) -> Option<vox_common::cpu::Turn<'static>> {
-        (!cfg!(feature = "cuda"))
-            .then(|| vox_common::cpu::Cores::global().take(self.threads as usize, deadline))
+    /// llama.cpp runs on the GPU), or `Cancelled` when `cancelled()` ends the wait. Taken while
+    /// holding the cache, never the other way round.
+    fn cores(
+        &self,
+        deadline: Instant,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Option<vox_common::cpu::Turn<'static>>, LlmError> {
+        if cfg!(feature = "cuda") {
+            return Ok(None);
+        }
+        vox_common::cpu::Cores::global()
+            .take_unless(self.threads as usize, deadline, cancelled)
+            .map(Some)
+            .ok_or(LlmError::Cancelled)
     }
 
     fn prompt(
@@ -323,7 +333,9 @@ impl Session<'_> {
         let seq = cache.claim(self.id, self.seq)?;
         self.seq = Some(seq);
         // Ahead of the first turn: wanted soon, not before anyone's reply.
-        let _cores = self.model.cores(Instant::now() + PREFILL_SLACK);
+        let _cores = self
+            .model
+            .cores(Instant::now() + PREFILL_SLACK, &|| false)?;
         cache.evaluate(self.model, seq, &tokens, &|| false)?;
         Ok(())
     }
@@ -396,7 +408,7 @@ impl Session<'_> {
         // (another session's decode would replace the logits).
         let (mut token, cached) = {
             let mut cache = model.lock();
-            let _cores = model.cores(started);
+            let _cores = model.cores(started, cancelled)?;
             let (logits_at, cached) = cache.evaluate(model, seq, tokens, cancelled)?;
             let token = sampler.sample(cache.context(model)?, logits_at);
             (token, cached)
@@ -448,7 +460,8 @@ impl Session<'_> {
                 )
                 .map_err(|e| backend_error(&e))?;
             // The reply's text runs ahead of its speech: each token is needed a little later.
-            let _cores = model.cores(started + TOKEN_SPEECH * usage.tokens_out as u32);
+            let _cores =
+                model.cores(started + TOKEN_SPEECH * usage.tokens_out as u32, cancelled)?;
             cache.decode(model, seq, &mut batch, &[token])?;
             token = sampler.sample(cache.context(model)?, 0);
         }

@@ -375,9 +375,14 @@ fn speak_local(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .map_or_else(Instant::now, |until| until.max(Instant::now()));
-        let result = loaded
-            .model
-            .synthesise_with(&chunk.ids, style, loaded.speed, &run, deadline);
+        let result = loaded.model.synthesise_with(
+            &chunk.ids,
+            style,
+            loaded.speed,
+            &run,
+            deadline,
+            cancelled,
+        );
         *imp.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let audio = match result {
             Ok(mut a) => {
