@@ -302,6 +302,18 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let cli = Cli::parse();
+    // A command whose output is piped into something that stops reading (`vox models list |
+    // head -1`) ends quietly, as Unix tools do, instead of panicking on the closed pipe. The
+    // long-running commands keep ignoring SIGPIPE: a peer that goes away is theirs to handle.
+    if !matches!(
+        cli.command,
+        Command::Agent { .. } | Command::Serve { .. } | Command::Call { .. } | Command::Run { .. }
+    ) {
+        // SAFETY: restoring the default action of one signal, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // Ctrl-C: the first press finishes the running pipeline (outputs are completed), the
     // second abandons it (outputs are discarded); no temporary files are left either way.
     let _ = ctrlc::set_handler(vox_pipeline::runner::interrupt);
@@ -881,7 +893,8 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
     match command {
         ModelsCommand::Dir => println!("{}", dir.display()),
         ModelsCommand::List => {
-            println!("{:<12} {:>9}  {:<8} path", "name", "size", "state");
+            let w = name_width();
+            println!("{:<w$} {:>9}  {:<8} path", "name", "size", "state");
             for spec in CATALOGUE {
                 let path = dir.join(spec.file);
                 let state = match models::status(&path, spec) {
@@ -890,7 +903,7 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
                     models::Status::Corrupt(why) => format!("corrupt ({why})"),
                 };
                 println!(
-                    "{:<12} {:>6.1} MB  {:<8} {}",
+                    "{:<w$} {:>6.1} MB  {:<8} {}",
                     spec.name,
                     spec.size as f64 / 1e6,
                     state,
@@ -932,9 +945,10 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
                     fetch::Fetched::Downloaded => "fetched and verified",
                 };
                 println!(
-                    "{:<12} {what}: {}",
+                    "{:<w$} {what}: {}",
                     spec.name,
-                    dir.join(spec.file).display()
+                    dir.join(spec.file).display(),
+                    w = name_width(),
                 );
             }
         }
@@ -985,6 +999,11 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The widest catalogue name, for aligned columns.
+fn name_width() -> usize {
+    CATALOGUE.iter().map(|s| s.name.len()).max().unwrap_or(0)
 }
 
 fn cmd_doctor() -> Result<ExitCode> {
