@@ -364,8 +364,9 @@ pub fn serve(
     let app = Arc::new(App {
         // Whisper's cores: up to one transcription on each.
         stt: Lane::new("whisper", options.threads.max(1) as usize, options.queue),
-        // Speech streams run side by side, their sentences taking turns on Kokoro's one session:
-        // a request's first sentence waits for the sentences in flight, not for whole answers.
+        // Speech streams run side by side, their sentences taking turns on Kokoro's one session
+        // by deadline (vox_common::cpu): a request's first sentence goes before later sentences
+        // of streams already ahead of real time.
         tts: Lane::new("kokoro", SPEECH_STREAMS, options.queue),
         voices,
         english_only,
