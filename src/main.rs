@@ -253,13 +253,6 @@ enum Command {
     Doctor,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Weights {
-    F16,
-    #[value(name = "q8_0")]
-    Q8_0,
-}
-
 #[derive(Subcommand)]
 enum ModelsCommand {
     /// List known models: name, size, state and path.
@@ -284,8 +277,8 @@ enum ModelsCommand {
         expect: Option<String>,
         /// How to store the big weights: f16 (lossless) or q8_0 (8-bit, half the size,
         /// faster on CPUs).
-        #[arg(long, value_enum, default_value_t = Weights::F16)]
-        weights: Weights,
+        #[arg(long, default_value = "f16")]
+        weights: models::WhisperWeights,
     },
     /// Print the models directory.
     Dir,
@@ -934,6 +927,7 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
             if url.is_some() && specs.len() != 1 {
                 bail!("--url needs exactly one model name");
             }
+            let w = name_width();
             for spec in specs {
                 let result = match &url {
                     Some(u) => fetch::fetch_url(spec, &dir, u, sha256.as_deref()),
@@ -947,8 +941,7 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
                 println!(
                     "{:<w$} {what}: {}",
                     spec.name,
-                    dir.join(spec.file).display(),
-                    w = name_width(),
+                    dir.join(spec.file).display()
                 );
             }
         }
@@ -964,17 +957,7 @@ fn cmd_models(command: ModelsCommand) -> Result<ExitCode> {
             };
             runner::check_writable(&out)?;
             let tmp = out.with_extension("vox-tmp");
-            let weights = match weights {
-                Weights::F16 => vox_pipeline::ct2::WeightType::F16,
-                Weights::Q8_0 => vox_pipeline::ct2::WeightType::Q8_0,
-            };
-            let converted = vox_pipeline::ct2::convert_files_as(
-                &dir.join("model.bin"),
-                &dir.join("vocabulary.txt"),
-                &tmp,
-                weights,
-            )
-            .and_then(|()| {
+            let converted = vox_pipeline::ct2::convert(&dir, &tmp, weights).and_then(|()| {
                 models::sha256_file(&tmp).map_err(|e| vox_pipeline::ct2::Ct2Error::Read {
                     path: tmp.display().to_string(),
                     why: e.to_string(),

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use vox_common::models::WhisperWeights;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Ct2Error {
@@ -266,28 +267,17 @@ pub fn mel_filters(n_mels: usize) -> Vec<f32> {
     weights
 }
 
-/// How the big 2-D weights are stored in the ggml file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WeightType {
-    /// f16, as the CT2 model holds them: lossless.
-    #[default]
-    F16,
-    /// ggml's Q8_0 (blocks of 32 int8 with one f16 scale), as whisper.cpp's `quantize` writes
-    /// it: about half the size, and whisper.cpp's int8 dot products run faster on CPUs.
-    Q8_0,
-}
-
 /// Converts `dir` (model.bin, vocabulary.txt, config.json not needed) into `out`.
-pub fn convert(dir: &Path, out: &Path) -> Result<()> {
-    convert_files(&dir.join("model.bin"), &dir.join("vocabulary.txt"), out)
+pub fn convert(dir: &Path, out: &Path, weights: WhisperWeights) -> Result<()> {
+    convert_files(
+        &dir.join("model.bin"),
+        &dir.join("vocabulary.txt"),
+        out,
+        weights,
+    )
 }
 
-pub fn convert_files(model: &Path, vocabulary: &Path, out: &Path) -> Result<()> {
-    convert_files_as(model, vocabulary, out, WeightType::F16)
-}
-
-/// Q8_0 blocks for one row-major tensor whose rows hold `width` values (a multiple of 32):
-/// per block of 32, the f16 scale `max|x| / 127` then 32 int8 values `round(x / scale)`,
+/// Q8_0 blocks for a tensor whose rows are a multiple of 32 values long: per block of 32, the f16 scale `max|x| / 127` then 32 int8 values `round(x / scale)`,
 /// exactly as ggml's reference `quantize_row_q8_0` computes them.
 pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() / 32 * 34);
@@ -301,11 +291,11 @@ pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
     out
 }
 
-pub fn convert_files_as(
+pub fn convert_files(
     model: &Path,
     vocabulary: &Path,
     out: &Path,
-    weights: WeightType,
+    weights: WhisperWeights,
 ) -> Result<()> {
     let (vars, scalars) = read_model(model)?;
     let mp = model.display().to_string();
@@ -518,8 +508,8 @@ pub fn convert_files_as(
     }
     // ftype: 1 = mostly f16; Q8_0 is ggml's ftype 7 plus the quantisation version (2) × 1000.
     let ftype = match weights {
-        WeightType::F16 => 1,
-        WeightType::Q8_0 => 2 * 1000 + 7,
+        WhisperWeights::F16 => 1,
+        WhisperWeights::Q8_0 => 2 * 1000 + 7,
     };
     i32le(&mut w, ftype).map_err(werr)?;
     let filters = mel_filters(n_mels);
@@ -537,7 +527,7 @@ pub fn convert_files_as(
         let is_conv_bias = name == "encoder.conv1.bias" || name == "encoder.conv2.bias";
         let keep_f32 = v.dims.len() < 2 || is_conv_bias || name.ends_with("positional_embedding");
         // whisper.cpp keeps the conv kernels (3-D) in f16 whatever the file's type.
-        let quantize = weights == WeightType::Q8_0 && !keep_f32 && v.dims.len() == 2;
+        let quantize = weights == WhisperWeights::Q8_0 && !keep_f32 && v.dims.len() == 2;
         if quantize && v.dims[v.dims.len() - 1] % 32 != 0 {
             return Err(Ct2Error::Format {
                 path: mp.clone(),

