@@ -6,7 +6,9 @@ plain HTTP (stdlib only), and print one JSON line of what they saw.
 
 stt: throughput (audio seconds transcribed per second of wall time), latency p50/p95.
 tts: time to first audio byte p50/p95, real-time factor per request (time to last byte over the
-audio made), throughput (audio seconds made per second). Any status but 200 is counted.
+audio made), throughput (audio seconds made per second), and stall p50/max: how long a player
+that starts at the first byte and plays in real time would wait for audio in all (underruns).
+Any status but 200 is counted.
 """
 import http.client
 import json
@@ -54,16 +56,26 @@ def tts_request(conn, text):
     conn.request("POST", "/v1/audio/speech", body, {"Content-Type": "application/json"})
     r = conn.getresponse()
     first, size = None, 0
+    # A real-time player from the first byte: when its audio runs out, and how long it waited.
+    runs_out, stall = None, 0.0
     while True:
         chunk = r.read1(65536)
         if not chunk:
             break
+        now = time.perf_counter() - t
         if first is None:
-            first = time.perf_counter() - t
+            first = now
         size += len(chunk)
+        seconds = len(chunk) / 48000.0
+        if runs_out is None or now > runs_out:
+            stall += 0.0 if runs_out is None else now - runs_out
+            runs_out = now + seconds
+        else:
+            runs_out += seconds
     took = time.perf_counter() - t
     audio = size / 48000.0
-    return {"status": r.status, "first": first or took, "took": took, "audio": audio}
+    return {"status": r.status, "first": first or took, "took": took, "audio": audio,
+            "stall": stall}
 
 
 def worker(payload):
@@ -95,6 +107,8 @@ if kind == "stt":
 else:
     firsts = [r["first"] for r in ok]
     rtfs = [r["took"] / r["audio"] for r in ok if r["audio"] > 0]
+    stalls = [r["stall"] for r in ok]
     out.update(first_p50=pct(firsts, 50), first_p95=pct(firsts, 95), rtf_p50=pct(rtfs, 50),
-               throughput=sum(r["audio"] for r in ok) / wall)
+               throughput=sum(r["audio"] for r in ok) / wall, stall_p50=pct(stalls, 50),
+               stall_max=max(stalls, default=0.0))
 print(json.dumps(out))

@@ -178,6 +178,10 @@ enum Command {
         /// run side by side on one core each.
         #[arg(long, default_value_t = 2)]
         threads: u32,
+        /// Speech starts with the first sentence's opening on its own, up to a clause mark or
+        /// this many words, for sooner first audio (0: whole sentences).
+        #[arg(long, default_value_t = 2)]
+        first_words: u32,
     },
     /// Print a LiveKit access token to join ROOM as IDENTITY (from LIVEKIT_API_KEY and
     /// LIVEKIT_API_SECRET, or their _FILE variants, in the environment).
@@ -450,6 +454,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             stt_model,
             voice,
             threads,
+            first_words,
         } => {
             let (stt, tts, port) = match what.as_str() {
                 "stt" => (true, false, 11435),
@@ -485,6 +490,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 stt_model,
                 voice,
                 threads,
+                first_words,
             })?
         }
         Command::Call {

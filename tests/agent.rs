@@ -296,13 +296,17 @@ fn a_caller_that_vanishes_is_cleaned_up_and_others_go_on() {
         });
         assert_eq!(active, Some(0.0), "{}", agent.drain_log());
     };
-    // Warm-up, then the baseline: a whole call, and long answers cut off. The shared buffers
-    // grow to their working size over the first long replies, then stay (measured: +8, +18,
-    // +1, +2, 0 MiB over five such calls): ONNX Runtime's arena grows to the longest sentence,
+    // Warm-up, then the baseline: whole calls, and long answers cut off, in the order the test
+    // then repeats. The shared buffers grow to their working size over the first replies, then
+    // stay (measured: +8, +18, +1, +2, 0 MiB over five such calls): ONNX Runtime's arena grows
+    // to the largest pieces of speech it has made (with `tts-first-words`, a sentence's opening
+    // and rest vary with the timing, so a whole call after cut-off ones still added ~38 MiB
+    // once; with it in the warm-up, three runs gave baselines of 584–586 MiB and no growth),
     // the model's shared key/value cache is touched page by page as conversations take cells.
     assert!(place("first.wav", &q).wait().unwrap().success());
     vanish(&mut agent, "warm1.wav");
     vanish(&mut agent, "warm2.wav");
+    assert!(place("second.wav", &q).wait().unwrap().success());
     let baseline = rss_kib(agent.child.id());
     // The vanishing caller under test.
     vanish(&mut agent, "gone.wav");

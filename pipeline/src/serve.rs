@@ -6,7 +6,8 @@
 //!   `temperature`, `timestamp_granularities[]`) run the `transcribe` graph over the upload;
 //! - `POST /v1/audio/speech` (JSON: `model`, `input`, `voice`, `speed`, `response_format` = mp3 |
 //!   opus | aac | flac | wav | pcm) runs `kokorotts` into the encoder asked for and streams the
-//!   audio as it is made, first sentence first;
+//!   audio as it is made, first sentence first, that sentence's opening (`first_words`) on
+//!   its own;
 //! - `GET /v1/models`, `/healthz`, `/readyz` (models loaded), `/metrics` (Prometheus).
 //!
 //! No second implementation of inference: these are the graphs and elements of the command
@@ -66,6 +67,9 @@ pub struct Options {
     pub voice: String,
     /// Cores per model: a transcription alone uses them all, under load each runs on one.
     pub threads: u32,
+    /// Speech starts with the opening of its first sentence on its own, up to a clause mark or
+    /// so many words (kokorotts `first-words`; 0: whole sentences).
+    pub first_words: u32,
 }
 
 impl Default for Options {
@@ -82,6 +86,7 @@ impl Default for Options {
             stt_model: vox_common::models::DEFAULT_WHISPER.into(),
             voice: "jf_alpha".into(),
             threads: 2,
+            first_words: 2,
         }
     }
 }
@@ -1067,11 +1072,12 @@ fn stream_speech(
 ) -> Result<f64, String> {
     let (encoder, _) = audio_format(format).expect("checked by the caller");
     let description = format!(
-        "appsrc name=text format=time caps=text/x-raw,format=utf8 ! kokorotts voice={} speed={speed} threads={} ! \
+        "appsrc name=text format=time caps=text/x-raw,format=utf8 ! kokorotts voice={} speed={speed} threads={} first-words={} ! \
          audioconvert ! audioresample ! audio/x-raw,format=S16LE,rate=24000,channels=1 ! \
          {encoder} appsink name=out sync=false",
         graph::quote(voice),
         app.options.threads,
+        app.options.first_words,
     );
     let mut first = Some(first);
     let fail = |first: &mut Option<oneshot::Sender<Result<(), ApiError>>>, why: String| {

@@ -12,7 +12,8 @@
 //! "Sure, the capital of France is Paris." gives "Sure," and then the rest.
 //! [`SentenceSplitter::first_words`] also ends the first piece after so many words when no mark
 //! came before ("The capital of France" and then "is Paris."): speech starts sooner still, at
-//! some cost to the first sentence's intonation.
+//! some cost to the first sentence's intonation. [`opening`] does the same to one finished
+//! sentence (for a speech stream that has nothing playing yet).
 
 const ABBREVIATIONS: &[&str] = &[
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "etc", "e.g", "i.e", "a.m",
@@ -96,6 +97,30 @@ pub fn sentences(text: &str) -> Vec<String> {
     let mut out = splitter.push(text);
     out.extend(splitter.finish());
     out
+}
+
+/// Splits a sentence's opening off its rest, as [`SentenceSplitter::first_words`] would: at the
+/// first clause mark, or after `words` words. `None` when `words` is 0, or the sentence is too
+/// short for it (a rest of fewer than two words is not worth a seam).
+pub fn opening(sentence: &str, words: usize) -> Option<(String, String)> {
+    if words == 0 {
+        return None;
+    }
+    let mut splitter = SentenceSplitter::first_words(words);
+    let mut pieces = splitter.push(sentence);
+    pieces.extend(splitter.finish());
+    let mut pieces = pieces.into_iter();
+    let (head, rest) = (pieces.next()?, pieces.collect::<Vec<_>>().join(" "));
+    (rest.split_whitespace().count() >= 2).then_some((head, rest))
+}
+
+/// Whether `piece` ends a sentence: with `.`, `!`, `?` or `…` (closing quotes and brackets aside),
+/// not a clause mark or a word.
+pub fn ends_sentence(piece: &str) -> bool {
+    piece
+        .trim_end()
+        .trim_end_matches(['"', '\'', '”', '’', ')', ']', '»'])
+        .ends_with(['.', '!', '?', '…'])
 }
 
 /// Splits streamed text into sentences as soon as each is complete.
@@ -335,6 +360,43 @@ mod tests {
         let mut got = s.push("Yes. It is.");
         got.extend(s.finish());
         assert_eq!(got, ["Yes.", "It is."]);
+    }
+
+    #[test]
+    fn a_sentence_opening_comes_off_its_rest() {
+        let split = |s: &str, n| opening(s, n).map(|(h, r)| format!("{h}|{r}"));
+        assert_eq!(
+            split("The capital of France is Paris.", 2).as_deref(),
+            Some("The capital|of France is Paris.")
+        );
+        assert_eq!(
+            split("Sure, the capital is Paris.", 3).as_deref(),
+            Some("Sure,|the capital is Paris.")
+        );
+        // Off, too short to split, or a one-word rest: the sentence stays whole.
+        assert_eq!(split("The capital of France is Paris.", 0), None);
+        assert_eq!(split("Hello there.", 2), None);
+        assert_eq!(split("Hello there, friend.", 2), None);
+        assert_eq!(
+            split("Paris is lovely now.", 2).as_deref(),
+            Some("Paris is|lovely now.")
+        );
+    }
+
+    #[test]
+    fn pieces_that_end_a_sentence() {
+        for yes in [
+            "Paris.",
+            "Really?!",
+            "He said \"Stop.\"",
+            "Wait… ",
+            "(Yes.)",
+        ] {
+            assert!(ends_sentence(yes), "{yes}");
+        }
+        for no in ["Sure,", "The capital", "Well:", "7:30", ""] {
+            assert!(!ends_sentence(no), "{no}");
+        }
     }
 
     #[test]

@@ -28,6 +28,23 @@ pub struct Kokoro {
     session: Mutex<Session>,
     /// ONNX Runtime's intra-op threads: the cores a synthesis takes.
     threads: usize,
+    /// Compute seconds per second of audio made, a moving average (None until measured).
+    rtf: Mutex<Option<f32>>,
+}
+
+/// The real-time factor assumed before one is measured (2 cores of this project's CI: ~0.4).
+const RTF_PRIOR: f32 = 0.5;
+/// Seconds of speech per word at speed 1 (measured on English replies: 0.31–0.37).
+const SPEECH_PER_WORD: f32 = 0.33;
+/// Seconds of silence Kokoro makes around any piece at speed 1 (~0.25 s before, ~0.45 after),
+/// which it takes as long to make as speech.
+const PIECE_SILENCE: f32 = 0.7;
+
+/// How many words Kokoro can speak in a piece made within `seconds` of compute, at real-time
+/// factor `rtf` and `speed`: 0 when even a word's piece takes longer.
+pub fn words_within(seconds: f32, rtf: f32, speed: f32) -> usize {
+    let audio = seconds / rtf.max(1e-3) * speed;
+    ((audio - PIECE_SILENCE) / SPEECH_PER_WORD).max(0.0) as usize
 }
 
 type Registry = Mutex<Vec<((PathBuf, usize), Arc<Kokoro>)>>;
@@ -73,7 +90,16 @@ impl Kokoro {
         Ok(Self {
             session: Mutex::new(session),
             threads: threads.max(1),
+            rtf: Mutex::new(None),
         })
+    }
+
+    /// Compute seconds per second of audio, as measured on this process's syntheses so far.
+    pub fn real_time_factor(&self) -> f32 {
+        self.rtf
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(RTF_PRIOR)
     }
 
     /// Audio for one chunk of ids (without the padding zeros, at most 509) in `style`.
@@ -107,6 +133,7 @@ impl Kokoro {
             .take_unless(self.threads, deadline, cancelled)
             .ok_or(Error::Cancelled)?;
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let started = Instant::now();
         let outputs = session
             .run_with_options(
                 ort::inputs![
@@ -118,6 +145,11 @@ impl Kokoro {
             )
             .map_err(infer)?;
         let (_, audio) = outputs[0].try_extract_tensor::<f32>().map_err(infer)?;
+        if !audio.is_empty() {
+            let rtf = started.elapsed().as_secs_f32() * SAMPLE_RATE as f32 / audio.len() as f32;
+            let mut average = self.rtf.lock().unwrap_or_else(|p| p.into_inner());
+            *average = Some(average.map_or(rtf, |a| 0.7 * a + 0.3 * rtf));
+        }
         Ok(audio.to_vec())
     }
 }
@@ -131,6 +163,16 @@ pub fn trim_leading_silence(audio: &mut Vec<f32>, lead: f32) {
     };
     let keep = (lead * SAMPLE_RATE as f32) as usize;
     audio.drain(..onset.saturating_sub(keep));
+}
+
+/// Cuts the silence after the last sound of `audio` to `tail` seconds (Kokoro's own is
+/// ~0.4–0.7 s: a sentence's pause, too long between a sentence's opening and its rest).
+pub fn trim_trailing_silence(audio: &mut Vec<f32>, tail: f32) {
+    let Some(last) = audio.iter().rposition(|x| x.abs() > 1e-3) else {
+        return;
+    };
+    let keep = (tail * SAMPLE_RATE as f32) as usize;
+    audio.truncate((last + 1 + keep).min(audio.len()));
 }
 
 #[cfg(test)]
@@ -152,6 +194,33 @@ mod tests {
         assert_eq!(loud.len(), 100);
         let mut quiet = vec![0.0f32; 100];
         trim_leading_silence(&mut quiet, 0.02);
+        assert_eq!(quiet.len(), 100);
+    }
+
+    #[test]
+    fn words_within_a_compute_budget() {
+        // 0.6 s at RTF 0.4 makes 1.5 s of audio: 0.7 s of silence and 2 words.
+        assert_eq!(words_within(0.6, 0.4, 1.0), 2);
+        // Twice the speed, twice the audio per second of compute.
+        assert_eq!(words_within(0.6, 0.4, 2.0), 6);
+        assert_eq!(words_within(0.2, 0.4, 1.0), 0);
+        assert_eq!(words_within(3.0, 0.4, 1.0), 20);
+    }
+
+    #[test]
+    fn trailing_silence_is_cut_to_the_tail() {
+        let rate = SAMPLE_RATE as usize;
+        let mut audio = vec![0.0f32; rate / 4];
+        audio.extend(std::iter::repeat_n(0.5, rate / 2));
+        audio.extend(vec![0.0; rate / 2]);
+        trim_trailing_silence(&mut audio, 0.08);
+        assert_eq!(audio.len(), rate / 4 + rate / 2 + rate * 2 / 25);
+        // A shorter tail than asked for, and silence only, are left as they are.
+        let before = audio.len();
+        trim_trailing_silence(&mut audio, 0.5);
+        assert_eq!(audio.len(), before);
+        let mut quiet = vec![0.0f32; 100];
+        trim_trailing_silence(&mut quiet, 0.02);
         assert_eq!(quiet.len(), 100);
     }
 }

@@ -83,6 +83,53 @@ fn speaks_sentence_by_sentence_with_contiguous_timestamps() {
     assert!(first[0].get::<u64>("time-to-first-audio").unwrap() > 0);
 }
 
+/// `first-words`: with nothing playing, a sentence's opening is spoken on its own, with a short
+/// tail; the sentences after it, while it plays, are whole.
+#[test]
+fn first_words_speak_the_opening_on_its_own() {
+    let say = "The capital of France is Paris. It is on the Seine.";
+    let (mut h, _bus) = harness("");
+    h.push(text(say, 0)).unwrap();
+    let whole = drain(&mut h);
+    assert_eq!(whole.len(), 2, "whole sentences: {whole:?}");
+    let (mut h, _bus) = harness("first-words=2");
+    h.push(text(say, 0)).unwrap();
+    let split = drain(&mut h);
+    // "The capital", "of France is Paris." (split again only on a very slow machine), and "It
+    // is on the Seine." whole, as it comes while the first sentence plays.
+    assert!(split.len() >= 3, "opening, rest, next sentence: {split:?}");
+    assert_eq!(split.last().unwrap().size(), whole[1].size());
+    let samples = |b: &gst::Buffer| -> Vec<f32> {
+        let map = b.map_readable().unwrap();
+        map.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let opening = samples(&split[0]);
+    let sentence = samples(&whole[0]);
+    assert!(
+        opening.len() * 2 < sentence.len(),
+        "the opening ({} samples) is well under the whole sentence ({})",
+        opening.len(),
+        sentence.len()
+    );
+    // Its trailing silence is a breath (100 ms), not a sentence's pause (Kokoro's ~400 ms, kept
+    // after the whole sentence).
+    let tail = |a: &[f32]| a.iter().rev().take_while(|x| x.abs() <= 1e-3).count();
+    assert!(
+        tail(&opening) <= 2400,
+        "{} samples of silence after the opening",
+        tail(&opening)
+    );
+    assert!(
+        tail(&sentence) > 4800,
+        "{} samples after the sentence",
+        tail(&sentence)
+    );
+    let pts: Vec<_> = split.iter().map(|b| b.pts().unwrap()).collect();
+    assert_eq!(pts[1], pts[0] + split[0].duration().unwrap());
+}
+
 #[test]
 fn later_text_never_overlaps_earlier_audio() {
     let (mut h, _bus) = harness("");

@@ -12,6 +12,14 @@
 //! `synthesis-time`, `sentences`) when it is finished. Flushing drops queued text and stops the
 //! synthesis in flight after the current chunk.
 //!
+//! `first-words`: when none of the stream's audio is playing (its start, or after the speech ran
+//! out), a sentence's opening — up to a clause mark or that many words — is spoken on its own,
+//! and the rest after it. Kokoro makes a piece's audio all at once, in time proportional to its
+//! length, so the first audio comes in about half the time of the whole sentence; the rest is
+//! ready before the opening has played. A piece that does not end a sentence (such an opening,
+//! or one from `llmchat first-words`) has its trailing silence cut to a breath (100 ms; Kokoro's
+//! own ~400 ms is a sentence's pause).
+//!
 //! With `url` set to a speech service (OpenAI's audio API, e.g. `vox serve tts`), each sentence
 //! is spoken there instead and its audio pushed as it streams in (24 kHz PCM); no model is
 //! loaded. A service fault costs that sentence, with a warning naming the cause, never the
@@ -30,7 +38,9 @@ use gst::subclass::prelude::*;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
-use crate::engine::{Kokoro, SAMPLE_RATE, trim_leading_silence};
+use crate::engine::{
+    Kokoro, SAMPLE_RATE, trim_leading_silence, trim_trailing_silence, words_within,
+};
 use crate::phonemes::{self, Vocab};
 use crate::voices::{self, Voice};
 use ort::session::RunOptions;
@@ -52,6 +62,7 @@ const DEFAULT_VOICE: &str = "jf_alpha";
 const DEFAULT_LANGUAGE: &str = "en-us";
 const DEFAULT_SPEED: f32 = 1.0;
 const DEFAULT_THREADS: u32 = 2;
+const DEFAULT_FIRST_WORDS: u32 = 0;
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -62,6 +73,7 @@ struct Settings {
     language: String,
     speed: f32,
     threads: u32,
+    first_words: u32,
     service: vox_common::remote::Settings,
 }
 
@@ -75,6 +87,7 @@ impl Default for Settings {
             language: DEFAULT_LANGUAGE.into(),
             speed: DEFAULT_SPEED,
             threads: DEFAULT_THREADS,
+            first_words: DEFAULT_FIRST_WORDS,
             service: Default::default(),
         }
     }
@@ -282,6 +295,11 @@ impl KokoroTts {
 
 /// Silence kept before the first sound of each piece (Kokoro's own is ~250 ms).
 const LEAD: f32 = 0.02;
+/// Silence kept after a piece that does not end a sentence (Kokoro's own is ~400 ms).
+const BREATH: f32 = 0.1;
+/// With `first-words`, a sentence's rest that would leave the listener waiting longer than this
+/// (for want of audio) is split once more: a pause this long is better than another seam.
+const PAUSE_OK: f32 = 0.3;
 
 /// Speaks one job sentence by sentence, pushing each sentence's audio before synthesising the
 /// next (with a speech service, as it streams in). Stops early when the generation changes
@@ -294,36 +312,23 @@ fn speak(imp: &KokoroTts, synth: &Synth, job: Job, generation: u64) {
     };
     let mut sentences = 0u32;
     let started = Instant::now();
+    let first_words = imp.settings().first_words as usize;
     for sentence in vox_common::text::sentences(&job.text) {
-        let go_on = match synth {
-            Synth::Local(loaded) => speak_local(imp, loaded, &job, &sentence, &mut out, &cancelled),
-            Synth::Remote {
-                remote,
-                voice,
-                speed,
-            } => {
-                let synthesis = Instant::now();
-                let result =
-                    crate::remote::speak(remote, &sentence, voice, *speed, cancelled, |audio| {
-                        out.push(imp, &job, audio, synthesis.elapsed(), &cancelled)
-                    });
-                match result {
-                    Ok(()) => !cancelled(),
-                    Err(RemoteError::Cancelled) => false,
-                    // A service fault costs this sentence, never the stream.
-                    Err(e) => {
-                        gst::element_imp_warning!(
-                            imp,
-                            gst::ResourceError::Read,
-                            ("speech service failed on {:?}: {}", sentence, e)
-                        );
-                        !cancelled()
-                    }
-                }
+        let mut rest = sentence;
+        loop {
+            let split = piece_words(imp, synth, first_words, &rest)
+                .and_then(|words| vox_common::text::opening(&rest, words));
+            let (piece, more) = match split {
+                Some((head, tail)) => (head, Some(tail)),
+                None => (std::mem::take(&mut rest), None),
+            };
+            if !speak_piece(imp, synth, &job, &piece, &mut out, &cancelled) {
+                return;
             }
-        };
-        if !go_on {
-            return;
+            match more {
+                Some(tail) => rest = tail,
+                None => break,
+            }
         }
         sentences += 1;
     }
@@ -336,12 +341,98 @@ fn speak(imp: &KokoroTts, synth: &Synth, job: Job, generation: u64) {
     );
 }
 
-/// One sentence with the model in-process, chunk by chunk; false when the job is to stop.
+/// With `first-words`, how many words the next piece of `rest` (of a sentence) may have, or
+/// `None` to speak it whole: with nothing playing, its opening of `first_words`; with audio
+/// playing, as many words as Kokoro can make before that audio runs out (plus [`PAUSE_OK`]).
+fn piece_words(imp: &KokoroTts, synth: &Synth, first_words: usize, rest: &str) -> Option<usize> {
+    if first_words == 0 {
+        return None;
+    }
+    let playing = imp
+        .audio_until
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map_or(0.0, |until| {
+            until
+                .saturating_duration_since(Instant::now())
+                .as_secs_f32()
+        });
+    if playing == 0.0 {
+        return Some(first_words);
+    }
+    let Synth::Local(loaded) = synth else {
+        // A speech service's pace is unknown: its sentences go whole.
+        return None;
+    };
+    let fit = words_within(
+        playing + PAUSE_OK,
+        loaded.model.real_time_factor(),
+        loaded.speed,
+    );
+    (rest.split_whitespace().count() > fit).then_some(fit.max(first_words))
+}
+
+/// One sentence, or a part of one (its trailing silence cut to a breath); false when the job
+/// is to stop.
+fn speak_piece(
+    imp: &KokoroTts,
+    synth: &Synth,
+    job: &Job,
+    sentence: &str,
+    out: &mut Output,
+    cancelled: &impl Fn() -> bool,
+) -> bool {
+    let opening = !vox_common::text::ends_sentence(sentence);
+    let (remote, voice, speed) = match synth {
+        Synth::Local(loaded) => {
+            return speak_local(imp, loaded, job, sentence, opening, out, cancelled);
+        }
+        Synth::Remote {
+            remote,
+            voice,
+            speed,
+        } => (remote, voice, *speed),
+    };
+    let synthesis = Instant::now();
+    // A part of a sentence is short: it is gathered whole so that its tail can be cut.
+    let mut gathered = Vec::new();
+    let result = crate::remote::speak(remote, sentence, voice, speed, cancelled, |audio| {
+        if opening {
+            gathered.extend_from_slice(audio);
+            true
+        } else {
+            out.push(imp, job, audio, synthesis.elapsed(), cancelled)
+        }
+    });
+    if opening && result.is_ok() {
+        trim_trailing_silence(&mut gathered, BREATH);
+        if !out.push(imp, job, &gathered, synthesis.elapsed(), cancelled) {
+            return false;
+        }
+    }
+    match result {
+        Ok(()) => !cancelled(),
+        Err(RemoteError::Cancelled) => false,
+        // A service fault costs this sentence, never the stream.
+        Err(e) => {
+            gst::element_imp_warning!(
+                imp,
+                gst::ResourceError::Read,
+                ("speech service failed on {:?}: {}", sentence, e)
+            );
+            !cancelled()
+        }
+    }
+}
+
+/// One sentence with the model in-process, chunk by chunk, the last one's trailing silence cut
+/// to a breath when it is an `opening`; false when the job is to stop.
 fn speak_local(
     imp: &KokoroTts,
     loaded: &Loaded,
     job: &Job,
     sentence: &str,
+    opening: bool,
     out: &mut Output,
     cancelled: &impl Fn() -> bool,
 ) -> bool {
@@ -352,7 +443,8 @@ fn speak_local(
             return true;
         }
     };
-    for chunk in chunks {
+    let last = chunks.len().saturating_sub(1);
+    for (i, chunk) in chunks.into_iter().enumerate() {
         if cancelled() {
             return false;
         }
@@ -387,6 +479,9 @@ fn speak_local(
         let audio = match result {
             Ok(mut a) => {
                 trim_leading_silence(&mut a, LEAD);
+                if opening && i == last {
+                    trim_trailing_silence(&mut a, BREATH);
+                }
                 a
             }
             Err(_) if cancelled() => return false,
@@ -590,6 +685,13 @@ impl ObjectImpl for KokoroTts {
                     .default_value(DEFAULT_THREADS)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecUInt::builder("first-words")
+                    .nick("First words")
+                    .blurb("When none of the stream's audio is playing, speak a sentence's opening (to a clause mark, or this many words) on its own for sooner first audio; 0: whole sentences")
+                    .maximum(64)
+                    .default_value(DEFAULT_FIRST_WORDS)
+                    .mutable_playing()
+                    .build(),
             ]
             .into_iter()
             .chain(vox_common::remote::Settings::param_specs("speech"))
@@ -617,6 +719,7 @@ impl ObjectImpl for KokoroTts {
             "language" => s.language = string(DEFAULT_LANGUAGE),
             "speed" => s.speed = value.get().expect("type checked upstream"),
             "threads" => s.threads = value.get().expect("type checked upstream"),
+            "first-words" => s.first_words = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -634,6 +737,7 @@ impl ObjectImpl for KokoroTts {
             "language" => s.language.to_value(),
             "speed" => s.speed.to_value(),
             "threads" => s.threads.to_value(),
+            "first-words" => s.first_words.to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }
