@@ -315,8 +315,11 @@ fn speak(imp: &KokoroTts, synth: &Synth, job: Job, generation: u64) {
     let first_words = imp.settings().first_words as usize;
     for sentence in vox_common::text::sentences(&job.text) {
         let mut rest = sentence;
+        // The fewest words the next piece has: the opening's, then twice the piece before (a
+        // sentence is said in few pieces however far behind the stream is).
+        let mut least = first_words;
         loop {
-            let split = piece_words(imp, synth, first_words, &rest)
+            let split = piece_words(imp, synth, least, &rest)
                 .and_then(|words| vox_common::text::opening(&rest, words));
             let (piece, more) = match split {
                 Some((head, tail)) => (head, Some(tail)),
@@ -325,6 +328,7 @@ fn speak(imp: &KokoroTts, synth: &Synth, job: Job, generation: u64) {
             if !speak_piece(imp, synth, &job, &piece, &mut out, &cancelled) {
                 return;
             }
+            least = 2 * piece.split_whitespace().count();
             match more {
                 Some(tail) => rest = tail,
                 None => break,
@@ -341,11 +345,12 @@ fn speak(imp: &KokoroTts, synth: &Synth, job: Job, generation: u64) {
     );
 }
 
-/// With `first-words`, how many words the next piece of `rest` (of a sentence) may have, or
-/// `None` to speak it whole: with nothing playing, its opening of `first_words`; with audio
-/// playing, as many words as Kokoro can make before that audio runs out (plus [`PAUSE_OK`]).
-fn piece_words(imp: &KokoroTts, synth: &Synth, first_words: usize, rest: &str) -> Option<usize> {
-    if first_words == 0 {
+/// With `first-words` (`least` is then its value, or more for a later piece of a sentence),
+/// how many words the next piece of `rest` (of a sentence) may have, or `None` to speak it
+/// whole: with nothing playing, `least`; with audio playing, as many words as Kokoro can make
+/// before that audio runs out (plus [`PAUSE_OK`]), and no fewer than `least`.
+fn piece_words(imp: &KokoroTts, synth: &Synth, least: usize, rest: &str) -> Option<usize> {
+    if least == 0 {
         return None;
     }
     let playing = imp
@@ -358,7 +363,7 @@ fn piece_words(imp: &KokoroTts, synth: &Synth, first_words: usize, rest: &str) -
                 .as_secs_f32()
         });
     if playing == 0.0 {
-        return Some(first_words);
+        return Some(least);
     }
     let Synth::Local(loaded) = synth else {
         // A speech service's pace is unknown: its sentences go whole.
@@ -369,7 +374,7 @@ fn piece_words(imp: &KokoroTts, synth: &Synth, first_words: usize, rest: &str) -
         loaded.model.real_time_factor(),
         loaded.speed,
     );
-    (rest.split_whitespace().count() > fit).then_some(fit.max(first_words))
+    (rest.split_whitespace().count() > fit).then_some(fit.max(least))
 }
 
 /// One sentence, or a part of one (its trailing silence cut to a breath); false when the job
