@@ -16,9 +16,10 @@
 //! out), a sentence's opening — up to a clause mark or that many words — is spoken on its own,
 //! and the rest after it. Kokoro makes a piece's audio all at once, in time proportional to its
 //! length, so the first audio comes in about half the time of the whole sentence; the rest is
-//! ready before the opening has played. A piece that does not end a sentence (such an opening,
-//! or one from `llmchat first-words`) has its trailing silence cut to a breath (100 ms; Kokoro's
-//! own ~400 ms is a sentence's pause).
+//! made while the opening plays, in pieces sized to the audio playing (a real-time listener may
+//! wait a little between them). A piece that does not end a sentence (such an opening, or a
+//! clause from `llmchat first-clause`) has its trailing silence cut to a breath (100 ms;
+//! Kokoro's own ~400 ms is a sentence's pause).
 //!
 //! With `url` set to a speech service (OpenAI's audio API, e.g. `vox serve tts`), each sentence
 //! is spoken there instead and its audio pushed as it streams in (24 kHz PCM); no model is
@@ -387,10 +388,10 @@ fn speak_piece(
     out: &mut Output,
     cancelled: &impl Fn() -> bool,
 ) -> bool {
-    let opening = !vox_common::text::ends_sentence(sentence);
+    let part = !vox_common::text::ends_sentence(sentence);
     let (remote, voice, speed) = match synth {
         Synth::Local(loaded) => {
-            return speak_local(imp, loaded, job, sentence, opening, out, cancelled);
+            return speak_local(imp, loaded, job, sentence, part, out, cancelled);
         }
         Synth::Remote {
             remote,
@@ -402,14 +403,14 @@ fn speak_piece(
     // A part of a sentence is short: it is gathered whole so that its tail can be cut.
     let mut gathered = Vec::new();
     let result = crate::remote::speak(remote, sentence, voice, speed, cancelled, |audio| {
-        if opening {
+        if part {
             gathered.extend_from_slice(audio);
             true
         } else {
             out.push(imp, job, audio, synthesis.elapsed(), cancelled)
         }
     });
-    if opening && result.is_ok() {
+    if part && result.is_ok() {
         trim_trailing_silence(&mut gathered, BREATH);
         if !out.push(imp, job, &gathered, synthesis.elapsed(), cancelled) {
             return false;
@@ -431,13 +432,13 @@ fn speak_piece(
 }
 
 /// One sentence with the model in-process, chunk by chunk, the last one's trailing silence cut
-/// to a breath when it is an `opening`; false when the job is to stop.
+/// to a breath when it is a `part` of a sentence; false when the job is to stop.
 fn speak_local(
     imp: &KokoroTts,
     loaded: &Loaded,
     job: &Job,
     sentence: &str,
-    opening: bool,
+    part: bool,
     out: &mut Output,
     cancelled: &impl Fn() -> bool,
 ) -> bool {
@@ -484,7 +485,7 @@ fn speak_local(
         let audio = match result {
             Ok(mut a) => {
                 trim_leading_silence(&mut a, LEAD);
-                if opening && i == last {
+                if part && i == last {
                     trim_trailing_silence(&mut a, BREATH);
                 }
                 a
