@@ -277,8 +277,9 @@ pub fn convert(dir: &Path, out: &Path, weights: WhisperWeights) -> Result<()> {
     )
 }
 
-/// Q8_0 blocks for a tensor whose rows are a multiple of 32 values long: per block of 32, the f16 scale `max|x| / 127` then 32 int8 values `round(x / scale)`,
-/// exactly as ggml's reference `quantize_row_q8_0` computes them.
+/// Q8_0 blocks for a tensor whose rows are a multiple of 32 values long: per block of 32, the
+/// f16 scale `max|x| / 127` then 32 int8 values `round(x / scale)`, exactly as ggml's
+/// reference `quantize_row_q8_0` computes them.
 pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() / 32 * 34);
     for block in values.chunks(32) {

@@ -57,6 +57,11 @@ enum Boundary {
     Undecided,
 }
 
+/// The marks that end a sentence.
+const SENTENCE_ENDS: [char; 4] = ['.', '!', '?', '…'];
+/// Closing quotes and brackets, which stay with the sentence they close.
+const CLOSING: [char; 7] = ['"', '\'', '”', '’', ')', ']', '»'];
+
 /// Whether the character `c` at byte `i` of `text` ends a sentence. `finished`: nothing more will
 /// follow `text`; `line_start`: `text` begins at the start of a line.
 fn boundary_after(text: &str, i: usize, c: char, finished: bool, line_start: bool) -> Boundary {
@@ -64,16 +69,13 @@ fn boundary_after(text: &str, i: usize, c: char, finished: bool, line_start: boo
     if c == '\n' {
         return Boundary::At(end);
     }
-    if !matches!(c, '.' | '!' | '?' | '…') {
+    if !SENTENCE_ENDS.contains(&c) {
         return Boundary::No;
     }
     // Runs of marks ("?!", "...") and closing quotes or brackets stay with the sentence.
     let rest = &text[end..];
     for ch in rest.chars() {
-        if matches!(
-            ch,
-            '.' | '!' | '?' | '…' | '"' | '\'' | '”' | '’' | ')' | ']' | '»'
-        ) {
+        if SENTENCE_ENDS.contains(&ch) || CLOSING.contains(&ch) {
             end += ch.len_utf8();
         } else {
             break;
@@ -119,8 +121,8 @@ pub fn opening(sentence: &str, words: usize) -> Option<(String, String)> {
 pub fn ends_sentence(piece: &str) -> bool {
     piece
         .trim_end()
-        .trim_end_matches(['"', '\'', '”', '’', ')', ']', '»'])
-        .ends_with(['.', '!', '?', '…'])
+        .trim_end_matches(CLOSING)
+        .ends_with(SENTENCE_ENDS)
 }
 
 /// Splits streamed text into sentences as soon as each is complete.
