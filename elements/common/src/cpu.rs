@@ -12,13 +12,54 @@
 //! caller's first words go before the rest of another caller's long answer, whose audio is
 //! still playing. A waiter at the head of the line is not passed by smaller requests behind it,
 //! so nobody starves.
+//!
+//! `GST_DEBUG=voxcpu:5` logs each turn: the thread, how long it waited, how far from its
+//! deadline it started, and how long it held the cores.
 
 use std::collections::BTreeSet;
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Condvar, LazyLock, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
+
+static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "voxcpu",
+        gst::DebugColorFlags::empty(),
+        Some("The process's cores, shared out between inferences"),
+    )
+});
+
+/// Whether turns are logged (GStreamer is initialised, and the category is on).
+fn tracing() -> bool {
+    // SAFETY: gst_is_initialized has no preconditions.
+    let initialized = unsafe { gst::ffi::gst_is_initialized() } != 0;
+    initialized && CAT.threshold() >= gst::DebugLevel::Debug
+}
+
+fn thread() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("a thread")
+        .to_string()
+}
+
+/// Signed milliseconds from `from` to `to`.
+fn ms_between(from: Instant, to: Instant) -> i128 {
+    if to >= from {
+        (to - from).as_millis() as i128
+    } else {
+        -((from - to).as_millis() as i128)
+    }
+}
 
 /// How often a waiter looks whether it was cancelled.
 const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// How long cores given back wait for a waiter that is due before one that is not due yet. One
+/// stage hands its result to the next (a transcript to the LLM, the first words to Kokoro) a
+/// millisecond or two after it gives its cores back; without this pause a long job queued with a
+/// later deadline (the rest of another caller's sentence, a second or more that cannot be taken
+/// back) would start in that gap, and the next stage, which someone is waiting for, behind it.
+const HANDOFF: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Where the process's [`Cores`] are kept (see [`Cores::global`]).
 const REGISTRY_KEY: &str = "vox-cpu-cores";
@@ -26,6 +67,8 @@ const REGISTRY_KEY: &str = "vox-cpu-cores";
 /// A set of cores handed out by deadline.
 pub struct Cores {
     total: usize,
+    /// See [`HANDOFF`].
+    handoff: std::time::Duration,
     /// `VOX_CPU_TURNS=off`: everyone runs at once, as the libraries alone would.
     enforced: bool,
     state: Mutex<State>,
@@ -33,6 +76,8 @@ pub struct Cores {
 }
 
 struct State {
+    /// When cores were last given back.
+    freed: Option<Instant>,
     free: usize,
     /// (deadline, ticket) of each waiter; the first is next.
     waiting: BTreeSet<(Instant, u64)>,
@@ -43,12 +88,36 @@ struct State {
 pub struct Turn<'a> {
     cores: &'a Cores,
     held: usize,
+    since: Instant,
 }
 
-impl Turn<'_> {
+impl<'a> Turn<'a> {
     /// How many cores this turn holds.
     pub fn cores(&self) -> usize {
         self.held
+    }
+
+    /// The same cores for a next step needed by `deadline`, kept unless a waiter's deadline is
+    /// earlier; then they are given back and taken again in line ([`Cores::take_unless`]). For
+    /// work made of many short steps (an LLM's tokens): giving the cores back after each would
+    /// let a long job that waits behind it (a whole sentence of speech) take them in the gap
+    /// between two steps, however later its deadline, and hold them for a second or more.
+    pub fn renew(self, deadline: Instant, cancelled: &dyn Fn() -> bool) -> Option<Turn<'a>> {
+        let cores = self.cores;
+        if !cores.enforced {
+            return Some(self);
+        }
+        let earlier = cores
+            .lock()
+            .waiting
+            .first()
+            .is_some_and(|(waiter, _)| *waiter < deadline);
+        if !earlier {
+            return Some(self);
+        }
+        let held = self.held;
+        drop(self);
+        cores.take_unless(held, deadline, cancelled)
     }
 }
 
@@ -57,8 +126,10 @@ impl Cores {
         let total = total.max(1);
         Self {
             total,
+            handoff: HANDOFF,
             enforced: true,
             state: Mutex::new(State {
+                freed: None,
                 free: total,
                 waiting: BTreeSet::new(),
                 tickets: 0,
@@ -129,14 +200,30 @@ impl Cores {
             return Some(Turn {
                 cores: self,
                 held: 0,
+                since: Instant::now(),
             });
         }
         let held = wanted.clamp(1, self.total);
+        let asked = Instant::now();
         let mut state = self.lock();
         let ticket = (deadline, state.tickets);
         state.tickets += 1;
         state.waiting.insert(ticket);
-        while state.waiting.first() != Some(&ticket) || state.free < held {
+        loop {
+            let now = Instant::now();
+            // Not due yet: cores just given back wait a moment for the next stage of a reply.
+            let handoff_left = state
+                .freed
+                .filter(|_| deadline > now)
+                .map_or(std::time::Duration::ZERO, |freed| {
+                    (freed + self.handoff).saturating_duration_since(now)
+                });
+            if state.waiting.first() == Some(&ticket)
+                && state.free >= held
+                && handoff_left.is_zero()
+            {
+                break;
+            }
             if cancelled() {
                 state.waiting.remove(&ticket);
                 drop(state);
@@ -144,7 +231,12 @@ impl Cores {
                 self.changed.notify_all();
                 return None;
             }
-            state = match self.changed.wait_timeout(state, CANCEL_POLL) {
+            let wait = if handoff_left.is_zero() {
+                CANCEL_POLL
+            } else {
+                handoff_left.min(CANCEL_POLL)
+            };
+            state = match self.changed.wait_timeout(state, wait) {
                 Ok((state, _)) => state,
                 Err(poisoned) => poisoned.into_inner().0,
             };
@@ -154,7 +246,21 @@ impl Cores {
         drop(state);
         // The next in line may fit in the cores left.
         self.changed.notify_all();
-        Some(Turn { cores: self, held })
+        let since = Instant::now();
+        if tracing() {
+            gst::debug!(
+                CAT,
+                "{}: {held} core(s) after {} ms, {} ms from its deadline",
+                thread(),
+                (since - asked).as_millis(),
+                ms_between(deadline, since)
+            );
+        }
+        Some(Turn {
+            cores: self,
+            held,
+            since,
+        })
     }
 }
 
@@ -163,7 +269,19 @@ impl Drop for Turn<'_> {
         if self.held == 0 {
             return;
         }
-        self.cores.lock().free += self.held;
+        if tracing() {
+            gst::debug!(
+                CAT,
+                "{}: {} core(s) back after {} ms",
+                thread(),
+                self.held,
+                self.since.elapsed().as_millis()
+            );
+        }
+        let mut state = self.cores.lock();
+        state.free += self.held;
+        state.freed = Some(Instant::now());
+        drop(state);
         self.cores.changed.notify_all();
     }
 }
@@ -189,6 +307,56 @@ mod tests {
             order.lock().unwrap().push(name);
             std::thread::sleep(Duration::from_millis(20));
         })
+    }
+
+    #[test]
+    fn a_renewed_turn_is_kept_until_an_earlier_deadline_waits() {
+        let cores = Arc::new(Cores::new(2));
+        let now = Instant::now();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let turn = cores.take(2, now);
+        // A later deadline waits: the turn is renewed without giving the cores back.
+        let later = waiter(&cores, &order, "later", 2, now + Duration::from_secs(5));
+        until_waiting(&cores, 1);
+        let turn = turn.renew(now + Duration::from_secs(1), &|| false).unwrap();
+        assert_eq!(turn.cores(), 2);
+        assert_eq!(cores.lock().free, 0);
+        assert!(order.lock().unwrap().is_empty());
+        // A next step due after the waiter's deadline lets it go first.
+        let turn = turn.renew(now + Duration::from_secs(9), &|| false).unwrap();
+        assert_eq!(*order.lock().unwrap(), ["later"]);
+        assert_eq!(turn.cores(), 2);
+        drop(turn);
+        later.join().unwrap();
+    }
+
+    #[test]
+    fn cores_given_back_wait_a_moment_for_a_waiter_that_is_due() {
+        let mut cores = Cores::new(2);
+        // Long enough that a loaded machine cannot make the test flaky.
+        cores.handoff = Duration::from_millis(300);
+        let cores = Arc::new(cores);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let turn = cores.take(2, Instant::now());
+        let later = waiter(
+            &cores,
+            &order,
+            "not due",
+            2,
+            Instant::now() + Duration::from_secs(5),
+        );
+        until_waiting(&cores, 1);
+        drop(turn);
+        // The next stage asks just after the cores came back, and goes first.
+        std::thread::sleep(Duration::from_millis(5));
+        let due = waiter(&cores, &order, "due", 2, Instant::now());
+        due.join().unwrap();
+        later.join().unwrap();
+        assert_eq!(*order.lock().unwrap(), ["due", "not due"]);
+        // With no one else, a waiter not due yet still goes once the moment has passed.
+        let started = Instant::now();
+        drop(cores.take(2, Instant::now() + Duration::from_secs(5)));
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     /// Waits until `n` threads are queued on `cores`.

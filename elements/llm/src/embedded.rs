@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
+use vox_common::text::SentenceSplitter;
 
 /// The longest conversation: system prompt, kept history, the new message and the reply must
 /// fit (the oldest exchanges are left out when they do not). Also the shared cache's size.
@@ -32,8 +33,9 @@ const CONTEXT: u32 = 4096;
 const SEQUENCES: usize = 16;
 /// Tokens evaluated per decode call.
 const BATCH: usize = 512;
-/// About how long a token of an answer takes to say: the deadline of each next token moves on
-/// by this much, so another caller's turn goes before the rest of a long answer.
+/// About how long a token of an answer takes to say: after the answer's first piece, the
+/// deadline of each next token moves on by this much, so another caller's turn goes before the
+/// rest of a long answer.
 const TOKEN_SPEECH: Duration = Duration::from_millis(200);
 /// A system prompt evaluated ahead of the first turn is needed this soon.
 const PREFILL_SLACK: Duration = Duration::from_secs(1);
@@ -130,8 +132,9 @@ impl Embedded {
     }
 
     /// The process's cores for one evaluation, needed by `deadline` (none to wait for when
-    /// llama.cpp runs on the GPU), or `Cancelled` when `cancelled()` ends the wait. Taken while
-    /// holding the cache, never the other way round.
+    /// llama.cpp runs on the GPU), or `Cancelled` when `cancelled()` ends the wait. Taken before
+    /// the cache, never the other way round: a session waiting for its turn does not hold the
+    /// cache, which would keep another session's earlier deadline out of the line.
     fn cores(
         &self,
         deadline: Instant,
@@ -329,13 +332,13 @@ impl Session<'_> {
     /// Evaluates `messages` (the system prompt) ahead of the first turn.
     pub fn prefill(&mut self, messages: &[Message]) -> Result<(), LlmError> {
         let tokens = self.model.prompt(messages, false)?;
-        let mut cache = self.model.lock();
-        let seq = cache.claim(self.id, self.seq)?;
-        self.seq = Some(seq);
         // Ahead of the first turn: wanted soon, not before anyone's reply.
         let _cores = self
             .model
             .cores(Instant::now() + PREFILL_SLACK, &|| false)?;
+        let mut cache = self.model.lock();
+        let seq = cache.claim(self.id, self.seq)?;
+        self.seq = Some(seq);
         cache.evaluate(self.model, seq, &tokens, &|| false)?;
         Ok(())
     }
@@ -406,9 +409,10 @@ impl Session<'_> {
         };
         // The prompt, and the first token sampled from its logits, under one hold of the cache
         // (another session's decode would replace the logits).
+        // The cores are kept from token to token while no one waiting is due sooner.
+        let mut cores = model.cores(started, cancelled)?;
         let (mut token, cached) = {
             let mut cache = model.lock();
-            let _cores = model.cores(started, cancelled)?;
             let (logits_at, cached) = cache.evaluate(model, seq, tokens, cancelled)?;
             let token = sampler.sample(cache.context(model)?, logits_at);
             (token, cached)
@@ -422,6 +426,7 @@ impl Session<'_> {
         let mut batch = LlamaBatch::new(1, 1);
         // Pieces can split a UTF-8 character: keep the bytes until they decode.
         let mut pending: Vec<u8> = Vec::new();
+        let mut due = TokenDeadlines::new(started);
         for _ in 0..params.max_tokens {
             if cancelled() {
                 return Err(LlmError::Cancelled);
@@ -436,19 +441,27 @@ impl Session<'_> {
             usage.tokens_out += 1;
             usage.first_token.get_or_insert_with(|| started.elapsed());
             pending.extend(vocab.token_to_piece(token, false, None));
-            match std::str::from_utf8(&pending) {
-                Ok(text) => {
-                    if !text.is_empty() {
-                        on_delta(text);
-                    }
-                    pending.clear();
-                }
+            let text = match std::str::from_utf8(&pending) {
+                Ok(text) => Some(text.to_string()),
                 Err(e) if e.error_len().is_some() => {
-                    on_delta(&String::from_utf8_lossy(&pending));
-                    pending.clear();
+                    Some(String::from_utf8_lossy(&pending).into_owned())
                 }
-                Err(_) => {} // an incomplete character: wait for the next piece
+                Err(_) => None, // an incomplete character: wait for the next piece
+            };
+            if let Some(text) = text {
+                pending.clear();
+                if !text.is_empty() {
+                    on_delta(&text);
+                    due.written(&text, Instant::now());
+                }
             }
+            cores = match cores {
+                Some(turn) => Some(
+                    turn.renew(due.next(), cancelled)
+                        .ok_or(LlmError::Cancelled)?,
+                ),
+                None => model.cores(due.next(), cancelled)?,
+            };
             let mut cache = model.lock();
             batch.clear();
             batch
@@ -459,9 +472,6 @@ impl Session<'_> {
                     true,
                 )
                 .map_err(|e| backend_error(&e))?;
-            // The reply's text runs ahead of its speech: each token is needed a little later.
-            let _cores =
-                model.cores(started + TOKEN_SPEECH * usage.tokens_out as u32, cancelled)?;
             cache.decode(model, seq, &mut batch, &[token])?;
             token = sampler.sample(cache.context(model)?, 0);
         }
@@ -470,6 +480,42 @@ impl Session<'_> {
         }
         usage.total = started.elapsed();
         Ok(usage)
+    }
+}
+
+/// When each next token of a reply is needed. Until the reply's first piece (to a clause mark
+/// or a sentence end, as llmchat speaks it) is written, the caller hears nothing and waits on
+/// every token: each is needed as soon as the reply started. From then on the text runs ahead of
+/// its speech, and each next token is needed [`TOKEN_SPEECH`] later than the one before.
+struct TokenDeadlines {
+    started: Instant,
+    first_piece: SentenceSplitter,
+    /// When the first piece was complete, and the tokens written since.
+    piece_written: Option<(Instant, u32)>,
+}
+
+impl TokenDeadlines {
+    fn new(started: Instant) -> Self {
+        Self {
+            started,
+            first_piece: SentenceSplitter::first_clause(),
+            piece_written: None,
+        }
+    }
+
+    /// A token's `text` was written `at`.
+    fn written(&mut self, text: &str, at: Instant) {
+        match &mut self.piece_written {
+            Some((_, since)) => *since += 1,
+            None if !self.first_piece.push(text).is_empty() => self.piece_written = Some((at, 0)),
+            None => {}
+        }
+    }
+
+    /// The deadline of the next token.
+    fn next(&self) -> Instant {
+        self.piece_written
+            .map_or(self.started, |(at, since)| at + TOKEN_SPEECH * (since + 1))
     }
 }
 
@@ -491,5 +537,27 @@ impl Drop for Session<'_> {
         {
             ctx.clear_kv_cache();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_due_at_once_until_the_first_piece_is_written() {
+        let ms = Duration::from_millis;
+        let started = Instant::now();
+        let mut due = TokenDeadlines::new(started);
+        assert_eq!(due.next(), started);
+        due.written("Sure", started + ms(10));
+        assert_eq!(due.next(), started);
+        // "Sure," ends the first piece once white space follows the mark.
+        due.written(",", started + ms(20));
+        assert_eq!(due.next(), started);
+        due.written(" the", started + ms(30));
+        assert_eq!(due.next(), started + ms(30) + TOKEN_SPEECH);
+        due.written(" capital", started + ms(40));
+        assert_eq!(due.next(), started + ms(30) + TOKEN_SPEECH * 2);
     }
 }

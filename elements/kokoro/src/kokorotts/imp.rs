@@ -301,6 +301,11 @@ const BREATH: f32 = 0.1;
 /// With `first-words`, a sentence's rest that would leave the listener waiting longer than this
 /// (for want of audio) is split once more: a pause this long is better than another seam.
 const PAUSE_OK: f32 = 0.3;
+/// A piece that goes on from audio still playing is needed when that audio ends, but it takes
+/// longer to make than a first piece (a second or two on 2 cores), and the cores are not taken
+/// back from it once it runs: so it gives way to the first words of another stream that come
+/// up to this much after its need. Another caller, who hears nothing yet, goes first.
+const GO_ON_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Speaks one job sentence by sentence, pushing each sentence's audio before synthesising the
 /// next (with a speech service, as it streams in). Stops early when the generation changes
@@ -467,12 +472,14 @@ fn speak_local(
         if cancelled() {
             return false;
         }
-        // Needed when the audio already out has played; a first piece, now.
+        // A first piece is needed now; a next one when the audio already out has played, and
+        // it gives way to another stream's first words (`GO_ON_GRACE`).
         let deadline = imp
             .audio_until
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .map_or_else(Instant::now, |until| until.max(Instant::now()));
+            .filter(|until| *until > Instant::now())
+            .map_or_else(Instant::now, |until| until + GO_ON_GRACE);
         let result = loaded.model.synthesise_with(
             &chunk.ids,
             style,
