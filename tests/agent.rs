@@ -59,6 +59,13 @@ fn answers_a_call_over_webrtc() {
         log.contains("heard \"What is the capital of France?\""),
         "{log}"
     );
+    // Where the turn's voice to voice went, stage by stage.
+    assert!(
+        log.lines().any(|l| l.contains("turn: voice to voice ")
+            && l.contains(" ms in the agent = end of turn ")
+            && l.contains(" ms + Kokoro first audio ")),
+        "{log}"
+    );
     // The endpoints: alive, ready, and the turn in the metrics.
     let port = agent.http_port;
     assert_eq!(ns.http_get(port, "/healthz").0, 200);

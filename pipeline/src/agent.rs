@@ -610,7 +610,7 @@ fn run_session(
             gst::MessageView::Element(_) => {
                 let Some(s) = msg.structure() else { continue };
                 log_message(call, s);
-                clock.mark(s, pipeline, metrics);
+                clock.mark(call, s, pipeline, metrics);
                 let Some(voice) = &voice else { continue };
                 let act = match s.name().as_str() {
                     events::SPEECH_ONSET => barge_in.onset(voice.busy()),
@@ -674,22 +674,68 @@ fn stage_of(src: Option<&gst::Object>) -> &'static str {
     "session"
 }
 
-/// A turn's marks as the messages come, observed into the latency histograms.
+/// A turn's marks as the messages come, observed into the latency histograms; each answered
+/// turn's breakdown goes to the log (info).
 #[derive(Default)]
 struct TurnClock {
     /// The VAD's end of speech: when its message came, and the boundary's running time.
     speech_end: Option<(Instant, gst::ClockTime)>,
-    /// The end-of-speech running time of the turn whose first audio is awaited.
-    awaiting_audio: Option<gst::ClockTime>,
+    /// The turn whose first audio is awaited.
+    awaiting_audio: Option<Breakdown>,
+}
+
+/// Where a turn's voice to voice went, in the agent: from the end of the caller's speech (the
+/// VAD's boundary) to the first answer audio leaving kokorotts.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Breakdown {
+    /// The end of speech's running time.
+    end: gst::ClockTime,
+    /// The silence that ends the turn, and the VAD's chunk: boundary → its message.
+    end_of_turn: Duration,
+    /// The end of the turn → the final transcript.
+    transcript: Duration,
+    /// The transcript → the reply's first piece of text.
+    llm: Duration,
+    /// That text → its first audio.
+    tts: Duration,
+}
+
+impl Breakdown {
+    /// The line logged for a turn whose first audio left at `voice_to_voice` after the end of
+    /// speech: the stages, and what they leave (queues, messages, scheduling).
+    fn line(&self, voice_to_voice: Duration) -> String {
+        let ms = |d: Duration| d.as_millis();
+        let stages = self.end_of_turn + self.transcript + self.llm + self.tts;
+        format!(
+            "turn: voice to voice {} ms in the agent = end of turn {} ms + transcript {} ms + LLM first piece {} ms + Kokoro first audio {} ms + rest {} ms",
+            ms(voice_to_voice),
+            ms(self.end_of_turn),
+            ms(self.transcript),
+            ms(self.llm),
+            ms(self.tts),
+            ms(voice_to_voice.saturating_sub(stages)),
+        )
+    }
 }
 
 impl TurnClock {
-    fn mark(&mut self, s: &gst::StructureRef, pipeline: &gst::Pipeline, metrics: &Metrics) {
+    fn mark(
+        &mut self,
+        call: &str,
+        s: &gst::StructureRef,
+        pipeline: &gst::Pipeline,
+        metrics: &Metrics,
+    ) {
         let ns = |field: &str| Duration::from_nanos(s.get::<u64>(field).unwrap_or(0));
         match s.name().as_str() {
             events::SPEECH_END => {
                 if let Some(b) = events::SpeechBoundary::from_structure(s) {
                     self.speech_end = Some((Instant::now(), b.running_time));
+                }
+            }
+            "vox-llm-first-sentence" => {
+                if let Some(turn) = self.awaiting_audio.as_mut() {
+                    turn.llm = ns("elapsed");
                 }
             }
             "vox-llm-turn" => {
@@ -711,22 +757,38 @@ impl TurnClock {
                 metrics
                     .first_audio_seconds
                     .observe(ns("time-to-first-audio").as_secs_f64());
-                if let (Some(end), Some(now)) =
+                if let (Some(mut turn), Some(now)) =
                     (self.awaiting_audio.take(), pipeline.current_running_time())
                 {
+                    let voice_to_voice = now.saturating_sub(turn.end);
                     metrics
                         .voice_to_voice_seconds
-                        .observe(now.saturating_sub(end).seconds_f64());
+                        .observe(voice_to_voice.seconds_f64());
+                    turn.tts = ns("time-to-first-audio");
+                    tracing::info!(
+                        "session {call}: {}",
+                        turn.line(Duration::from_nanos(voice_to_voice.nseconds()))
+                    );
                 }
             }
             _ => {
                 if events::Transcript::from_structure(s).is_some_and(|t| !t.partial)
                     && let Some((at, end)) = self.speech_end.take()
                 {
-                    metrics
-                        .transcript_seconds
-                        .observe(at.elapsed().as_secs_f64());
-                    self.awaiting_audio = Some(end);
+                    let transcript = at.elapsed();
+                    metrics.transcript_seconds.observe(transcript.as_secs_f64());
+                    let end_of_turn = pipeline
+                        .current_running_time()
+                        .map(|now| now.saturating_sub(end).nseconds())
+                        .map(Duration::from_nanos)
+                        .unwrap_or_default()
+                        .saturating_sub(transcript);
+                    self.awaiting_audio = Some(Breakdown {
+                        end,
+                        end_of_turn,
+                        transcript,
+                        ..Breakdown::default()
+                    });
                 }
             }
         }
@@ -990,6 +1052,25 @@ fn live_timestamps(pipeline: &gst::Pipeline, element: &gst::Element, until: Arc<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_turns_breakdown_names_each_stage_and_the_rest() {
+        let ms = Duration::from_millis;
+        let turn = Breakdown {
+            end: gst::ClockTime::ZERO,
+            end_of_turn: ms(520),
+            transcript: ms(3),
+            llm: ms(240),
+            tts: ms(1080),
+        };
+        assert_eq!(
+            turn.line(ms(1900)),
+            "turn: voice to voice 1900 ms in the agent = end of turn 520 ms + transcript 3 ms + \
+             LLM first piece 240 ms + Kokoro first audio 1080 ms + rest 57 ms"
+        );
+        // Stages that overlap (a piece spoken while the LLM still writes) leave no rest.
+        assert!(turn.line(ms(1500)).ends_with("rest 0 ms"));
+    }
 
     #[test]
     fn barge_in_pauses_at_an_onset_and_interrupts_when_it_is_speech() {
