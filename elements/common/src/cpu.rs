@@ -250,7 +250,7 @@ impl Cores {
         if tracing() {
             gst::debug!(
                 CAT,
-                "{}: {held} core(s) after {} ms, {} ms from its deadline",
+                "{}: {held} core(s) after waiting {} ms, {} ms after its deadline",
                 thread(),
                 (since - asked).as_millis(),
                 ms_between(deadline, since)

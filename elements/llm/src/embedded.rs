@@ -407,10 +407,10 @@ impl Session<'_> {
                 LlamaSampler::dist(0x5eed),
             ])
         };
-        // The prompt, and the first token sampled from its logits, under one hold of the cache
-        // (another session's decode would replace the logits).
         // The cores are kept from token to token while no one waiting is due sooner.
         let mut cores = model.cores(started, cancelled)?;
+        // The prompt, and the first token sampled from its logits, under one hold of the cache
+        // (another session's decode would replace the logits).
         let (mut token, cached) = {
             let mut cache = model.lock();
             let (logits_at, cached) = cache.evaluate(model, seq, tokens, cancelled)?;
@@ -484,7 +484,7 @@ impl Session<'_> {
 }
 
 /// When each next token of a reply is needed. Until the reply's first piece (to a clause mark
-/// or a sentence end, as llmchat speaks it) is written, the caller hears nothing and waits on
+/// or a sentence end, as llmchat speaks it by default) is written, the caller hears nothing and waits on
 /// every token: each is needed as soon as the reply started. From then on the text runs ahead of
 /// its speech, and each next token is needed [`TOKEN_SPEECH`] later than the one before.
 struct TokenDeadlines {
