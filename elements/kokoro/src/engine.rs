@@ -154,11 +154,14 @@ impl Kokoro {
     }
 }
 
+/// A sample above this is sound (-60 dBFS); below, silence.
+const AUDIBLE: f32 = 1e-3;
+
 /// Kokoro starts every piece with about a quarter of a second of silence, heard as that much
-/// more latency before each answer: cut it to `lead` seconds before the first sound (above
-/// -60 dBFS). The silence at the end is kept; it makes the pause between sentences.
+/// more latency before each answer: cut it to `lead` seconds before the first sound. The
+/// silence at the end makes the pause between sentences (see [`trim_trailing_silence`]).
 pub fn trim_leading_silence(audio: &mut Vec<f32>, lead: f32) {
-    let Some(onset) = audio.iter().position(|x| x.abs() > 1e-3) else {
+    let Some(onset) = audio.iter().position(|x| x.abs() > AUDIBLE) else {
         return;
     };
     let keep = (lead * SAMPLE_RATE as f32) as usize;
@@ -168,7 +171,7 @@ pub fn trim_leading_silence(audio: &mut Vec<f32>, lead: f32) {
 /// Cuts the silence after the last sound of `audio` to `tail` seconds (Kokoro's own is
 /// ~0.4–0.7 s: a sentence's pause, too long between a sentence's opening and its rest).
 pub fn trim_trailing_silence(audio: &mut Vec<f32>, tail: f32) {
-    let Some(last) = audio.iter().rposition(|x| x.abs() > 1e-3) else {
+    let Some(last) = audio.iter().rposition(|x| x.abs() > AUDIBLE) else {
         return;
     };
     let keep = (tail * SAMPLE_RATE as f32) as usize;
@@ -179,12 +182,19 @@ pub fn trim_trailing_silence(audio: &mut Vec<f32>, tail: f32) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn leading_silence_is_cut_to_the_lead() {
+    /// A quarter second of silence, half a second of sound, half a second of silence.
+    fn silence_sound_silence() -> Vec<f32> {
         let rate = SAMPLE_RATE as usize;
         let mut audio = vec![0.0f32; rate / 4];
         audio.extend(std::iter::repeat_n(0.5, rate / 2));
         audio.extend(vec![0.0; rate / 2]);
+        audio
+    }
+
+    #[test]
+    fn leading_silence_is_cut_to_the_lead() {
+        let rate = SAMPLE_RATE as usize;
+        let mut audio = silence_sound_silence();
         trim_leading_silence(&mut audio, 0.02);
         assert_eq!(audio.len(), rate / 50 + rate);
         assert_eq!(audio[rate / 50], 0.5);
@@ -210,9 +220,7 @@ mod tests {
     #[test]
     fn trailing_silence_is_cut_to_the_tail() {
         let rate = SAMPLE_RATE as usize;
-        let mut audio = vec![0.0f32; rate / 4];
-        audio.extend(std::iter::repeat_n(0.5, rate / 2));
-        audio.extend(vec![0.0; rate / 2]);
+        let mut audio = silence_sound_silence();
         trim_trailing_silence(&mut audio, 0.08);
         assert_eq!(audio.len(), rate / 4 + rate / 2 + rate * 2 / 25);
         // A shorter tail than asked for, and silence only, are left as they are.

@@ -149,6 +149,14 @@ fn samples_to_time(n: u64) -> gst::ClockTime {
 }
 
 impl KokoroTts {
+    /// When the audio pushed so far will have played, if some of it is still playing.
+    fn playing_until(&self) -> Option<Instant> {
+        self.audio_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .filter(|until| *until > Instant::now())
+    }
+
     fn settings(&self) -> Settings {
         self.settings
             .lock()
@@ -359,18 +367,12 @@ fn piece_words(imp: &KokoroTts, synth: &Synth, least: usize, rest: &str) -> Opti
     if least == 0 {
         return None;
     }
-    let playing = imp
-        .audio_until
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .map_or(0.0, |until| {
-            until
-                .saturating_duration_since(Instant::now())
-                .as_secs_f32()
-        });
-    if playing == 0.0 {
+    let Some(until) = imp.playing_until() else {
         return Some(least);
-    }
+    };
+    let playing = until
+        .saturating_duration_since(Instant::now())
+        .as_secs_f32();
     let Synth::Local(loaded) = synth else {
         // A speech service's pace is unknown: its sentences go whole.
         return None;
@@ -475,10 +477,7 @@ fn speak_local(
         // A first piece is needed now; a next one when the audio already out has played, and
         // it gives way to another stream's first words (`GO_ON_GRACE`).
         let deadline = imp
-            .audio_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .filter(|until| *until > Instant::now())
+            .playing_until()
             .map_or_else(Instant::now, |until| until + GO_ON_GRACE);
         let result = loaded.model.synthesise_with(
             &chunk.ids,
