@@ -741,16 +741,19 @@ fn cmd_serve(options: serve::Options) -> Result<()> {
 
 fn cmd_call(options: &call::CallOptions) -> Result<()> {
     let report = call::call(options)?;
-    println!("| turn | your speech ended | agent answered | voice to voice | answer length |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| turn | your speech ended | agent answered | voice to voice | answer length | longest pause |"
+    );
+    println!("|---|---|---|---|---|---|");
     for (i, t) in report.turns.iter().enumerate() {
         println!(
-            "| {} | {:.2} s | {:.2} s | {} ms | {:.2} s |",
+            "| {} | {:.2} s | {:.2} s | {} ms | {:.2} s | {:.2} s |",
             i + 1,
             t.speech_end,
             t.answer_start,
             t.voice_to_voice().as_millis(),
-            t.answer_end - t.answer_start
+            t.answer_end - t.answer_start,
+            t.longest_pause
         );
     }
     if report.turns.is_empty() {

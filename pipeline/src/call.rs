@@ -63,6 +63,10 @@ pub struct Turn {
     /// The agent's answer began and ended (right channel).
     pub answer_start: f64,
     pub answer_end: f64,
+    /// The longest silence inside the answer (seconds; 0 when it was said in one go). An
+    /// answer's parts are the agent's runs of audio until the caller speaks again; a pause
+    /// shorter than a sentence's (0.7 s) is not counted.
+    pub longest_pause: f64,
 }
 
 impl Turn {
@@ -531,8 +535,10 @@ pub fn analyse(path: &Path) -> Result<CallReport, CallError> {
     Ok(turns_from_activity(&caller, &agent, 0.01))
 }
 
-/// Turns from per-frame activity (`frame` seconds each): an answer is a run of agent frames
-/// with gaps under 0.7 s; its turn's speech end is the caller's last active frame before it.
+/// Turns from per-frame activity (`frame` seconds each). The agent's audio comes in runs with
+/// gaps under 0.7 s (a sentence's pause); the runs after one stretch of the caller's speech and
+/// before the next are one answer, whose turn's speech end is the caller's last active frame
+/// before it, and whose longest gap is its longest pause.
 pub fn turns_from_activity(caller: &[bool], agent: &[bool], frame: f64) -> CallReport {
     let runs = |active: &[bool], gap: usize| -> Vec<(usize, usize)> {
         let mut out: Vec<(usize, usize)> = Vec::new();
@@ -547,20 +553,39 @@ pub fn turns_from_activity(caller: &[bool], agent: &[bool], frame: f64) -> CallR
         }
         out
     };
-    let gap = (0.7 / frame) as usize;
-    let answers = runs(agent, gap);
+    let answers = runs(agent, (0.7 / frame) as usize);
     let speech = runs(caller, (0.3 / frame) as usize);
-    let mut turns = Vec::new();
+    let mut turns: Vec<Turn> = Vec::new();
     let mut interruptions = Vec::new();
     for &(start, end) in &answers {
         if let Some(&(_, speech_end)) = speech.iter().rfind(|(_, e)| *e <= start) {
-            turns.push(Turn {
-                speech_end: speech_end as f64 * frame,
-                answer_start: start as f64 * frame,
-                answer_end: end as f64 * frame,
+            let (speech_end, from, to) = (
+                speech_end as f64 * frame,
+                start as f64 * frame,
+                end as f64 * frame,
+            );
+            // The next part of the last answer: it follows the same speech, and the caller
+            // did not start speaking in between.
+            let last = turns.last_mut().filter(|t| {
+                t.speech_end == speech_end
+                    && !speech
+                        .iter()
+                        .any(|(s, _)| *s as f64 * frame >= t.answer_end && *s < start)
             });
+            match last {
+                Some(t) => {
+                    t.longest_pause = t.longest_pause.max(from - t.answer_end);
+                    t.answer_end = to;
+                }
+                None => turns.push(Turn {
+                    speech_end,
+                    answer_start: from,
+                    answer_end: to,
+                    longest_pause: 0.0,
+                }),
+            }
         }
-        // The caller started speaking during this answer: the answer was interrupted, and
+        // The caller started speaking during this run: the answer was interrupted, and
         // stopped at `end`.
         if let Some(&(onset, _)) = speech.iter().find(|(s, _)| *s > start && *s < end) {
             interruptions.push((onset as f64 * frame, end as f64 * frame));
@@ -580,4 +605,56 @@ fn call_id() -> String {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     format!("{:x}{:x}", nanos, std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames of 10 ms: active within each (from, to) second range.
+    fn activity(ranges: &[(f64, f64)], seconds: f64) -> Vec<bool> {
+        (0..(seconds * 100.0) as usize)
+            .map(|i| {
+                let t = i as f64 / 100.0;
+                ranges.iter().any(|&(a, b)| t >= a && t < b)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_answer_with_a_long_pause_is_one_turn_with_that_pause() {
+        let caller = activity(&[(1.0, 3.0)], 12.0);
+        // The opening, 2.5 s of silence, the rest; a sentence's pause (0.5 s) is not counted.
+        let agent = activity(&[(5.0, 5.7), (8.2, 9.0), (9.5, 10.0)], 12.0);
+        let report = turns_from_activity(&caller, &agent, 0.01);
+        assert_eq!(report.turns.len(), 1, "{:?}", report.turns);
+        let t = &report.turns[0];
+        assert!((t.speech_end - 3.0).abs() < 0.02, "{t:?}");
+        assert!((t.answer_start - 5.0).abs() < 0.02, "{t:?}");
+        assert!((t.answer_end - 10.0).abs() < 0.02, "{t:?}");
+        assert!((t.longest_pause - 2.5).abs() < 0.02, "{t:?}");
+        assert!(report.interruptions.is_empty());
+    }
+
+    #[test]
+    fn speech_between_two_answers_makes_two_turns() {
+        let caller = activity(&[(1.0, 2.0), (4.0, 5.0)], 10.0);
+        let agent = activity(&[(3.0, 3.5), (6.0, 7.0)], 10.0);
+        let report = turns_from_activity(&caller, &agent, 0.01);
+        assert_eq!(report.turns.len(), 2, "{:?}", report.turns);
+        assert!((report.turns[1].speech_end - 5.0).abs() < 0.02);
+        assert_eq!(report.turns[0].longest_pause, 0.0);
+        assert_eq!(report.turns[1].longest_pause, 0.0);
+    }
+
+    #[test]
+    fn an_answer_cut_by_the_caller_is_an_interruption() {
+        let caller = activity(&[(1.0, 2.0), (4.0, 5.0)], 10.0);
+        let agent = activity(&[(3.0, 4.1), (6.0, 7.0)], 10.0);
+        let report = turns_from_activity(&caller, &agent, 0.01);
+        assert_eq!(report.turns.len(), 2, "{:?}", report.turns);
+        assert_eq!(report.interruptions.len(), 1);
+        let (onset, stop) = report.interruptions[0];
+        assert!((onset - 4.0).abs() < 0.02 && (stop - 4.1).abs() < 0.02);
+    }
 }
