@@ -212,7 +212,10 @@ fn two_calls_at_once_each_get_their_own_answer() {
                 .arg(q)
                 .arg("--record")
                 .arg(&record)
-                .args(["--timeout-s", "90"]);
+                // Two answers at once on 2 cores can pause for a few seconds in the middle
+                // (scripts/bench-agent measures it): the caller waits for the rest, and this
+                // test checks what each call heard, not when.
+                .args(["--timeout-s", "90", "--linger-s", "8"]);
             (record, c.spawn().expect("vox call"))
         })
         .collect();
@@ -237,6 +240,72 @@ fn two_calls_at_once_each_get_their_own_answer() {
     // No cross-talk: each call heard only its own answer.
     assert!(!said[0].contains("tokyo"), "{said:?}");
     assert!(!said[1].contains("paris"), "{said:?}");
+}
+
+/// "Tell me, what is the capital of France?" spoken by our TTS with a pause of `pause` seconds
+/// after "Tell me": Kokoro pauses ~0.55 s at an ellipsis, and that silence is cut to `pause`.
+fn question_with_a_pause(dir: &Path, pause: f64) -> std::path::PathBuf {
+    let loose = spoken(
+        dir,
+        "Tell me... what is the capital of France?",
+        "loose.wav",
+    );
+    let pcm = dir.join("loose16.wav");
+    check(
+        tool("sox")
+            .arg(&loose)
+            .args(["-r", "16000", "-c", "1", "-b", "16"])
+            .arg(&pcm),
+    );
+    let (samples, rate) = read_wav(&pcm);
+    let spans = energy_spans(&samples, rate, 0.1);
+    let (gap_start, gap_end) = spans
+        .windows(2)
+        .map(|w| (w[0].1, w[1].0))
+        .max_by(|a, b| (a.1 - a.0).total_cmp(&(b.1 - b.0)))
+        .expect("speech in two parts");
+    assert!(
+        gap_end - gap_start > pause + 0.1,
+        "the ellipsis' pause: {spans:?}"
+    );
+    let at = |t: f64| (t * f64::from(rate)) as usize;
+    let quiet = at(pause - 0.1) / 2;
+    let mut out = samples[..at(gap_start) + quiet].to_vec();
+    out.extend(std::iter::repeat_n(0.0, at(0.1)));
+    out.extend_from_slice(&samples[at(gap_end) - quiet..]);
+    let path = dir.join("paused.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(&path, spec).unwrap();
+    for x in out {
+        w.write_sample((x * 32767.0) as i16).unwrap();
+    }
+    w.finalize().unwrap();
+    path
+}
+
+/// The caller pauses in mid-question, longer than the agent's `speculate-ms` (200) and shorter
+/// than the silence that ends a turn (500): the reply made ahead to the first half is withdrawn
+/// unheard, and the answer is to the whole question.
+#[test]
+fn a_pause_in_mid_question_withdraws_the_reply_made_ahead() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let q = question_with_a_pause(dir.path(), 0.35);
+    let ns = Netns::new();
+    let mut agent = Agent::start(&ns, 8451, &[]);
+    let (heard, log) = ask(&ns, &mut agent, &q, dir.path());
+    assert!(log.contains("withdrew a reply made ahead"), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains(" heard ")
+            && normalize(l).contains("tell me what is the capital of france")),
+        "{log}"
+    );
+    assert!(heard.contains("paris"), "the agent said: {heard}\n{log}");
 }
 
 /// The LLM server is down (nothing listens at its URL): the caller hears the fallback sentence,

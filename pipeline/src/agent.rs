@@ -616,6 +616,10 @@ fn run_session(
                     events::SPEECH_ONSET => barge_in.onset(voice.busy()),
                     events::SPEECH_CANCEL => barge_in.cancel(),
                     events::SPEECH_START => barge_in.start(voice.busy()),
+                    // A reply made ahead and withdrawn was never this session's reply.
+                    "vox-llm-turn" if s.get::<&str>("outcome").is_ok_and(|o| o == "withdrawn") => {
+                        None
+                    }
                     "vox-llm-turn" => {
                         voice.replying.store(false, Ordering::SeqCst);
                         None
@@ -675,11 +679,17 @@ fn stage_of(src: Option<&gst::Object>) -> &'static str {
 }
 
 /// A turn's marks as the messages come, observed into the latency histograms; each answered
-/// turn's breakdown goes to the log (info).
+/// turn's breakdown goes to the log (info). With replies made ahead (whisperstt `send-ahead`)
+/// the LLM's first piece may come before the turn ends: the stages count from the later of
+/// their start and the end of the turn, so a stage done ahead counts 0.
 #[derive(Default)]
 struct TurnClock {
     /// The VAD's end of speech: when its message came, and the boundary's running time.
     speech_end: Option<(Instant, gst::ClockTime)>,
+    /// When this turn's final transcript came.
+    transcript_at: Option<Instant>,
+    /// When the LLM's first piece of text came since the caller last spoke.
+    first_piece_at: Option<Instant>,
     /// The turn whose first audio is awaited.
     awaiting_audio: Option<Breakdown>,
 }
@@ -727,20 +737,27 @@ impl TurnClock {
         metrics: &Metrics,
     ) {
         let ns = |field: &str| Duration::from_nanos(s.get::<u64>(field).unwrap_or(0));
+        let now = Instant::now();
         match s.name().as_str() {
             events::SPEECH_END => {
                 if let Some(b) = events::SpeechBoundary::from_structure(s) {
-                    self.speech_end = Some((Instant::now(), b.running_time));
+                    self.speech_end = Some((now, b.running_time));
                 }
             }
+            // A piece made before speech went on belongs to a reply withdrawn.
+            events::SPEECH_START | events::SPEECH_RESUME => {
+                self.first_piece_at = None;
+                self.transcript_at = None;
+            }
             "vox-llm-first-sentence" => {
-                if let Some(turn) = self.awaiting_audio.as_mut() {
-                    turn.llm = ns("elapsed");
+                self.first_piece_at = Some(now);
+                if let (Some(turn), Some(at)) = (self.awaiting_audio.as_mut(), self.transcript_at) {
+                    turn.llm = now.saturating_duration_since(at);
                 }
             }
             "vox-llm-turn" => {
                 let outcome = s.get::<&str>("outcome").unwrap_or_default();
-                if outcome != "cancelled" {
+                if outcome != "cancelled" && outcome != "withdrawn" {
                     metrics.turns.inc();
                 }
                 if outcome == "fallback" {
@@ -757,14 +774,18 @@ impl TurnClock {
                 metrics
                     .first_audio_seconds
                     .observe(ns("time-to-first-audio").as_secs_f64());
-                if let (Some(mut turn), Some(now)) =
+                if let (Some(mut turn), Some(running)) =
                     (self.awaiting_audio.take(), pipeline.current_running_time())
                 {
-                    let voice_to_voice = now.saturating_sub(turn.end);
+                    let voice_to_voice = running.saturating_sub(turn.end);
                     metrics
                         .voice_to_voice_seconds
                         .observe(voice_to_voice.seconds_f64());
-                    turn.tts = ns("time-to-first-audio");
+                    let from = self.transcript_at.max(self.first_piece_at);
+                    turn.tts = from.map_or_else(
+                        || ns("time-to-first-audio"),
+                        |from| now.saturating_duration_since(from),
+                    );
                     tracing::info!(
                         "session {call}: {}",
                         turn.line(Duration::from_nanos(voice_to_voice.nseconds()))
@@ -775,14 +796,16 @@ impl TurnClock {
                 if events::Transcript::from_structure(s).is_some_and(|t| !t.partial)
                     && let Some((at, end)) = self.speech_end.take()
                 {
-                    let transcript = at.elapsed();
+                    let transcript = now.saturating_duration_since(at);
                     metrics.transcript_seconds.observe(transcript.as_secs_f64());
                     let end_of_turn = pipeline
                         .current_running_time()
-                        .map(|now| now.saturating_sub(end).nseconds())
+                        .map(|running| running.saturating_sub(end).nseconds())
                         .map(Duration::from_nanos)
                         .unwrap_or_default()
                         .saturating_sub(transcript);
+                    self.transcript_at = Some(now);
+                    // The first piece, if it came already, was made ahead.
                     self.awaiting_audio = Some(Breakdown {
                         end,
                         end_of_turn,
@@ -988,6 +1011,9 @@ fn log_message(call: &str, s: &gst::StructureRef) {
         return;
     }
     match s.name().as_str() {
+        "vox-llm-turn" if s.get::<&str>("outcome").is_ok_and(|o| o == "withdrawn") => {
+            tracing::info!("session {call}: withdrew a reply made ahead (the caller spoke on)")
+        }
         "vox-llm-turn" => tracing::info!(
             "session {call}: replied {:?} ({})",
             s.get::<&str>("reply").unwrap_or_default(),

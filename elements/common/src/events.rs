@@ -18,6 +18,8 @@ pub const TRANSCRIPT: &str = "vox-transcript";
 pub const SPEECH_PAUSE: &str = "vox-speech-pause";
 /// Speech came back after a pause.
 pub const SPEECH_RESUME: &str = "vox-speech-resume";
+/// A reply made ahead of the end of the caller's turn: begun, confirmed or withdrawn.
+pub const TURN: &str = "vox-turn";
 
 /// The structure of a custom downstream event (how our events travel).
 fn custom_downstream(event: &gst::EventRef) -> Option<&gst::StructureRef> {
@@ -249,6 +251,148 @@ impl Transcript {
     }
 }
 
+/// Where a turn stands, for replies made ahead of its end (whisperstt `send-ahead`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnState {
+    /// The transcript (or the reply text) that follows was made at a pause: the speech may go
+    /// on. Downstream starts on it and holds what the caller would hear (serialized).
+    Tentative,
+    /// The speech ended at that pause: what was held goes out (out of band: it passes the
+    /// text and audio queued behind it).
+    Confirmed,
+    /// The speech went on: what was made ahead is dropped (out of band).
+    Withdrawn,
+    /// The text that follows is of an ended turn, held for nothing (serialized).
+    Final,
+}
+
+/// A `vox-turn` event: the state of the reply ahead numbered `id` (counted per stream by
+/// whisperstt), or, with [`TurnState::Final`], that the text that follows is not ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnMark {
+    pub state: TurnState,
+    pub id: u64,
+}
+
+impl TurnMark {
+    fn state_name(&self) -> &'static str {
+        match self.state {
+            TurnState::Tentative => "tentative",
+            TurnState::Confirmed => "confirmed",
+            TurnState::Withdrawn => "withdrawn",
+            TurnState::Final => "final",
+        }
+    }
+
+    pub fn to_structure(&self) -> gst::Structure {
+        gst::Structure::builder(TURN)
+            .field("state", self.state_name())
+            .field("id", self.id)
+            .build()
+    }
+
+    pub fn from_structure(s: &gst::StructureRef) -> Option<Self> {
+        if s.name() != TURN {
+            return None;
+        }
+        let state = match s.get::<&str>("state").ok()? {
+            "tentative" => TurnState::Tentative,
+            "confirmed" => TurnState::Confirmed,
+            "withdrawn" => TurnState::Withdrawn,
+            "final" => TurnState::Final,
+            _ => return None,
+        };
+        Some(Self {
+            state,
+            id: s.get("id").ok()?,
+        })
+    }
+
+    /// Serialized for a beginning (in order with the text it marks); out of band for a
+    /// decision, which must overtake that text.
+    pub fn to_event(&self) -> gst::Event {
+        match self.state {
+            TurnState::Tentative | TurnState::Final => {
+                gst::event::CustomDownstream::new(self.to_structure())
+            }
+            TurnState::Confirmed | TurnState::Withdrawn => {
+                gst::event::CustomDownstreamOob::new(self.to_structure())
+            }
+        }
+    }
+
+    pub fn from_event(event: &gst::EventRef) -> Option<Self> {
+        matches!(
+            event.type_(),
+            gst::EventType::CustomDownstream | gst::EventType::CustomDownstreamOob
+        )
+        .then(|| event.structure())
+        .flatten()
+        .and_then(Self::from_structure)
+    }
+}
+
+/// The decisions on replies made ahead, as an element receives them (out of band, from the
+/// streaming thread) and its worker waits for them.
+#[derive(Default)]
+pub struct Decisions {
+    /// The latest decisions: (id, confirmed, when).
+    made: std::sync::Mutex<std::collections::VecDeque<(u64, bool, std::time::Instant)>>,
+    changed: std::sync::Condvar,
+}
+
+impl Decisions {
+    /// Decisions kept (ids only grow, and a reply waits for its own within a second or so).
+    const KEPT: usize = 16;
+
+    pub fn decide(&self, id: u64, confirmed: bool) {
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        made.push_back((id, confirmed, std::time::Instant::now()));
+        while made.len() > Self::KEPT {
+            made.pop_front();
+        }
+        self.changed.notify_all();
+    }
+
+    /// The decision on `id`, if made: confirmed or not, and when.
+    pub fn get(&self, id: u64) -> Option<(bool, std::time::Instant)> {
+        let made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        made.iter()
+            .rev()
+            .find(|(i, _, _)| *i == id)
+            .map(|(_, c, at)| (*c, *at))
+    }
+
+    pub fn withdrawn(&self, id: u64) -> bool {
+        self.get(id).is_some_and(|(confirmed, _)| !confirmed)
+    }
+
+    /// Waits for the decision on `id`; `None` when `cancelled()` first (looked at every 10 ms,
+    /// without the lock: it may look at the decisions itself).
+    pub fn wait(
+        &self,
+        id: u64,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Option<(bool, std::time::Instant)> {
+        loop {
+            if let Some(decision) = self.get(id) {
+                return Some(decision);
+            }
+            if cancelled() {
+                return None;
+            }
+            let made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+            if made.iter().any(|(i, _, _)| *i == id) {
+                continue;
+            }
+            let _ = self
+                .changed
+                .wait_timeout(made, std::time::Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,5 +440,42 @@ mod tests {
             ahead: true,
         };
         assert_eq!(Transcript::from_structure(&t.to_structure()), Some(t));
+        for state in [
+            TurnState::Tentative,
+            TurnState::Confirmed,
+            TurnState::Withdrawn,
+            TurnState::Final,
+        ] {
+            let m = TurnMark { state, id: 7 };
+            let e = m.to_event();
+            assert_eq!(TurnMark::from_event(&e), Some(m));
+            // A beginning keeps its place among the text; a decision overtakes it.
+            let serialized = matches!(state, TurnState::Tentative | TurnState::Final);
+            assert_eq!(e.is_serialized(), serialized, "{state:?}");
+        }
+    }
+
+    #[test]
+    fn decisions_are_waited_for_and_a_wait_can_be_cancelled() {
+        let d = std::sync::Arc::new(Decisions::default());
+        assert_eq!(d.get(1), None);
+        assert_eq!(d.wait(1, &|| true), None);
+        // The cancel test may look at the decisions itself.
+        assert_eq!(d.wait(1, &|| d.get(1).is_none()), None);
+        let decider = {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                d.decide(1, true);
+                d.decide(2, false);
+            })
+        };
+        assert!(d.wait(1, &|| false).is_some_and(|(confirmed, _)| confirmed));
+        decider.join().unwrap();
+        assert!(d.withdrawn(2) && !d.withdrawn(1));
+        for id in 3..40 {
+            d.decide(id, true);
+        }
+        assert_eq!(d.get(1), None, "old decisions are forgotten");
     }
 }

@@ -47,6 +47,12 @@ pub fn words_within(seconds: f32, rtf: f32, speed: f32) -> usize {
     ((audio - PIECE_SILENCE) / SPEECH_PER_WORD).max(0.0) as usize
 }
 
+/// Seconds of compute a piece of `words` words takes at real-time factor `rtf` and `speed` (the
+/// inverse of [`words_within`]).
+pub fn compute_for(words: usize, rtf: f32, speed: f32) -> f32 {
+    (PIECE_SILENCE + words as f32 * SPEECH_PER_WORD) / speed.max(1e-3) * rtf
+}
+
 type Registry = Mutex<Vec<((PathBuf, usize), Arc<Kokoro>)>>;
 
 impl Kokoro {
@@ -215,6 +221,9 @@ mod tests {
         assert_eq!(words_within(0.6, 0.4, 2.0), 6);
         assert_eq!(words_within(0.2, 0.4, 1.0), 0);
         assert_eq!(words_within(3.0, 0.4, 1.0), 20);
+        // And back: 2 words take 0.54 s at RTF 0.4, a little less than 0.6 s.
+        assert!((compute_for(2, 0.4, 1.0) - 0.544).abs() < 1e-3);
+        assert_eq!(words_within(compute_for(20, 0.4, 1.0) + 1e-3, 0.4, 1.0), 20);
     }
 
     #[test]

@@ -225,3 +225,64 @@ fn unknown_language_fails_at_start() {
     let err = start_error("language=xx-nowhere");
     assert!(err.contains("xx-nowhere"), "{err}");
 }
+
+fn mark(state: vox_common::events::TurnState, id: u64) -> gst::Event {
+    vox_common::events::TurnMark { state, id }.to_event()
+}
+
+#[test]
+fn a_reply_ahead_is_held_until_confirmed_and_dropped_when_withdrawn() {
+    use vox_common::events::TurnState;
+    let (mut h, bus) = harness("");
+    // Made ahead and held: no audio while the turn is open, however long it takes.
+    h.push_event(mark(TurnState::Tentative, 1));
+    h.push(text("The capital of France is Paris.", 1000))
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        h.try_pull().is_none(),
+        "audio before the turn was confirmed"
+    );
+    // Confirmed: the audio made ahead goes out at once; its time to first audio counts from
+    // the confirmation, and is shorter than the synthesis it did not wait for.
+    h.push_event(mark(TurnState::Confirmed, 1));
+    let first = h.pull().expect("audio once confirmed");
+    assert_eq!(first.pts(), Some(gst::ClockTime::from_mseconds(1000)));
+    // (Posted just after the push.)
+    let message = loop {
+        let m = bus
+            .timed_pop_filtered(
+                gst::ClockTime::from_seconds(10),
+                &[gst::MessageType::Element],
+            )
+            .expect("vox-tts-first-audio");
+        if let Some(s) = m.structure().filter(|s| s.name() == "vox-tts-first-audio") {
+            break s.to_owned();
+        }
+    };
+    let took = message.get::<u64>("time-to-first-audio").unwrap();
+    let synthesis = message.get::<u64>("synthesis-time").unwrap();
+    assert!(took < synthesis, "{message}");
+    // Withdrawn: nothing of it is heard, and the next turn's text is spoken as usual.
+    h.push_event(mark(TurnState::Tentative, 2));
+    h.push(text("The capital of Japan is Tokyo.", 5000))
+        .unwrap();
+    h.push_event(mark(TurnState::Withdrawn, 2));
+    h.push_event(mark(TurnState::Final, 0));
+    h.push(text("Hello there.", 9000)).unwrap();
+    let rest = drain(&mut h);
+    // The withdrawn reply would start at 5 s (after Paris), the next turn's text at 9 s.
+    let at = |b: &gst::Buffer| b.pts().unwrap();
+    assert!(
+        !rest
+            .iter()
+            .any(|b| at(b) >= gst::ClockTime::from_mseconds(5000)
+                && at(b) < gst::ClockTime::from_mseconds(9000)),
+        "audio of the withdrawn reply: {rest:?}"
+    );
+    assert!(
+        rest.iter()
+            .any(|b| at(b) >= gst::ClockTime::from_mseconds(9000)),
+        "the next turn was not spoken: {rest:?}"
+    );
+}

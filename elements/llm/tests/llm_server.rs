@@ -193,6 +193,64 @@ fn embedded_backend_cancels_on_flush() {
     check_answers_paris(&mut chat, "embedded");
 }
 
+/// Pulls events until a `vox-turn` one.
+fn next_mark(chat: &mut Chat) -> vox_common::events::TurnMark {
+    loop {
+        let ev = chat.h.pull_event().expect("a vox-turn event");
+        if let Some(mark) = vox_common::events::TurnMark::from_event(&ev) {
+            return mark;
+        }
+    }
+}
+
+#[test]
+fn a_reply_ahead_is_made_at_once_and_kept_only_when_its_turn_is_confirmed() {
+    use vox_common::events::{TurnMark, TurnState};
+    let _one = exclusive();
+    let mut chat = Chat::new("temperature=0 backend=embedded history=4");
+    let mark = |state, id| TurnMark { state, id }.to_event();
+    // Withdrawn (the caller spoke on): the turn ends as such, and is not in the history.
+    chat.h.push_event(mark(TurnState::Tentative, 1));
+    chat.say("What is the capital of Japan?");
+    chat.h.push_event(mark(TurnState::Withdrawn, 1));
+    let withdrawn = chat.turn();
+    assert_eq!(withdrawn.outcome(), "withdrawn", "{}", withdrawn.message);
+    // Confirmed: the reply is made before the confirmation, marked as ahead for downstream.
+    chat.h.push_event(mark(TurnState::Tentative, 2));
+    chat.say("What is the capital of France?");
+    let first = chat
+        .h
+        .pull()
+        .expect("a first sentence before the turn is confirmed");
+    assert!(first.size() > 0);
+    // (Turn 1's marks come first.)
+    while next_mark(&mut chat)
+        != (TurnMark {
+            state: TurnState::Tentative,
+            id: 2,
+        })
+    {}
+    chat.h.push_event(mark(TurnState::Confirmed, 2));
+    let turn = chat.turn();
+    assert_eq!(turn.outcome(), "ok", "{:?}", turn.warnings);
+    let reply = String::from_utf8(first.map_readable().unwrap().to_vec()).unwrap()
+        + " "
+        + &turn.sentences.join(" ");
+    assert!(reply.contains("Paris"), "{reply}");
+    // Only the confirmed exchange is in the history: the city asked about is Paris.
+    chat.say("Repeat the name of that city.");
+    let next = chat.turn();
+    assert_eq!(next.outcome(), "ok");
+    let again = next.sentences.join(" ");
+    assert!(
+        again.contains("Paris") && !again.contains("Tokyo"),
+        "{again}"
+    );
+    // An ordinary turn is marked final downstream.
+    assert_eq!(next_mark(&mut chat).state, TurnState::Confirmed);
+    assert_eq!(next_mark(&mut chat).state, TurnState::Final);
+}
+
 #[test]
 fn embedded_backend_with_a_missing_model_fails_at_start() {
     let err = start_error("backend=embedded model=/nonexistent/m.gguf");

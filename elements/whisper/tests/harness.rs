@@ -4,7 +4,7 @@
 
 use gst::prelude::*;
 use gst_check::Harness;
-use vox_common::events::{SpeechBoundary, SpeechPause, Transcript};
+use vox_common::events::{SpeechBoundary, SpeechPause, Transcript, TurnMark, TurnState};
 use vox_common::testing::{audio_caps, f32_buffer, fixture_samples, min_latency};
 
 fn init() {
@@ -175,6 +175,80 @@ fn a_paused_utterance_is_transcribed_ahead_and_dropped_when_speech_resumes() {
     assert_eq!(plain[0].1.text, out[0].1.text);
     assert_eq!(plain[0].0.duration(), out[0].0.duration());
     assert!(!plain[0].1.ahead);
+}
+
+/// Pulls events until a `vox-turn` one; returns it and the transcripts (with their text) that
+/// came before it.
+fn until_mark(h: &mut Harness) -> (TurnMark, Vec<(Transcript, String)>) {
+    let mut transcripts = Vec::new();
+    loop {
+        let ev = h.pull_event().expect("a vox-turn event");
+        if let Some(mark) = TurnMark::from_event(&ev) {
+            return (mark, transcripts);
+        }
+        if let Some(t) = ev.structure().and_then(Transcript::from_structure) {
+            let buf = h.pull().expect("text buffer after transcript event");
+            let text = String::from_utf8(buf.map_readable().unwrap().to_vec()).unwrap();
+            transcripts.push((t, text));
+        }
+    }
+}
+
+#[test]
+fn send_ahead_sends_the_paused_transcript_at_once_then_confirms_or_withdraws_it() {
+    let audio = fixture_samples("jfk.wav");
+    let mut h = harness("send-ahead=true");
+    // Paused where it ends: the transcript comes before the end, after a tentative mark...
+    h.push_event(boundary(true, 322, 0));
+    push_range(&mut h, &audio, 0, 2300);
+    h.push_event(pause(false, 2270, 0));
+    let (mark, before) = until_mark(&mut h);
+    assert_eq!((mark.state, mark.id), (TurnState::Tentative, 1));
+    assert!(before.is_empty(), "{before:?}");
+    let (next, ahead) = {
+        let ev = h.pull_event().expect("the transcript");
+        let t = ev
+            .structure()
+            .and_then(Transcript::from_structure)
+            .expect("a transcript");
+        let buf = h.pull().expect("its text");
+        (
+            t,
+            String::from_utf8(buf.map_readable().unwrap().to_vec()).unwrap(),
+        )
+    };
+    assert!(next.ahead && !next.partial, "{next:?}");
+    assert!(
+        normalize(&ahead).starts_with("and so my fellow americ"),
+        "{ahead}"
+    );
+    // ...and the end confirms it, with nothing sent again.
+    push_range(&mut h, &audio, 2300, 2800);
+    h.push_event(boundary(false, 2270, 0));
+    let (mark, again) = until_mark(&mut h);
+    assert_eq!((mark.state, mark.id), (TurnState::Confirmed, 1));
+    assert!(again.is_empty(), "{again:?}");
+    // Paused in mid-sentence, then resumed: withdrawn, and the whole utterance follows as an
+    // ordinary transcript at its end.
+    h.push_event(boundary(true, 8162, 1));
+    push_range(&mut h, &audio, 2800, 9300);
+    h.push_event(pause(false, 9000, 1));
+    let (mark, _) = until_mark(&mut h);
+    assert_eq!((mark.state, mark.id), (TurnState::Tentative, 2));
+    push_range(&mut h, &audio, 9300, 9500);
+    h.push_event(pause(true, 9450, 1));
+    let (mark, _) = until_mark(&mut h);
+    assert_eq!((mark.state, mark.id), (TurnState::Withdrawn, 2));
+    push_range(&mut h, &audio, 9500, 11000);
+    h.push_event(boundary(false, 10800, 1));
+    h.push_event(gst::event::Eos::new());
+    let out = collect(&mut h);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(!out[0].1.ahead);
+    assert_eq!(
+        normalize(&out[0].1.text),
+        "ask what you can do for your country"
+    );
 }
 
 #[test]

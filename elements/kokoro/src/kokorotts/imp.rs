@@ -21,6 +21,12 @@
 //! clause from `llmchat first-clause`) has its trailing silence cut to a breath (100 ms;
 //! Kokoro's own ~400 ms is a sentence's pause).
 //!
+//! Text after a `vox-turn` event with `state=tentative` (from `llmchat`, answering a transcript
+//! whisperstt sent ahead of the end of the caller's turn) is a reply ahead: it is synthesised at
+//! once, and its audio held until an out-of-band `vox-turn` confirms the turn; one that
+//! withdraws it drops the text and stops its synthesis. Its `time-to-first-audio` counts from
+//! the confirmation when that came after the text.
+//!
 //! With `url` set to a speech service (OpenAI's audio API, e.g. `vox serve tts`), each sentence
 //! is spoken there instead and its audio pushed as it streams in (24 kHz PCM); no model is
 //! loaded. A service fault costs that sentence, with a warning naming the cause, never the
@@ -45,6 +51,7 @@ use crate::engine::{
 use crate::phonemes::{self, Vocab};
 use crate::voices::{self, Voice};
 use ort::session::RunOptions;
+use vox_common::events::{Decisions, TurnMark, TurnState};
 use vox_common::remote::{Remote, RemoteError};
 use vox_common::worker::{Serial, Work};
 
@@ -117,6 +124,9 @@ struct Job {
     text: String,
     pts: Option<gst::ClockTime>,
     arrived: Instant,
+    /// The id of the reply ahead this text belongs to: its audio waits for the turn's
+    /// confirmation.
+    tentative: Option<u64>,
 }
 
 pub struct KokoroTts {
@@ -133,6 +143,12 @@ pub struct KokoroTts {
     audio_until: Mutex<Option<Instant>>,
     /// The synthesis in flight, which a flush terminates (ONNX Runtime stops between nodes).
     running: Mutex<Option<Arc<RunOptions>>>,
+    /// The reply ahead the text arriving now belongs to (set by serialized `vox-turn` events).
+    tentative: Mutex<Option<u64>>,
+    /// The reply ahead being spoken, whose synthesis a withdrawal terminates.
+    speaking_ahead: Mutex<Option<u64>>,
+    /// Replies ahead confirmed or withdrawn.
+    decisions: Decisions,
 }
 
 fn audio_caps() -> gst::Caps {
@@ -225,6 +241,7 @@ impl KokoroTts {
             text,
             pts: buffer.pts(),
             arrived: Instant::now(),
+            tentative: *self.tentative.lock().unwrap_or_else(|p| p.into_inner()),
         };
         if self.serial.queue(job) {
             Ok(gst::FlowSuccess::Ok)
@@ -233,19 +250,43 @@ impl KokoroTts {
         }
     }
 
+    /// Stops the synthesis in flight (ONNX Runtime stops between nodes).
+    fn terminate_running(&self) {
+        if let Some(run) = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = run.terminate();
+        }
+    }
+
     fn sink_event(&self, pad: &gst::Pad, event: gst::Event) -> bool {
         use gst::EventView;
+        if let Some(mark) = TurnMark::from_event(&event) {
+            let mut tentative = self.tentative.lock().unwrap_or_else(|p| p.into_inner());
+            match mark.state {
+                TurnState::Tentative => *tentative = Some(mark.id),
+                TurnState::Final => *tentative = None,
+                TurnState::Confirmed => self.decisions.decide(mark.id, true),
+                TurnState::Withdrawn => {
+                    self.decisions.decide(mark.id, false);
+                    let speaking = *self
+                        .speaking_ahead
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if speaking == Some(mark.id) {
+                        self.terminate_running();
+                    }
+                }
+            }
+            return true;
+        }
         match event.view() {
             EventView::FlushStart(_) => {
                 self.serial.bump();
-                if let Some(run) = self
-                    .running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take()
-                {
-                    let _ = run.terminate();
-                }
+                self.terminate_running();
                 self.srcpad.push_event(event)
             }
             EventView::FlushStop(_) => {
@@ -256,6 +297,7 @@ impl KokoroTts {
                     .unwrap_or_else(|p| p.into_inner());
                 *self.next_pts.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 *self.audio_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self.tentative.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 self.srcpad.push_event(event)
             }
             EventView::Caps(_) => {
@@ -309,17 +351,40 @@ const BREATH: f32 = 0.1;
 /// With `first-words`, a sentence's rest that would leave the listener waiting longer than this
 /// (for want of audio) is split once more: a pause this long is better than another seam.
 const PAUSE_OK: f32 = 0.3;
-/// A piece that goes on from audio still playing is needed when that audio ends, but it takes
-/// longer to make than a first piece (a second or two on 2 cores), and the cores are not taken
-/// back from it once it runs: so it gives way to the first words of another stream that come
-/// up to this much after its need. Another caller, who hears nothing yet, goes first.
-const GO_ON_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// A piece that goes on from audio still playing is needed when that audio ends (plus
+/// [`PAUSE_OK`]), so it must start that long before it is needed that it takes to make: its
+/// deadline on the cores, which is often already past, and then earlier than the first words of
+/// another stream, which are due when asked. The listener's sentence goes on before another
+/// caller's first words; a caller who waits a second longer for the answer's start is better off
+/// than one who hears it stop for two or three seconds in the middle (measured with two calls on
+/// 2 cores, when the rest of the first sentence gave way). It goes ahead of first words asked at
+/// most this long before it, so that a long answer, always behind, does not starve the others.
+const GO_ON_AHEAD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The deadline on the cores of a piece of `words` words: now with nothing playing (first
+/// words), else when it must start to be ready as the audio playing ends (see [`GO_ON_AHEAD`]).
+fn piece_deadline(imp: &KokoroTts, loaded: &Loaded, words: usize) -> Instant {
+    let now = Instant::now();
+    let Some(until) = imp.playing_until() else {
+        return now;
+    };
+    let making = crate::engine::compute_for(words, loaded.model.real_time_factor(), loaded.speed);
+    let needed = until + std::time::Duration::from_secs_f32(PAUSE_OK);
+    let start_by = needed
+        .checked_sub(std::time::Duration::from_secs_f32(making))
+        .unwrap_or(now);
+    start_by.max(now.checked_sub(GO_ON_AHEAD).unwrap_or(now))
+}
 
 /// Speaks one job sentence by sentence, pushing each sentence's audio before synthesising the
 /// next (with a speech service, as it streams in). Stops early when the generation changes
 /// (flush).
 fn speak(imp: &KokoroTts, synth: &Synth, job: Job, generation: u64) {
-    let cancelled = || imp.serial.generation() != generation;
+    let cancelled = || {
+        imp.serial.generation() != generation
+            || job.tentative.is_some_and(|id| imp.decisions.withdrawn(id))
+    };
+    *imp.speaking_ahead.lock().unwrap_or_else(|p| p.into_inner()) = job.tentative;
     let mut out = Output {
         first_audio: true,
         total: 0,
@@ -457,6 +522,8 @@ fn speak_local(
         }
     };
     let last = chunks.len().saturating_sub(1);
+    // Words per chunk, for the time each takes to make.
+    let words = sentence.split_whitespace().count().div_ceil(last + 1);
     for (i, chunk) in chunks.into_iter().enumerate() {
         if cancelled() {
             return false;
@@ -474,11 +541,7 @@ fn speak_local(
         if cancelled() {
             return false;
         }
-        // A first piece is needed now; a next one when the audio already out has played, and
-        // it gives way to another stream's first words (`GO_ON_GRACE`).
-        let deadline = imp
-            .playing_until()
-            .map_or_else(Instant::now, |until| until + GO_ON_GRACE);
+        let deadline = piece_deadline(imp, loaded, words);
         let result = loaded.model.synthesise_with(
             &chunk.ids,
             style,
@@ -543,6 +606,14 @@ impl Output {
         if audio.is_empty() {
             return true;
         }
+        // A reply ahead is heard once its turn is confirmed.
+        let mut since = job.arrived;
+        if let Some(id) = job.tentative {
+            match imp.decisions.wait(id, cancelled) {
+                Some((true, at)) => since = since.max(at),
+                _ => return false,
+            }
+        }
         let _push = imp
             .serial
             .push_lock
@@ -575,10 +646,7 @@ impl Output {
         if std::mem::take(&mut self.first_audio) {
             imp.post(
                 gst::Structure::builder("vox-tts-first-audio")
-                    .field(
-                        "time-to-first-audio",
-                        job.arrived.elapsed().as_nanos() as u64,
-                    )
+                    .field("time-to-first-audio", since.elapsed().as_nanos() as u64)
                     .field("synthesis-time", synthesis_took.as_nanos() as u64)
                     .field("pts", pts.nseconds())
                     .build(),
@@ -643,6 +711,9 @@ impl ObjectSubclass for KokoroTts {
             next_pts: Mutex::new(None),
             audio_until: Mutex::new(None),
             running: Mutex::new(None),
+            tentative: Mutex::new(None),
+            speaking_ahead: Mutex::new(None),
+            decisions: Decisions::default(),
         }
     }
 }
@@ -822,6 +893,7 @@ impl ElementImpl for KokoroTts {
             gst::StateChange::ReadyToPaused => {
                 *self.next_pts.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 *self.audio_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self.tentative.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 if let Err(err) = self.start_worker() {
                     self.post_error_message(err);
                     return Err(gst::StateChangeError);

@@ -18,9 +18,15 @@
 //! is skipped for `breaker-backoff-ms` (doubling while it keeps failing). FlushStart cancels the
 //! generation in flight (the reply so far is kept in the history, marked as cut off).
 //!
+//! A transcript after a `vox-turn` event (`state=tentative`; whisperstt `send-ahead`) was made
+//! at a pause, before the caller's turn ended: its reply is made at once, after a `vox-turn`
+//! event of its own (kokorotts holds its audio), and goes into the history only when the turn
+//! is `confirmed`; when it is `withdrawn` (the caller spoke on), the generation stops, nothing
+//! is kept, and the turn ends with `outcome` `withdrawn`. Both decisions go on downstream.
+//!
 //! Each turn posts `vox-llm-first-token` and `vox-llm-first-sentence` (`elapsed` ns since the
 //! transcript arrived) as they happen, and a `vox-llm-turn` message at its end: `outcome` (ok,
-//! fallback, cancelled), `backend`, `time-to-first-token` (ns), `tokens-per-second`,
+//! fallback, cancelled, withdrawn), `backend`, `time-to-first-token` (ns), `tokens-per-second`,
 //! `tokens-in`, `tokens-cached` (of those, the ones kept evaluated from earlier turns: the
 //! embedded backend keeps its context between turns, servers report theirs), `tokens-out`,
 //! `reply`, `circuit` (`open` while the breaker skips the backend, else `closed`).
@@ -42,7 +48,7 @@ use super::LlmBackend;
 use crate::chat::{Breaker, History, Message, Role, Usage};
 use crate::embedded::{Embedded, Session};
 use crate::openai::{LlmError, OpenAi, Params};
-use vox_common::events::Transcript;
+use vox_common::events::{Decisions, Transcript, TurnMark, TurnState};
 use vox_common::text::SentenceSplitter;
 use vox_common::worker::{Serial, Work};
 
@@ -164,6 +170,8 @@ struct TurnJob {
     text: String,
     pts: Option<gst::ClockTime>,
     duration: Option<gst::ClockTime>,
+    /// The id of the reply ahead this turn is (its transcript was made at a pause).
+    tentative: Option<u64>,
 }
 
 pub struct LlmChat {
@@ -175,6 +183,10 @@ pub struct LlmChat {
     serial: Serial<TurnJob>,
     /// The next buffer follows a `vox-transcript` event marked partial.
     next_partial: Mutex<bool>,
+    /// The next buffer follows a `vox-turn` event: it is the reply ahead with this id.
+    next_tentative: Mutex<Option<u64>>,
+    /// Replies ahead confirmed or withdrawn.
+    decisions: Decisions,
     history: Mutex<History>,
     breaker: Mutex<Breaker>,
     turns: AtomicU64,
@@ -261,6 +273,11 @@ impl LlmChat {
         if partial {
             return Ok(gst::FlowSuccess::Ok);
         }
+        let tentative = self
+            .next_tentative
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let map = buffer.map_readable().map_err(|_| gst::FlowError::Error)?;
         let text = String::from_utf8_lossy(map.as_slice()).trim().to_string();
         if text.is_empty() {
@@ -270,6 +287,7 @@ impl LlmChat {
             text,
             pts: buffer.pts(),
             duration: buffer.duration(),
+            tentative,
         };
         if self.serial.queue(job) {
             Ok(gst::FlowSuccess::Ok)
@@ -283,6 +301,28 @@ impl LlmChat {
         if let Some(t) = event.structure().and_then(Transcript::from_structure) {
             *self.next_partial.lock().unwrap_or_else(|p| p.into_inner()) = t.partial;
         }
+        if let Some(mark) = TurnMark::from_event(&event) {
+            let mut next = self
+                .next_tentative
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match mark.state {
+                TurnState::Tentative => *next = Some(mark.id),
+                TurnState::Final => *next = None,
+                TurnState::Confirmed | TurnState::Withdrawn => {
+                    // Its text never came (the application dropped it): nothing to mark.
+                    if *next == Some(mark.id) {
+                        *next = None;
+                    }
+                    drop(next);
+                    self.decisions
+                        .decide(mark.id, mark.state == TurnState::Confirmed);
+                    return self.srcpad.push_event(event);
+                }
+            }
+            // This element marks the turns it answers itself (see `turn`).
+            return true;
+        }
         match event.view() {
             EventView::FlushStart(_) => {
                 self.serial.bump();
@@ -295,6 +335,10 @@ impl LlmChat {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
                 *self.next_partial.lock().unwrap_or_else(|p| p.into_inner()) = false;
+                *self
+                    .next_tentative
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
                 self.srcpad.push_event(event)
             }
             EventView::Caps(_) => {
@@ -354,7 +398,31 @@ impl LlmChat {
         } else {
             SentenceSplitter::default()
         };
-        let cancelled = || self.serial.generation() != generation;
+        let withdrawn = || job.tentative.is_some_and(|id| self.decisions.withdrawn(id));
+        let cancelled = || self.serial.generation() != generation || withdrawn();
+        // Downstream learns whether the text that follows is a reply ahead (held until the
+        // turn is confirmed) or not.
+        {
+            let _push = self
+                .serial
+                .push_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let mark = match job.tentative {
+                Some(id) => TurnMark {
+                    state: TurnState::Tentative,
+                    id,
+                },
+                None => TurnMark {
+                    state: TurnState::Final,
+                    id: 0,
+                },
+            };
+            // (A turn withdrawn already still ends with its message, below.)
+            if !cancelled() {
+                self.srcpad.push_event(mark.to_event());
+            }
+        }
         let mut first_sentence = true;
         let mut emit = |sentence: &str, reply_so_far: &mut String| {
             let _push = self
@@ -470,12 +538,27 @@ impl LlmChat {
                 "fallback"
             }
         };
+        // A reply ahead is kept only once its turn is confirmed (its text is all out by now, so
+        // downstream can make its audio meanwhile).
+        let confirmed = match job.tentative {
+            None => true,
+            Some(id) => self
+                .decisions
+                .wait(id, &|| self.serial.generation() != generation)
+                .is_some_and(|(confirmed, _)| confirmed),
+        };
+        let outcome = match job.tentative {
+            Some(_) if withdrawn() => "withdrawn",
+            Some(_) if !confirmed => "cancelled",
+            _ => outcome,
+        };
         {
             let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
             history.set_max_turns(settings.history as usize);
             match outcome {
                 "ok" => history.record(&job.text, &reply, false),
-                "cancelled" => history.record(&job.text, &reply, true),
+                // A reply ahead that was never confirmed was never heard.
+                "cancelled" if confirmed => history.record(&job.text, &reply, true),
                 _ => {}
             }
         }
@@ -630,6 +713,8 @@ impl ObjectSubclass for LlmChat {
             backend: Mutex::new(None),
             serial: Serial::default(),
             next_partial: Mutex::new(false),
+            next_tentative: Mutex::new(None),
+            decisions: Decisions::default(),
             turns: AtomicU64::new(0),
         }
     }

@@ -11,6 +11,12 @@
 //! utterance is transcribed at once, up to where its end will be: if the end follows with no
 //! speech in between, that transcript (of exactly the same audio) goes out the moment the end
 //! arrives (marked `ahead`), instead of starting the work then; if speech resumes, it is dropped. Without a VAD, audio is cut every `max-utterance-ms`.
+//!
+//! With `send-ahead=true`, that transcript goes downstream at once, after a serialized
+//! `vox-turn` event (`state=tentative`, `id` counted per stream), so that `llmchat` and
+//! `kokorotts` start the reply during the pause and hold its audio; at the end of speech an
+//! out-of-band `vox-turn` (`confirmed`) lets it out, and if speech resumes one (`withdrawn`)
+//! drops it. The transcript message is posted when the turn is confirmed.
 //! Inference runs on a worker thread, never on the streaming thread; the encoder window is sized
 //! to each utterance (`audio-ctx=-1`), so a 3 s utterance does not pay for Whisper's 30 s
 //! window. All instances in a process share one loaded model.
@@ -39,7 +45,7 @@ use std::time::Instant;
 use crate::engine::{self, Engine, Options};
 use crate::remote;
 use crate::utterance::{Utterance, UtteranceBuffer};
-use vox_common::events::{SpeechBoundary, SpeechPause, Transcript};
+use vox_common::events::{SpeechBoundary, SpeechPause, Transcript, TurnMark, TurnState};
 use vox_common::remote::Remote;
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -71,6 +77,7 @@ struct Settings {
     latency_ms: u32,
     context_pad_ms: u32,
     batch_ms: u32,
+    send_ahead: bool,
     service: vox_common::remote::Settings,
 }
 
@@ -84,6 +91,7 @@ impl Default for Settings {
             latency_ms: DEFAULT_LATENCY_MS,
             context_pad_ms: DEFAULT_CONTEXT_PAD_MS,
             batch_ms: DEFAULT_BATCH_MS,
+            send_ahead: false,
             service: Default::default(),
         }
     }
@@ -505,7 +513,17 @@ impl WhisperStt {
         gst::Pad::query_default(pad, Some(&*self.obj()), query)
     }
 
-    fn deliver(&self, job: &Job, out: engine::Output, took: std::time::Duration, ahead: bool) {
+    /// Posts and pushes one transcript, and returns its structure; with `tentative` (a reply
+    /// ahead's id), pushes it after a `vox-turn` event and leaves the message to be posted when
+    /// the turn is confirmed.
+    fn deliver(
+        &self,
+        job: &Job,
+        out: engine::Output,
+        took: std::time::Duration,
+        ahead: bool,
+        tentative: Option<u64>,
+    ) -> gst::Structure {
         let duration = samples_to_time(job.utterance.samples.len() as u64);
         let ms = |m: u64| job.pts + gst::ClockTime::from_mseconds(m);
         let transcript = Transcript {
@@ -547,11 +565,19 @@ impl WhisperStt {
             took,
             transcript.text
         );
-        let _ = self.obj().post_message(
-            gst::message::Element::builder(transcript.to_structure())
-                .src(&*self.obj())
-                .build(),
-        );
+        let structure = transcript.to_structure();
+        match tentative {
+            Some(id) => {
+                self.srcpad.push_event(
+                    TurnMark {
+                        state: TurnState::Tentative,
+                        id,
+                    }
+                    .to_event(),
+                );
+            }
+            None => self.post_transcript(structure.clone()),
+        }
         self.srcpad.push_event(transcript.to_event());
         if transcript.text.is_empty() {
             // Nothing was said (noise, a cough): downstream learns the span is covered.
@@ -559,7 +585,7 @@ impl WhisperStt {
                 self.srcpad
                     .push_event(gst::event::Gap::builder(job.pts).duration(duration).build());
             }
-            return;
+            return structure;
         }
         let mut buffer = gst::Buffer::from_mut_slice(transcript.text.clone().into_bytes());
         {
@@ -570,6 +596,26 @@ impl WhisperStt {
         if let Err(err) = self.srcpad.push(buffer) {
             gst::debug!(CAT, imp = self, "downstream returned {err:?}");
         }
+        structure
+    }
+
+    fn post_transcript(&self, transcript: gst::Structure) {
+        let _ = self.obj().post_message(
+            gst::message::Element::builder(transcript)
+                .src(&*self.obj())
+                .build(),
+        );
+    }
+
+    /// Decides the reply ahead `id`: an out-of-band `vox-turn` downstream.
+    fn decide(&self, id: u64, confirmed: bool) {
+        let state = if confirmed {
+            TurnState::Confirmed
+        } else {
+            TurnState::Withdrawn
+        };
+        gst::debug!(CAT, imp = self, "reply ahead {id}: {state:?}");
+        self.srcpad.push_event(TurnMark { state, id }.to_event());
     }
 }
 
@@ -627,7 +673,7 @@ fn deliver_all(imp: &WhisperStt, jobs: &[Job], (result, took): Run, generation: 
     match result {
         Ok(outputs) => {
             for (job, out) in jobs.iter().zip(outputs) {
-                imp.deliver(job, out, took, ahead);
+                imp.deliver(job, out, took, ahead, None);
             }
         }
         // One bad utterance never stops the stream.
@@ -639,36 +685,104 @@ fn deliver_all(imp: &WhisperStt, jobs: &[Job], (result, took): Run, generation: 
     }
 }
 
+/// The transcript of a paused utterance, made ahead of its end.
+struct Held {
+    generation: u64,
+    /// The utterance id and its length in samples: a commit is of the very same audio or not.
+    id: u64,
+    len: usize,
+    ahead: Ahead,
+}
+
+enum Ahead {
+    /// Kept here until the end comes.
+    Kept(Run),
+    /// Sent downstream as the reply ahead `turn` (`send-ahead`); the message is posted when
+    /// it is confirmed.
+    Sent { turn: u64, message: gst::Structure },
+}
+
+/// With `send-ahead`, pushes a paused utterance's transcript as the reply ahead `turn`;
+/// otherwise (or when nothing was said, or the run failed) keeps it for the end.
+fn hold(imp: &WhisperStt, job: &Job, r: Run, generation: u64, turn: u64) -> Ahead {
+    let (Ok(mut outputs), took) = r else {
+        return Ahead::Kept(r);
+    };
+    let said = outputs.len() == 1 && !outputs[0].text.is_empty();
+    if !imp.settings().send_ahead || !said {
+        return Ahead::Kept((Ok(outputs), took));
+    }
+    let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+    if generation != imp.generation() {
+        return Ahead::Kept((Ok(outputs), took));
+    }
+    let out = outputs.remove(0);
+    let message = imp.deliver(job, out, took, true, Some(turn));
+    Ahead::Sent { turn, message }
+}
+
 fn worker_loop(
     element: glib::WeakRef<super::WhisperSttElement>,
     mut engine: Backend,
     rx: Receiver<Work>,
 ) {
-    // The transcript of a paused utterance: (generation, utterance id, samples, result).
-    let mut held: Option<(u64, u64, usize, Run)> = None;
+    let mut held: Option<Held> = None;
+    // Replies ahead sent so far (their ids).
+    let mut turns = 0u64;
     for work in rx {
         let Some(obj) = element.upgrade() else { return };
         let imp = obj.imp();
+        // A reply ahead that this work ends without confirming it is withdrawn (after a flush,
+        // downstream has dropped it already).
+        let withdraw = |held: Option<Held>| {
+            if let Some(Held {
+                generation,
+                ahead: Ahead::Sent { turn, .. },
+                ..
+            }) = held
+                && generation == imp.generation()
+            {
+                imp.decide(turn, false);
+            }
+        };
         match work {
             Work::Stop => return,
-            Work::Discard => held = None,
+            Work::Discard => withdraw(held.take()),
             Work::Speculate(job, generation) => {
-                held = run(imp, &mut engine, std::slice::from_ref(&job), generation)
-                    .map(|r| (generation, job.id, job.utterance.samples.len(), r));
+                withdraw(held.take());
+                if let Some(r) = run(imp, &mut engine, std::slice::from_ref(&job), generation) {
+                    turns += 1;
+                    held = Some(Held {
+                        generation,
+                        id: job.id,
+                        len: job.utterance.samples.len(),
+                        ahead: hold(imp, &job, r, generation, turns),
+                    });
+                }
             }
             Work::Commit(job, generation) => {
                 let jobs = std::slice::from_ref(&job);
                 // Held only when it is of the very same audio (an end of stream or a cut at the
                 // maximum length closes an utterance elsewhere than where it paused).
                 match held.take() {
-                    Some((g, id, len, r))
-                        if g == generation
-                            && id == job.id
-                            && len == job.utterance.samples.len() =>
+                    Some(h)
+                        if h.generation == generation
+                            && h.id == job.id
+                            && h.len == job.utterance.samples.len() =>
                     {
-                        deliver_all(imp, jobs, r, generation, true)
+                        match h.ahead {
+                            Ahead::Kept(r) => deliver_all(imp, jobs, r, generation, true),
+                            Ahead::Sent { turn, message } => {
+                                let _push = imp.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+                                if generation == imp.generation() {
+                                    imp.post_transcript(message);
+                                    imp.decide(turn, true);
+                                }
+                            }
+                        }
                     }
-                    _ => {
+                    other => {
+                        withdraw(other);
                         if let Some(r) = run(imp, &mut engine, jobs, generation) {
                             deliver_all(imp, jobs, r, generation, false);
                         }
@@ -685,6 +799,9 @@ fn worker_loop(
                 }
             }
             Work::Transcribe(jobs, generation) => {
+                if jobs.iter().any(|j| !j.partial) {
+                    withdraw(held.take());
+                }
                 if let Some(result) = run(imp, &mut engine, &jobs, generation) {
                     deliver_all(imp, &jobs, result, generation, false);
                 }
@@ -827,6 +944,12 @@ impl ObjectImpl for WhisperStt {
                     .default_value(DEFAULT_BATCH_MS)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecBoolean::builder("send-ahead")
+                    .nick("Send ahead")
+                    .blurb("Send the transcript made at a pause downstream at once, marked tentative (vox-turn), then confirm or withdraw it at the end of speech: llmchat and kokorotts make the reply ahead and hold its audio until confirmed")
+                    .default_value(false)
+                    .mutable_playing()
+                    .build(),
                 glib::ParamSpecUInt::builder("latency-ms")
                     .nick("Latency")
                     .blurb("Latency added in the latency query, for pipelines that sync text to a clock (subtitles)")
@@ -878,6 +1001,7 @@ impl ObjectImpl for WhisperStt {
             "latency-ms" => s.latency_ms = value.get().expect("type checked upstream"),
             "context-pad-ms" => s.context_pad_ms = value.get().expect("type checked upstream"),
             "batch-ms" => s.batch_ms = value.get().expect("type checked upstream"),
+            "send-ahead" => s.send_ahead = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -901,6 +1025,7 @@ impl ObjectImpl for WhisperStt {
             "latency-ms" => s.latency_ms.to_value(),
             "context-pad-ms" => s.context_pad_ms.to_value(),
             "batch-ms" => s.batch_ms.to_value(),
+            "send-ahead" => s.send_ahead.to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }
