@@ -202,6 +202,8 @@ fn send_ahead_sends_the_paused_transcript_at_once_then_confirms_or_withdraws_it(
     h.push_event(boundary(true, 322, 0));
     push_range(&mut h, &audio, 0, 2300);
     h.push_event(pause(false, 2270, 0));
+    // (Transcribed once the audio to the end's padding is in.)
+    push_range(&mut h, &audio, 2300, 2500);
     let (mark, before) = until_mark(&mut h);
     assert_eq!((mark.state, mark.id), (TurnState::Tentative, 1));
     assert!(before.is_empty(), "{before:?}");
@@ -223,7 +225,7 @@ fn send_ahead_sends_the_paused_transcript_at_once_then_confirms_or_withdraws_it(
         "{ahead}"
     );
     // ...and the end confirms it, with nothing sent again.
-    push_range(&mut h, &audio, 2300, 2800);
+    push_range(&mut h, &audio, 2500, 2800);
     h.push_event(boundary(false, 2270, 0));
     let (mark, again) = until_mark(&mut h);
     assert_eq!((mark.state, mark.id), (TurnState::Confirmed, 1));
