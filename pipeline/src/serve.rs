@@ -480,6 +480,9 @@ fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// The longest an unauthorised request's body is read for before the 401 goes out.
+const UNAUTHORISED_DRAIN: Duration = Duration::from_secs(10);
+
 async fn authorise(
     State(app): State<Arc<App>>,
     request: axum::extract::Request,
@@ -492,6 +495,14 @@ async fn authorise(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if given != Some(key.as_str()) {
+            // The upload is read (and dropped) before the answer: a client still sending its
+            // file when the connection closes gets a reset, not the 401 (curl: status 000).
+            let limit = app.options.max_upload_bytes + 64 * 1024;
+            let _ = tokio::time::timeout(
+                UNAUTHORISED_DRAIN,
+                axum::body::to_bytes(request.into_body(), limit),
+            )
+            .await;
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid_api_key",
