@@ -617,9 +617,7 @@ fn run_session(
                     events::SPEECH_CANCEL => barge_in.cancel(),
                     events::SPEECH_START => barge_in.start(voice.busy()),
                     // A reply made ahead and withdrawn was never this session's reply.
-                    "vox-llm-turn" if s.get::<&str>("outcome").is_ok_and(|o| o == "withdrawn") => {
-                        None
-                    }
+                    "vox-llm-turn" if withdrawn(s) => None,
                     "vox-llm-turn" => {
                         voice.replying.store(false, Ordering::SeqCst);
                         None
@@ -1002,6 +1000,11 @@ fn drop_backchannels(llm_sink: &gst::Pad, words: usize, awaiting: Arc<AtomicBool
     );
 }
 
+/// A `vox-llm-turn` of a reply made ahead and withdrawn (the caller spoke on): never heard.
+fn withdrawn(s: &gst::StructureRef) -> bool {
+    s.get::<&str>("outcome").is_ok_and(|o| o == "withdrawn")
+}
+
 /// What a session heard and said goes to the log (info); the rest of our messages to debug.
 fn log_message(call: &str, s: &gst::StructureRef) {
     if let Some(t) = vox_common::events::Transcript::from_structure(s) {
@@ -1011,7 +1014,7 @@ fn log_message(call: &str, s: &gst::StructureRef) {
         return;
     }
     match s.name().as_str() {
-        "vox-llm-turn" if s.get::<&str>("outcome").is_ok_and(|o| o == "withdrawn") => {
+        "vox-llm-turn" if withdrawn(s) => {
             tracing::info!("session {call}: withdrew a reply made ahead (the caller spoke on)")
         }
         "vox-llm-turn" => tracing::info!(
