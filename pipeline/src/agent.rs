@@ -14,7 +14,7 @@ use gst::glib;
 use gst::prelude::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 use vox_common::events;
 
@@ -575,6 +575,7 @@ fn run_session(
     let voice = Voice::new(pipeline, words);
     let mut barge_in = BargeIn::new(words);
     let mut clock = TurnClock::default();
+    let _on_board = Waiting::join(call, pipeline);
     let bus = pipeline.bus().expect("a pipeline has a bus");
     if pipeline.set_state(gst::State::Playing).is_err() {
         return Err(
@@ -611,6 +612,7 @@ fn run_session(
                 let Some(s) = msg.structure() else { continue };
                 log_message(call, s);
                 clock.mark(call, s, pipeline, metrics);
+                WAITING.heard(call, s.name().as_str());
                 let Some(voice) = &voice else { continue };
                 let act = match s.name().as_str() {
                     events::SPEECH_ONSET => barge_in.onset(voice.busy()),
@@ -656,6 +658,121 @@ fn run_session(
         }
     }
     Ok(())
+}
+
+/// How long after the end of a caller's speech its answer's first audio is awaited at most
+/// (a turn with nothing to answer ends without audio), and after its start.
+const AWAITED_AFTER_END: Duration = Duration::from_secs(5);
+const AWAITED_AFTER_START: Duration = Duration::from_secs(30);
+
+/// The callers of the process's sessions who wait for an answer's first audio, and what that
+/// does to the others' speech. `kokorotts first-words` speaks a sentence's opening on its own
+/// for sooner first audio; that costs the cores ~0.35 s more than the sentence whole, which a
+/// lone caller's answer can spare and two at once cannot: two callers who end their questions
+/// together on 2 cores either heard the first answer stop for ~1 s in mid-sentence, or the
+/// second answer start 2.3× later than alone. So while another caller waits for their first
+/// audio, a session speaks whole sentences: the first answer is a little later (its whole first
+/// sentence at once), and the second caller's stages and opening fit in the first answer's
+/// audio. The cores are the process's ([`vox_common::cpu::Cores`]), so is this board.
+struct Waiting {
+    sessions: Mutex<HashMap<String, Waiter>>,
+}
+
+struct Waiter {
+    /// Sets the session's `first-words`.
+    set: Box<dyn Fn(u32) + Send>,
+    /// The graph's `first-words`.
+    first_words: u32,
+    /// Until when this caller waits for first audio (None: not waiting).
+    until: Option<Instant>,
+    /// Whether whole sentences were asked for.
+    whole: bool,
+}
+
+static WAITING: LazyLock<Waiting> = LazyLock::new(|| Waiting {
+    sessions: Mutex::new(HashMap::new()),
+});
+
+/// A session's place on the board, left when dropped.
+struct OnBoard<'a>(&'a Waiting, &'a str);
+
+impl Drop for OnBoard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(self.1);
+        Waiting::update(&mut map);
+    }
+}
+
+impl Waiting {
+    /// Puts the session `call` on the process's board, if its graph has a `tts` with
+    /// `first-words`.
+    fn join<'a>(call: &'a str, pipeline: &gst::Pipeline) -> Option<OnBoard<'a>> {
+        let tts = pipeline
+            .by_name("tts")
+            .filter(|t| t.has_property("first-words"))?;
+        let first_words = tts.property("first-words");
+        let tts = tts.downgrade();
+        let set = move |words: u32| {
+            if let Some(tts) = tts.upgrade() {
+                tts.set_property("first-words", words);
+            }
+        };
+        Some(WAITING.put(call, first_words, Box::new(set)))
+    }
+
+    fn put<'a>(
+        &'a self,
+        call: &'a str,
+        first_words: u32,
+        set: Box<dyn Fn(u32) + Send>,
+    ) -> OnBoard<'a> {
+        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let waiter = Waiter {
+            set,
+            first_words,
+            until: None,
+            whole: false,
+        };
+        map.insert(call.to_string(), waiter);
+        Waiting::update(&mut map);
+        OnBoard(self, call)
+    }
+
+    /// What the session's bus message `name` says about its caller's waiting.
+    fn heard(&self, call: &str, name: &str) {
+        let now = Instant::now();
+        let until = match name {
+            events::SPEECH_START | events::SPEECH_RESUME => Some(now + AWAITED_AFTER_START),
+            events::SPEECH_END => Some(now + AWAITED_AFTER_END),
+            "vox-tts-first-audio" => None,
+            _ => return,
+        };
+        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = map.get_mut(call) {
+            w.until = until;
+        }
+        Waiting::update(&mut map);
+    }
+
+    /// Whole sentences for each session while another's caller waits; its openings otherwise.
+    fn update(map: &mut HashMap<String, Waiter>) {
+        let now = Instant::now();
+        let waiting: Vec<String> = map
+            .iter()
+            .filter(|(_, w)| w.until.is_some_and(|u| u > now))
+            .map(|(call, _)| call.clone())
+            .collect();
+        for (call, w) in map.iter_mut() {
+            let whole = waiting.iter().any(|c| c != call);
+            if whole == w.whole || w.first_words == 0 {
+                continue;
+            }
+            w.whole = whole;
+            (w.set)(if whole { 0 } else { w.first_words });
+            tracing::debug!("session {call}: whole sentences: {whole}");
+        }
+    }
 }
 
 /// Which stage an element belongs to, for the error counter.
@@ -1081,6 +1198,68 @@ fn live_timestamps(pipeline: &gst::Pipeline, element: &gst::Element, until: Arc<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A board of its own, and the `first-words` each session was last set to.
+    fn board() -> (Waiting, Arc<Mutex<HashMap<&'static str, u32>>>) {
+        let board = Waiting {
+            sessions: Mutex::new(HashMap::new()),
+        };
+        (board, Arc::new(Mutex::new(HashMap::new())))
+    }
+
+    fn setter(
+        set: &Arc<Mutex<HashMap<&'static str, u32>>>,
+        call: &'static str,
+    ) -> Box<dyn Fn(u32) + Send> {
+        let set = set.clone();
+        Box::new(move |words| {
+            set.lock().unwrap().insert(call, words);
+        })
+    }
+
+    #[test]
+    fn sessions_speak_whole_sentences_while_another_caller_waits_for_first_audio() {
+        let (board, set) = board();
+        let a = board.put("a", 2, setter(&set, "a"));
+        let b = board.put("b", 2, setter(&set, "b"));
+        let c = board.put("c", 0, setter(&set, "c"));
+        // Nobody waits: openings as the graph says (nothing set).
+        assert!(set.lock().unwrap().is_empty());
+        // a speaks: b speaks whole sentences, a itself keeps its openings; c has none anyway.
+        board.heard("a", events::SPEECH_START);
+        assert_eq!(*set.lock().unwrap(), HashMap::from([("b", 0)]));
+        // b speaks too: both whole.
+        board.heard("b", events::SPEECH_START);
+        assert_eq!(set.lock().unwrap()["a"], 0);
+        // a's first audio came: b's opening is back, a still whole while b waits.
+        board.heard("a", "vox-tts-first-audio");
+        assert_eq!(set.lock().unwrap()["b"], 2);
+        assert_eq!(set.lock().unwrap()["a"], 0);
+        // Other messages change nothing.
+        board.heard("b", events::TRANSCRIPT);
+        assert_eq!(set.lock().unwrap()["a"], 0);
+        // b leaves while waiting: a gets its openings back.
+        drop(b);
+        assert_eq!(set.lock().unwrap()["a"], 2);
+        assert!(!set.lock().unwrap().contains_key("c"));
+        drop((a, c));
+        assert!(board.sessions.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_caller_waits_for_first_audio_only_so_long() {
+        let (board, set) = board();
+        let _a = board.put("a", 2, setter(&set, "a"));
+        let _b = board.put("b", 2, setter(&set, "b"));
+        board.heard("a", events::SPEECH_END);
+        assert_eq!(set.lock().unwrap()["b"], 0);
+        // A turn that ended with nothing to answer: past the wait, the next update frees b.
+        board.sessions.lock().unwrap().get_mut("a").unwrap().until =
+            Some(Instant::now() - Duration::from_millis(1));
+        board.heard("b", events::SPEECH_START);
+        assert_eq!(set.lock().unwrap()["b"], 2);
+        assert_eq!(set.lock().unwrap()["a"], 0);
+    }
 
     #[test]
     fn a_turns_breakdown_names_each_stage_and_the_rest() {
