@@ -575,7 +575,7 @@ fn run_session(
     let voice = Voice::new(pipeline, words);
     let mut barge_in = BargeIn::new(words);
     let mut clock = TurnClock::default();
-    let _on_board = Waiting::join(call, pipeline);
+    let on_board = Waiting::join(call, pipeline);
     let bus = pipeline.bus().expect("a pipeline has a bus");
     if pipeline.set_state(gst::State::Playing).is_err() {
         return Err(
@@ -612,7 +612,9 @@ fn run_session(
                 let Some(s) = msg.structure() else { continue };
                 log_message(call, s);
                 clock.mark(call, s, pipeline, metrics);
-                WAITING.heard(call, s.name().as_str());
+                if let Some(board) = &on_board {
+                    board.heard(s.name().as_str());
+                }
                 let Some(voice) = &voice else { continue };
                 let act = match s.name().as_str() {
                     events::SPEECH_ONSET => barge_in.onset(voice.busy()),
@@ -675,10 +677,15 @@ const AWAITED_AFTER_START: Duration = Duration::from_secs(30);
 /// sentence at once), and the second caller's stages and opening fit in the first answer's
 /// audio. The cores are the process's ([`vox_common::cpu::Cores`]), so is this board.
 struct Waiting {
-    sessions: Mutex<HashMap<String, Waiter>>,
+    /// Each session's waiter, by a key of its own (a call name may come twice: two LiveKit jobs
+    /// in one room).
+    sessions: Mutex<HashMap<u64, Waiter>>,
+    next: AtomicU64,
 }
 
 struct Waiter {
+    /// The session, for the log.
+    call: String,
     /// Sets the session's `first-words`.
     set: Box<dyn Fn(u32) + Send>,
     /// The graph's `first-words`.
@@ -689,17 +696,31 @@ struct Waiter {
     whole: bool,
 }
 
-static WAITING: LazyLock<Waiting> = LazyLock::new(|| Waiting {
-    sessions: Mutex::new(HashMap::new()),
-});
+static WAITING: LazyLock<Waiting> = LazyLock::new(Waiting::default);
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+        }
+    }
+}
 
 /// A session's place on the board, left when dropped.
-struct OnBoard<'a>(&'a Waiting, &'a str);
+struct OnBoard<'a>(&'a Waiting, u64);
+
+impl OnBoard<'_> {
+    /// What the session's bus message `name` says about its caller's waiting.
+    fn heard(&self, name: &str) {
+        self.0.heard(self.1, name);
+    }
+}
 
 impl Drop for OnBoard<'_> {
     fn drop(&mut self) {
         let mut map = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(self.1);
+        map.remove(&self.1);
         Waiting::update(&mut map);
     }
 }
@@ -707,7 +728,7 @@ impl Drop for OnBoard<'_> {
 impl Waiting {
     /// Puts the session `call` on the process's board, if its graph has a `tts` with
     /// `first-words`.
-    fn join<'a>(call: &'a str, pipeline: &gst::Pipeline) -> Option<OnBoard<'a>> {
+    fn join(call: &str, pipeline: &gst::Pipeline) -> Option<OnBoard<'static>> {
         let tts = pipeline
             .by_name("tts")
             .filter(|t| t.has_property("first-words"))?;
@@ -721,26 +742,22 @@ impl Waiting {
         Some(WAITING.put(call, first_words, Box::new(set)))
     }
 
-    fn put<'a>(
-        &'a self,
-        call: &'a str,
-        first_words: u32,
-        set: Box<dyn Fn(u32) + Send>,
-    ) -> OnBoard<'a> {
+    fn put(&self, call: &str, first_words: u32, set: Box<dyn Fn(u32) + Send>) -> OnBoard<'_> {
+        let key = self.next.fetch_add(1, Ordering::SeqCst);
         let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let waiter = Waiter {
+            call: call.to_string(),
             set,
             first_words,
             until: None,
             whole: false,
         };
-        map.insert(call.to_string(), waiter);
+        map.insert(key, waiter);
         Waiting::update(&mut map);
-        OnBoard(self, call)
+        OnBoard(self, key)
     }
 
-    /// What the session's bus message `name` says about its caller's waiting.
-    fn heard(&self, call: &str, name: &str) {
+    fn heard(&self, key: u64, name: &str) {
         let now = Instant::now();
         let until = match name {
             events::SPEECH_START | events::SPEECH_RESUME => Some(now + AWAITED_AFTER_START),
@@ -749,28 +766,28 @@ impl Waiting {
             _ => return,
         };
         let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = map.get_mut(call) {
+        if let Some(w) = map.get_mut(&key) {
             w.until = until;
         }
         Waiting::update(&mut map);
     }
 
     /// Whole sentences for each session while another's caller waits; its openings otherwise.
-    fn update(map: &mut HashMap<String, Waiter>) {
+    fn update(map: &mut HashMap<u64, Waiter>) {
         let now = Instant::now();
-        let waiting: Vec<String> = map
+        let waiting: Vec<u64> = map
             .iter()
             .filter(|(_, w)| w.until.is_some_and(|u| u > now))
-            .map(|(call, _)| call.clone())
+            .map(|(key, _)| *key)
             .collect();
-        for (call, w) in map.iter_mut() {
-            let whole = waiting.iter().any(|c| c != call);
+        for (key, w) in map.iter_mut() {
+            let whole = waiting.iter().any(|k| k != key);
             if whole == w.whole || w.first_words == 0 {
                 continue;
             }
             w.whole = whole;
             (w.set)(if whole { 0 } else { w.first_words });
-            tracing::debug!("session {call}: whole sentences: {whole}");
+            tracing::debug!("session {}: whole sentences: {whole}", w.call);
         }
     }
 }
@@ -1201,10 +1218,7 @@ mod tests {
 
     /// A board of its own, and the `first-words` each session was last set to.
     fn board() -> (Waiting, Arc<Mutex<HashMap<&'static str, u32>>>) {
-        let board = Waiting {
-            sessions: Mutex::new(HashMap::new()),
-        };
-        (board, Arc::new(Mutex::new(HashMap::new())))
+        (Waiting::default(), Arc::new(Mutex::new(HashMap::new())))
     }
 
     fn setter(
@@ -1226,17 +1240,17 @@ mod tests {
         // Nobody waits: openings as the graph says (nothing set).
         assert!(set.lock().unwrap().is_empty());
         // a speaks: b speaks whole sentences, a itself keeps its openings; c has none anyway.
-        board.heard("a", events::SPEECH_START);
+        a.heard(events::SPEECH_START);
         assert_eq!(*set.lock().unwrap(), HashMap::from([("b", 0)]));
         // b speaks too: both whole.
-        board.heard("b", events::SPEECH_START);
+        b.heard(events::SPEECH_START);
         assert_eq!(set.lock().unwrap()["a"], 0);
         // a's first audio came: b's opening is back, a still whole while b waits.
-        board.heard("a", "vox-tts-first-audio");
+        a.heard("vox-tts-first-audio");
         assert_eq!(set.lock().unwrap()["b"], 2);
         assert_eq!(set.lock().unwrap()["a"], 0);
         // Other messages change nothing.
-        board.heard("b", events::TRANSCRIPT);
+        b.heard(events::TRANSCRIPT);
         assert_eq!(set.lock().unwrap()["a"], 0);
         // b leaves while waiting: a gets its openings back.
         drop(b);
@@ -1247,16 +1261,30 @@ mod tests {
     }
 
     #[test]
+    fn two_sessions_of_one_name_are_two_waiters() {
+        // Two LiveKit jobs in one room: the session name is the room's.
+        let (board, set) = board();
+        let first = board.put("room", 2, setter(&set, "first"));
+        let second = board.put("room", 2, setter(&set, "second"));
+        first.heard(events::SPEECH_START);
+        assert_eq!(*set.lock().unwrap(), HashMap::from([("second", 0)]));
+        drop(first);
+        assert_eq!(set.lock().unwrap()["second"], 2);
+        drop(second);
+        assert!(board.sessions.lock().unwrap().is_empty());
+    }
+
+    #[test]
     fn a_caller_waits_for_first_audio_only_so_long() {
         let (board, set) = board();
-        let _a = board.put("a", 2, setter(&set, "a"));
-        let _b = board.put("b", 2, setter(&set, "b"));
-        board.heard("a", events::SPEECH_END);
+        let a = board.put("a", 2, setter(&set, "a"));
+        let b = board.put("b", 2, setter(&set, "b"));
+        a.heard(events::SPEECH_END);
         assert_eq!(set.lock().unwrap()["b"], 0);
         // A turn that ended with nothing to answer: past the wait, the next update frees b.
-        board.sessions.lock().unwrap().get_mut("a").unwrap().until =
+        board.sessions.lock().unwrap().get_mut(&a.1).unwrap().until =
             Some(Instant::now() - Duration::from_millis(1));
-        board.heard("b", events::SPEECH_START);
+        b.heard(events::SPEECH_START);
         assert_eq!(set.lock().unwrap()["b"], 2);
         assert_eq!(set.lock().unwrap()["a"], 0);
     }
