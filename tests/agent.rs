@@ -384,22 +384,31 @@ fn a_caller_that_vanishes_is_cleaned_up_and_others_go_on() {
     vanish(&mut agent, "warm2.wav");
     assert!(place("second.wav", &q).wait().unwrap().success());
     let baseline = rss_kib(agent.child.id());
-    // The vanishing caller under test.
-    vanish(&mut agent, "gone.wav");
-    // Others go on.
-    let record = dir.path().join("after.wav");
-    assert!(place("after.wav", &q).wait().unwrap().success());
-    let agent_side = dir.path().join("agent.wav");
-    channel(&record, 2, &agent_side);
-    let heard = normalize(&check(vox().arg("transcribe").arg(&agent_side)));
-    assert!(heard.contains("paris"), "the agent said: {heard}");
-    ns.wait_metric(port, "vox_sessions_active", Duration::from_secs(15), |v| {
-        v == 0.0
-    });
-    let after = rss_kib(agent.child.id());
+    // The vanishing caller under test, and the next caller, twice.
+    let mut rounds = Vec::new();
+    for round in 1..=2 {
+        vanish(&mut agent, &format!("gone{round}.wav"));
+        // Others go on.
+        let name = format!("after{round}.wav");
+        assert!(place(&name, &q).wait().unwrap().success());
+        let agent_side = dir.path().join(format!("agent{round}.wav"));
+        channel(&dir.path().join(&name), 2, &agent_side);
+        let heard = normalize(&check(vox().arg("transcribe").arg(&agent_side)));
+        assert!(heard.contains("paris"), "the agent said: {heard}");
+        ns.wait_metric(port, "vox_sessions_active", Duration::from_secs(15), |v| {
+            v == 0.0
+        });
+        rounds.push(rss_kib(agent.child.id()));
+    }
+    // A session that leaks leaves its memory behind every time; the shared buffers may still
+    // grow once (a longer piece of speech than any before, key/value cells not touched yet;
+    // seen once in CI: +32 MiB over the first two calls), so the test passes when either round
+    // came back to within 30 MiB of the memory before it.
+    let (first, second) = (rounds[0], rounds[1]);
     assert!(
-        after < baseline + 30 * 1024,
-        "memory grew from {baseline} KiB to {after} KiB over two more calls"
+        first < baseline + 30 * 1024 || second < first + 30 * 1024,
+        "memory grew from {baseline} KiB to {first} KiB, then to {second} KiB, over two more \
+         calls each"
     );
     assert_eq!(ns.metric(port, "vox_sessions_failed_total"), Some(0.0));
 }
