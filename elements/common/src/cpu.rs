@@ -11,8 +11,8 @@
 //! Waiters are served by deadline, the moment they must start for their result to be ready
 //! when it is needed, then in arrival order: a caller's first words go before the rest of
 //! another caller's long answer, whose audio is still playing, and after the next piece of an
-//! answer whose audio is about to run out. A waiter at the head of the line is not passed by smaller requests behind it,
-//! so nobody starves.
+//! answer whose audio is about to run out. A waiter at the head of the line is not passed by
+//! smaller requests behind it, so nobody starves.
 //!
 //! `GST_DEBUG=voxcpu:5` logs each turn: the thread, how long it waited, how far from its
 //! deadline it started, and how long it held the cores.

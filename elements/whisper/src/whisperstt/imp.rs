@@ -17,6 +17,7 @@
 //! `kokorotts` start the reply during the pause and hold its audio; at the end of speech an
 //! out-of-band `vox-turn` (`confirmed`) lets it out, and if speech resumes one (`withdrawn`)
 //! drops it. The transcript message is posted when the turn is confirmed.
+//!
 //! Inference runs on a worker thread, never on the streaming thread; the encoder window is sized
 //! to each utterance (`audio-ctx=-1`), so a 3 s utterance does not pay for Whisper's 30 s
 //! window. All instances in a process share one loaded model.
