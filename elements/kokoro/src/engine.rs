@@ -1,6 +1,8 @@
 //! Kokoro-82M on ONNX Runtime (no GStreamer types): token ids + style + speed → 24 kHz audio.
-//! One session per (model file, thread count) per process, shared by every element instance.
+//! One session per (model file, thread count, rewrites) per process, shared by every element
+//! instance.
 
+use crate::rewrite::{self, Options};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{RunOptions, Session};
 use ort::value::Tensor;
@@ -53,39 +55,55 @@ pub fn compute_for(words: usize, rtf: f32, speed: f32) -> f32 {
     (PIECE_SILENCE + words as f32 * SPEECH_PER_WORD) / speed.max(1e-3) * rtf
 }
 
-type Registry = Mutex<Vec<((PathBuf, usize), Arc<Kokoro>)>>;
+type Registry = Mutex<Vec<((PathBuf, usize, Options), Arc<Kokoro>)>>;
 
 impl Kokoro {
     /// The shared model named or pointed to by `model`, loaded on first use.
-    pub fn shared(model: &str, threads: usize) -> Result<Arc<Self>, Error> {
+    pub fn shared(model: &str, threads: usize, options: Options) -> Result<Arc<Self>, Error> {
         static MODELS: Registry = Mutex::new(Vec::new());
         let path = vox_common::models::resolve(model, vox_common::models::ModelKind::Tts)?;
         let mut models = MODELS.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (path.clone(), threads);
+        let key = (path.clone(), threads, options);
         if let Some((_, m)) = models.iter().find(|(k, _)| *k == key) {
             return Ok(m.clone());
         }
-        let m = Arc::new(Self::load(&path, threads)?);
+        let m = Arc::new(Self::load(&path, threads, options)?);
         models.push((key, m.clone()));
         Ok(m)
     }
 
-    pub fn load(path: &Path, threads: usize) -> Result<Self, Error> {
+    /// Loads the model at `path` for `threads` cores, its graph rewritten as `options` ask
+    /// (see [`crate::rewrite`]).
+    pub fn load(path: &Path, threads: usize, options: Options) -> Result<Self, Error> {
         let env = vox_common::onnx::environment().map_err(Error::Runtime)?;
         let load_err = |e: &dyn std::fmt::Display| Error::Load {
             path: path.to_path_buf(),
             why: e.to_string(),
         };
-        let session = Session::builder(env)
+        let rewritten = if options.float_convs || options.snake {
+            let bytes = std::fs::read(path).map_err(|e| load_err(&e))?;
+            rewrite::rewrite(&bytes, options).map_err(|e| load_err(&e))?
+        } else {
+            None
+        };
+        let mut builder = Session::builder(env)
             .map_err(|e| load_err(&e))?
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(|e| load_err(&e))?
             .with_intra_threads(threads.max(1))
             .map_err(|e| load_err(&e))?
             .with_inter_threads(1)
-            .map_err(|e| load_err(&e))?
-            .commit_from_file(path)
             .map_err(|e| load_err(&e))?;
+        if rewritten.as_ref().is_some_and(|r| r.snakes > 0) {
+            let domain = crate::snake::domain().map_err(|e| load_err(&e))?;
+            builder = builder.with_operators(domain).map_err(|e| load_err(&e))?;
+        }
+        let session = match &rewritten {
+            Some(r) => builder.commit_from_memory(&r.model),
+            None => builder.commit_from_file(path),
+        }
+        .map_err(|e| load_err(&e))?;
+        drop(rewritten);
         let mut names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         names.sort_unstable();
         if names != ["speed", "style", "tokens"] {

@@ -2,13 +2,15 @@
 //!
 //! The algorithmic core lives in plain modules with no GStreamer types: [`phonemes`] turns text
 //! into token ids (normalisation, libespeak-ng, chunking), [`voices`] reads the style tables,
-//! [`engine`] runs the model.
+//! [`engine`] runs the model, [`rewrite`] makes its graph faster (with [`snake`]'s operator).
 #![allow(clippy::non_send_fields_in_send_ty)]
 
 pub mod engine;
 mod kokorotts;
 pub mod phonemes;
 pub mod remote;
+pub mod rewrite;
+pub mod snake;
 pub mod voices;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {

@@ -49,6 +49,7 @@ use crate::engine::{
     Kokoro, SAMPLE_RATE, trim_leading_silence, trim_trailing_silence, words_within,
 };
 use crate::phonemes::{self, Vocab};
+use crate::rewrite::Options;
 use crate::voices::{self, Voice};
 use ort::session::RunOptions;
 use vox_common::events::{Decisions, TurnMark, TurnState};
@@ -81,6 +82,7 @@ struct Settings {
     language: String,
     speed: f32,
     threads: u32,
+    float_convolutions: bool,
     first_words: u32,
     service: vox_common::remote::Settings,
 }
@@ -95,6 +97,7 @@ impl Default for Settings {
             language: DEFAULT_LANGUAGE.into(),
             speed: DEFAULT_SPEED,
             threads: DEFAULT_THREADS,
+            float_convolutions: true,
             first_words: DEFAULT_FIRST_WORDS,
             service: Default::default(),
         }
@@ -198,7 +201,15 @@ impl KokoroTts {
         let voice = voices::load(&voices_path, &s.voice).map_err(|e| e.to_string())?;
         // Starts espeak-ng and checks the language now, not at the first sentence.
         phonemes::phonemise("test", &s.language).map_err(|e| e.to_string())?;
-        let model = Kokoro::shared(&s.model, s.threads as usize).map_err(|e| e.to_string())?;
+        let model = Kokoro::shared(
+            &s.model,
+            s.threads as usize,
+            Options {
+                float_convs: s.float_convolutions,
+                snake: true,
+            },
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Synth::Local(Loaded {
             model,
             voice,
@@ -768,6 +779,12 @@ impl ObjectImpl for KokoroTts {
                     .default_value(DEFAULT_THREADS)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecBoolean::builder("float-convolutions")
+                    .nick("Float convolutions")
+                    .blurb("Run an int8 model's convolutions in float with its dequantised weights: 10–13% faster synthesis for ~150 MiB more memory")
+                    .default_value(true)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt::builder("first-words")
                     .nick("First words")
                     .blurb("When none of the stream's audio is playing, speak a sentence's opening (to a clause mark, or this many words) on its own for sooner first audio; 0: whole sentences")
@@ -802,6 +819,9 @@ impl ObjectImpl for KokoroTts {
             "language" => s.language = string(DEFAULT_LANGUAGE),
             "speed" => s.speed = value.get().expect("type checked upstream"),
             "threads" => s.threads = value.get().expect("type checked upstream"),
+            "float-convolutions" => {
+                s.float_convolutions = value.get().expect("type checked upstream")
+            }
             "first-words" => s.first_words = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
@@ -820,6 +840,7 @@ impl ObjectImpl for KokoroTts {
             "language" => s.language.to_value(),
             "speed" => s.speed.to_value(),
             "threads" => s.threads.to_value(),
+            "float-convolutions" => s.float_convolutions.to_value(),
             "first-words" => s.first_words.to_value(),
             other => unreachable!("unknown property {other}"),
         }

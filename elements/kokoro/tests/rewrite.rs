@@ -1,0 +1,179 @@
+//! Kokoro's int8 graph rewritten (`rewrite`: float convolutions, one Snake operator), on the real
+//! model: every `ConvInteger` and Snake chain goes, the speech keeps its length and spectrum,
+//! and what is not a model is an error, not a panic.
+
+use gstvoxkokoro::engine::Kokoro;
+use gstvoxkokoro::phonemes::{self, Vocab};
+use gstvoxkokoro::rewrite::{Options, rewrite};
+use gstvoxkokoro::voices;
+use vox_common::models::{ModelKind, resolve};
+
+fn model() -> std::path::PathBuf {
+    resolve("kokoro", ModelKind::Tts).expect("the Kokoro model: run scripts/setup")
+}
+
+fn count(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle)
+        .count()
+}
+
+/// Log-magnitude spectra of 512-sample Hann windows every 256 samples (a naive DFT over 64
+/// bins up to 3 kHz, where speech's formants are).
+fn spectrum(audio: &[f32]) -> Vec<f64> {
+    let n = 512;
+    let mut out = Vec::new();
+    for start in (0..audio.len().saturating_sub(n)).step_by(256) {
+        for bin in 1..=64 {
+            let (mut re, mut im) = (0.0f64, 0.0f64);
+            for (k, &x) in audio[start..start + n].iter().enumerate() {
+                let w = 0.5 - 0.5 * (2.0 * std::f64::consts::PI * k as f64 / n as f64).cos();
+                let phase = 2.0 * std::f64::consts::PI * bin as f64 * k as f64 / n as f64;
+                re += w * x as f64 * phase.cos();
+                im -= w * x as f64 * phase.sin();
+            }
+            out.push((re.hypot(im) + 1e-4).ln());
+        }
+    }
+    out
+}
+
+fn correlation(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let ma = a.iter().sum::<f64>() / n as f64;
+    let mb = b.iter().sum::<f64>() / n as f64;
+    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+const ALL: Options = Options {
+    float_convs: true,
+    snake: true,
+};
+const NONE: Options = Options {
+    float_convs: false,
+    snake: false,
+};
+
+#[test]
+fn every_int8_convolution_and_snake_is_rewritten_and_the_speech_stays_the_same() {
+    let path = model();
+    let bytes = std::fs::read(&path).unwrap();
+    let before = count(&bytes, b"ConvInteger");
+    assert!(
+        before > 0,
+        "{} has no ConvInteger: not the int8 model",
+        path.display()
+    );
+    let rewritten = rewrite(&bytes, ALL)
+        .unwrap()
+        .expect("the int8 model's chains are rewritten");
+    assert_eq!(
+        rewritten.convs, 87,
+        "Kokoro-82M int8 has 87 quantised convolutions"
+    );
+    assert_eq!(
+        rewritten.snakes, 48,
+        "Kokoro-82M's generator has 48 Snake activations"
+    );
+    assert_eq!(count(&rewritten.model, b"ConvInteger"), 0);
+    // Three sines are left: the harmonic source's, the phase's and the inverse STFT's
+    // ("\x22\x03Sin" is `op_type: "Sin"` on the wire).
+    assert_eq!(count(&bytes, b"\x22\x03Sin"), 51);
+    assert_eq!(count(&rewritten.model, b"\x22\x03Sin"), 3);
+    let only_snakes = Options {
+        float_convs: false,
+        snake: true,
+    };
+    let snakes = rewrite(&bytes, only_snakes).unwrap().unwrap();
+    assert_eq!((snakes.convs, snakes.snakes), (0, 48));
+    assert_eq!(count(&snakes.model, b"ConvInteger"), 87);
+    let only_convs = Options {
+        float_convs: true,
+        snake: false,
+    };
+    drop(bytes);
+
+    let vocab = Vocab::load(&resolve("kokoro-vocab", ModelKind::Vocab).unwrap()).unwrap();
+    let voices_path = resolve("kokoro-voices", ModelKind::Voices).unwrap();
+    let voice = voices::load(&voices_path, "jf_alpha").unwrap();
+    let chunk = phonemes::chunks("The capital of France is Paris.", "en-us", &vocab)
+        .unwrap()
+        .remove(0);
+    let speak = |options: Options| {
+        Kokoro::load(&path, 2, options)
+            .unwrap()
+            .synthesise(&chunk.ids, voice.style(chunk.ids.len()), 1.0)
+            .unwrap()
+    };
+    // Against the graph as it is, the float convolutions leave out the 8-bit quantisation of
+    // every convolution's input: close, not the same.
+    let original = speak(NONE);
+    let float = speak(only_convs);
+    let ratio = float.len() as f64 / original.len() as f64;
+    assert!(
+        (0.95..1.05).contains(&ratio),
+        "{} against {} samples",
+        float.len(),
+        original.len()
+    );
+    let r = correlation(&spectrum(&float), &spectrum(&original));
+    assert!(
+        r > 0.9,
+        "log spectra correlate {r:.3}: the float convolutions changed the speech"
+    );
+    // The Snake operator computes what the chain computed, to a float's rounding (compared in
+    // float: in the int8 graph, the next quantisation turns a last-bit difference into a step).
+    let both = speak(ALL);
+    assert_eq!(both.len(), float.len());
+    let worst = both
+        .iter()
+        .zip(&float)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        worst < 1e-4,
+        "the Snake operator changed a sample by {worst}"
+    );
+    // And in the int8 graph (`kokorotts float-convolutions=false`).
+    let int8_snakes = speak(only_snakes);
+    assert_eq!(int8_snakes.len(), original.len());
+    let r = correlation(&spectrum(&int8_snakes), &spectrum(&original));
+    assert!(
+        r > 0.9,
+        "log spectra correlate {r:.3}: the Snake operator changed the speech"
+    );
+}
+
+#[test]
+fn a_model_without_quantised_convolutions_is_left_as_it_is() {
+    let vad = resolve("silero-vad", ModelKind::Vad).expect("the Silero model: run scripts/setup");
+    assert!(
+        rewrite(&std::fs::read(vad).unwrap(), ALL)
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[test]
+fn what_is_not_a_model_is_an_error_naming_the_file() {
+    assert!(rewrite(b"\xff\xff\xff\xff not a model", ALL).is_err());
+    let bytes = std::fs::read(model()).unwrap();
+    let cut = &bytes[..bytes.len() / 2];
+    assert!(rewrite(cut, ALL).unwrap_err().contains("truncated"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("half.onnx");
+    std::fs::write(&path, cut).unwrap();
+    let err = Kokoro::load(&path, 1, ALL)
+        .err()
+        .expect("a half model fails to load")
+        .to_string();
+    assert!(
+        err.contains("half.onnx") && err.contains("truncated"),
+        "{err}"
+    );
+}
