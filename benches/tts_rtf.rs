@@ -4,8 +4,8 @@
 //! kokoro-onnx-style pipeline (onnxruntime + libespeak-ng through ctypes, same int8 model, same
 //! voice, same thread count; `benches/kokoro_python.py`), run before and after ours in the same
 //! run (its two medians averaged). Ours runs three times: with the graph rewritten as kokorotts
-//! does by default (float convolutions, one Snake operator: see `rewrite`), with the float
-//! convolutions only, and as it is. Medians of 5 runs after a warm-up. Targets: RTF no worse
+//! does by default (float convolutions, the Snake and STFT operators: see `rewrite`), with the
+//! float convolutions only, and as it is. Medians of 5 runs after a warm-up. Targets: RTF no worse
 //! than Python's; first audio ≤ 40% of the whole reply's synthesis time.
 
 use gstvoxkokoro::engine::Kokoro;
@@ -100,18 +100,12 @@ fn main() {
         }
         [median(first), median(total), median(rtf), load]
     };
-    let float = ours(Options {
-        float_convs: true,
-        snake: true,
-    });
+    let float = ours(Options::ALL);
     let convs = ours(Options {
         float_convs: true,
-        snake: false,
+        ..Options::NONE
     });
-    let int8 = ours(Options {
-        float_convs: false,
-        snake: false,
-    });
+    let int8 = ours(Options::NONE);
     let after = python();
     let nums: Vec<f64> = before
         .iter()

@@ -80,7 +80,7 @@ impl Kokoro {
             path: path.to_path_buf(),
             why: e.to_string(),
         };
-        let rewritten = if options.float_convs || options.snake {
+        let rewritten = if options != Options::NONE {
             let bytes = std::fs::read(path).map_err(|e| load_err(&e))?;
             rewrite::rewrite(&bytes, options).map_err(|e| load_err(&e))?
         } else {
@@ -94,8 +94,8 @@ impl Kokoro {
             .map_err(|e| load_err(&e))?
             .with_inter_threads(1)
             .map_err(|e| load_err(&e))?;
-        if rewritten.as_ref().is_some_and(|r| r.snakes > 0) {
-            let domain = crate::snake::domain().map_err(|e| load_err(&e))?;
+        if rewritten.as_ref().is_some_and(|r| r.has_operators()) {
+            let domain = rewrite::operators().map_err(|e| load_err(&e))?;
             builder = builder.with_operators(domain).map_err(|e| load_err(&e))?;
         }
         let session = match &rewritten {

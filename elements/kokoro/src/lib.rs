@@ -2,7 +2,8 @@
 //!
 //! The algorithmic core lives in plain modules with no GStreamer types: [`phonemes`] turns text
 //! into token ids (normalisation, libespeak-ng, chunking), [`voices`] reads the style tables,
-//! [`engine`] runs the model, [`rewrite`] makes its graph faster (with [`snake`]'s operator).
+//! [`engine`] runs the model, [`rewrite`] makes its graph faster (with the operators in [`snake`]
+//! and [`stft`]).
 #![allow(clippy::non_send_fields_in_send_ty)]
 
 pub mod engine;
@@ -11,6 +12,7 @@ pub mod phonemes;
 pub mod remote;
 pub mod rewrite;
 pub mod snake;
+pub mod stft;
 pub mod voices;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {

@@ -12,6 +12,11 @@
 //!   five operators (`Mul`, `Sin`, `Pow`, `Mul`, `Add`), each a pass over its largest tensors,
 //!   and ONNX Runtime's `Sin` is scalar. [`crate::snake`]'s operator does it in one vectorised
 //!   pass.
+//! - **The STFT.** ONNX Runtime's `STFT` of the harmonic source is slow for its 20-point frames;
+//!   [`crate::stft`]'s operator does the same sums.
+//!
+//! The operators are in the domain [`DOMAIN`]: a session that loads a rewritten model with
+//! custom operators in it must register [`operators`].
 //!
 //! The model is edited at the protobuf wire level: every record but the rewritten nodes and
 //! initialisers is copied byte for byte, so fields this module does not know survive.
@@ -34,6 +39,7 @@ const GRAPH_OUTPUT: u32 = 12;
 const FLOAT: i32 = 1;
 const UINT8: i32 = 2;
 const INT8: i32 = 3;
+const INT64: i32 = 7;
 
 /// The fields of `NodeProto` this module reads and writes (attributes kept as raw records).
 #[derive(Clone, PartialEq, Message)]
@@ -63,6 +69,8 @@ struct Tensor {
     float_data: Vec<f32>,
     #[prost(int32, repeated, tag = "5")]
     int32_data: Vec<i32>,
+    #[prost(int64, repeated, tag = "7")]
+    int64_data: Vec<i64>,
     #[prost(string, tag = "8")]
     name: String,
     #[prost(bytes = "vec", tag = "9")]
@@ -75,6 +83,17 @@ struct Tensor {
 impl Tensor {
     fn len(&self) -> usize {
         self.dims.iter().map(|&d| d.max(0) as usize).product()
+    }
+
+    /// The value of a one-value int64 tensor.
+    fn int64(&self) -> Option<i64> {
+        if self.data_type != INT64 || self.len() != 1 {
+            return None;
+        }
+        match self.raw_data.as_slice().try_into() {
+            Ok(bytes) => Some(i64::from_le_bytes(bytes)),
+            Err(_) => self.int64_data.first().copied(),
+        }
     }
 
     /// The values as floats, for the types a quantised weight, zero point, scale or bias has.
@@ -171,6 +190,30 @@ struct OpsetImport {
 pub struct Options {
     pub float_convs: bool,
     pub snake: bool,
+    pub stft: bool,
+}
+
+impl Options {
+    pub const ALL: Self = Self {
+        float_convs: true,
+        snake: true,
+        stft: true,
+    };
+    pub const NONE: Self = Self {
+        float_convs: false,
+        snake: false,
+        stft: false,
+    };
+}
+
+/// The domain of our custom operators.
+pub const DOMAIN: &str = "ai.vox";
+
+/// Our custom operators, for a session whose model has them.
+pub fn operators() -> ort::Result<ort::operator::OperatorDomain> {
+    ort::operator::OperatorDomain::new(DOMAIN)?
+        .add(crate::snake::SnakeOperator)?
+        .add(crate::stft::StftOperator)
 }
 
 /// The nodes and initialisers of a graph, and who makes and uses each tensor.
@@ -228,19 +271,28 @@ pub struct Rewritten {
     pub model: Vec<u8>,
     /// How many `ConvInteger` chains became `Conv`s.
     pub convs: usize,
-    /// How many Snake chains became one [`crate::snake`] operator (which the session must then
-    /// register).
+    /// How many Snake chains became one [`crate::snake`] operator.
     pub snakes: usize,
+    /// How many `STFT`s became [`crate::stft`]'s.
+    pub stfts: usize,
+}
+
+impl Rewritten {
+    /// Whether the model has custom operators: the session must register [`operators`].
+    pub fn has_operators(&self) -> bool {
+        self.snakes + self.stfts > 0
+    }
 }
 
 impl std::fmt::Debug for Rewritten {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Rewritten({} bytes, {} convolutions, {} snakes)",
+            "Rewritten({} bytes, {} convolutions, {} snakes, {} STFTs)",
             self.model.len(),
             self.convs,
-            self.snakes
+            self.snakes,
+            self.stfts
         )
     }
 }
@@ -286,7 +338,7 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
     let g = Graph::new(&nodes, &inits, &graph_outputs);
     let mut replacements = Vec::new();
     let mut weights: HashMap<String, Weight> = HashMap::new();
-    let (mut convs, mut snakes) = (0, 0);
+    let (mut convs, mut snakes, mut stfts) = (0, 0, 0);
     for (i, n) in nodes.iter().enumerate() {
         if !n.domain.is_empty() {
             continue;
@@ -294,11 +346,13 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
         let r = match n.op_type.as_str() {
             "ConvInteger" if options.float_convs => float_conv(&g, i, &mut weights),
             "Sin" if options.snake => snake(&g, i),
+            "STFT" if options.stft => stft(&g, i),
             _ => None,
         };
         if let Some(r) = r {
             match n.op_type.as_str() {
                 "Sin" => snakes += 1,
+                "STFT" => stfts += 1,
                 _ => convs += 1,
             }
             replacements.push(r);
@@ -407,9 +461,9 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
         .sum::<usize>();
 
     let mut out = Vec::with_capacity(model.len() - graph.payload.len() + graph_len + 64);
-    if snakes > 0 {
+    if snakes + stfts > 0 {
         let domain = OpsetImport {
-            domain: crate::snake::DOMAIN.into(),
+            domain: DOMAIN.into(),
             version: 1,
         };
         put_message(MODEL_OPSET_IMPORT, &domain.encode_to_vec(), &mut out);
@@ -444,6 +498,7 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
         model: out,
         convs,
         snakes,
+        stfts,
     }))
 }
 
@@ -590,9 +645,44 @@ fn snake(g: &Graph, i: usize) -> Option<Replacement> {
             name: format!("{}_snake", sin.name),
             op_type: crate::snake::NAME.into(),
             attribute: Vec::new(),
-            domain: crate::snake::DOMAIN.into(),
+            domain: DOMAIN.into(),
         },
         removed: vec![scaled_at, i, pow, times, add],
+    })
+}
+
+/// [`crate::stft`]'s operator for the `STFT` at `i`: a one-sided transform with a frame step
+/// and a window given, the frame length (if given) the window's.
+fn stft(g: &Graph, i: usize) -> Option<Replacement> {
+    let node = &g.nodes[i];
+    let [signal, step, window, rest @ ..] = node.input.as_slice() else {
+        return None;
+    };
+    let window_len = g.tensor(window)?.dims;
+    let one_sided = node
+        .attribute
+        .iter()
+        .filter_map(|a| IntAttribute::decode(a.as_slice()).ok())
+        .any(|a| a.name == "onesided" && a.i == 1);
+    let length_fits = match rest {
+        [] => true,
+        [length] => window_len == [g.tensor(length)?.int64()?],
+        _ => false,
+    };
+    if !one_sided || !length_fits || window_len.len() != 1 || step.is_empty() {
+        return None;
+    }
+    Some(Replacement {
+        at: i,
+        node: Node {
+            input: vec![signal.clone(), step.clone(), window.clone()],
+            output: node.output.clone(),
+            name: format!("{}_vox", node.name),
+            op_type: crate::stft::NAME.into(),
+            attribute: Vec::new(),
+            domain: DOMAIN.into(),
+        },
+        removed: vec![i],
     })
 }
 

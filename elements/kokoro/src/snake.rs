@@ -6,18 +6,11 @@
 //! Runtime's threads. [`crate::rewrite`] puts it in the graph.
 
 use ort::operator::{
-    BoxedKernel, ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput,
-    OperatorOutput,
+    BoxedKernel, ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput,
 };
 use ort::value::TensorElementType;
 
-pub const DOMAIN: &str = "ai.vox";
 pub const NAME: &str = "Snake";
-
-/// The domain to register with a session whose graph has the operator.
-pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(SnakeOperator)
-}
 
 /// sin²(y). The argument is reduced to r in [-π/2, π/2] with y = r + kπ (π in three parts, so
 /// that kπ is exact for |k| < 2¹⁶), where sin²(y) = sin²(r) and sin(r) is its Taylor polynomial
@@ -68,7 +61,7 @@ pub fn activate(x: &[f32], alpha: f32, inverse: f32, y: &mut [f32]) {
     row(x, alpha, inverse, y)
 }
 
-struct SnakeOperator;
+pub(crate) struct SnakeOperator;
 
 impl Operator for SnakeOperator {
     type Kernel<'attr> = BoxedKernel<'attr>;

@@ -1,6 +1,6 @@
-//! Kokoro's int8 graph rewritten (`rewrite`: float convolutions, one Snake operator), on the real
-//! model: every `ConvInteger` and Snake chain goes, the speech keeps its length and spectrum,
-//! and what is not a model is an error, not a panic.
+//! Kokoro's int8 graph rewritten (`rewrite`: float convolutions, the Snake and STFT operators),
+//! on the real model: every `ConvInteger`, Snake chain and `STFT` goes, the speech keeps its
+//! length and spectrum, and what is not a model is an error, not a panic.
 
 use gstvoxkokoro::engine::Kokoro;
 use gstvoxkokoro::phonemes::{self, Vocab};
@@ -50,17 +50,11 @@ fn correlation(a: &[f64], b: &[f64]) -> f64 {
     cov / (va * vb).sqrt()
 }
 
-const ALL: Options = Options {
-    float_convs: true,
-    snake: true,
-};
-const NONE: Options = Options {
-    float_convs: false,
-    snake: false,
-};
+const ALL: Options = Options::ALL;
+const NONE: Options = Options::NONE;
 
 #[test]
-fn every_int8_convolution_and_snake_is_rewritten_and_the_speech_stays_the_same() {
+fn every_int8_convolution_snake_and_stft_is_rewritten_and_the_speech_stays_the_same() {
     let path = model();
     let bytes = std::fs::read(&path).unwrap();
     let before = count(&bytes, b"ConvInteger");
@@ -85,16 +79,17 @@ fn every_int8_convolution_and_snake_is_rewritten_and_the_speech_stays_the_same()
     // ("\x22\x03Sin" is `op_type: "Sin"` on the wire).
     assert_eq!(count(&bytes, b"\x22\x03Sin"), 51);
     assert_eq!(count(&rewritten.model, b"\x22\x03Sin"), 3);
-    let only_snakes = Options {
+    // `kokorotts float-convolutions=false`: the other rewrites only.
+    let int8_ops = Options {
         float_convs: false,
-        snake: true,
+        ..ALL
     };
-    let snakes = rewrite(&bytes, only_snakes).unwrap().unwrap();
-    assert_eq!((snakes.convs, snakes.snakes), (0, 48));
-    assert_eq!(count(&snakes.model, b"ConvInteger"), 87);
+    let ops = rewrite(&bytes, int8_ops).unwrap().unwrap();
+    assert_eq!((ops.convs, ops.snakes, ops.stfts), (0, 48, 1));
+    assert_eq!(count(&ops.model, b"ConvInteger"), 87);
     let only_convs = Options {
         float_convs: true,
-        snake: false,
+        ..NONE
     };
     drop(bytes);
 
@@ -126,11 +121,11 @@ fn every_int8_convolution_and_snake_is_rewritten_and_the_speech_stays_the_same()
         r > 0.9,
         "log spectra correlate {r:.3}: the float convolutions changed the speech"
     );
-    // The Snake operator computes what the chain computed, to a float's rounding (compared in
+    // The Snake operator computes what the chains computed, to a float's rounding (compared in
     // float: in the int8 graph, the next quantisation turns a last-bit difference into a step).
-    let both = speak(ALL);
-    assert_eq!(both.len(), float.len());
-    let worst = both
+    let snakes = speak(Options { stft: false, ..ALL });
+    assert_eq!(snakes.len(), float.len());
+    let worst = snakes
         .iter()
         .zip(&float)
         .map(|(a, b)| (a - b).abs())
@@ -139,13 +134,23 @@ fn every_int8_convolution_and_snake_is_rewritten_and_the_speech_stays_the_same()
         worst < 1e-4,
         "the Snake operator changed a sample by {worst}"
     );
-    // And in the int8 graph (`kokorotts float-convolutions=false`).
-    let int8_snakes = speak(only_snakes);
-    assert_eq!(int8_snakes.len(), original.len());
-    let r = correlation(&spectrum(&int8_snakes), &spectrum(&original));
+    // The STFT operator is within 2e-7 of a double-precision DFT where ONNX Runtime's is within
+    // ~1e-5 (both measured against numpy's rfft), and the generator takes the phase of every bin, near-silent ones too: a change of
+    // 1e-6 in the window moves samples by up to 0.03. Same length, same spectrum.
+    let all = speak(ALL);
+    assert_eq!(all.len(), float.len());
+    let r = correlation(&spectrum(&all), &spectrum(&snakes));
+    assert!(
+        r > 0.98,
+        "log spectra correlate {r:.3}: the STFT operator changed the speech"
+    );
+    // And in the int8 graph.
+    let int8 = speak(int8_ops);
+    assert_eq!(int8.len(), original.len());
+    let r = correlation(&spectrum(&int8), &spectrum(&original));
     assert!(
         r > 0.9,
-        "log spectra correlate {r:.3}: the Snake operator changed the speech"
+        "log spectra correlate {r:.3}: the Snake and STFT operators changed the speech"
     );
 }
 

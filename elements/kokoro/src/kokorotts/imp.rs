@@ -206,7 +206,7 @@ impl KokoroTts {
             s.threads as usize,
             Options {
                 float_convs: s.float_convolutions,
-                snake: true,
+                ..Options::ALL
             },
         )
         .map_err(|e| e.to_string())?;
