@@ -11,7 +11,8 @@
 //! - **One Snake.** The generator's activation, `x + sin²(αx)/α` per channel, is exported as
 //!   five operators (`Mul`, `Sin`, `Pow`, `Mul`, `Add`), each a pass over its largest tensors,
 //!   and ONNX Runtime's `Sin` is scalar. [`crate::snake`]'s operator does it in one vectorised
-//!   pass.
+//!   pass, with the adaptive instance normalisation before it (nine more operators) where there
+//!   is one.
 //! - **The STFT.** ONNX Runtime's `STFT` of the harmonic source is slow for its 20-point frames;
 //!   [`crate::stft`]'s operator does the same sums.
 //!
@@ -213,6 +214,7 @@ pub const DOMAIN: &str = "ai.vox";
 pub fn operators() -> ort::Result<ort::operator::OperatorDomain> {
     ort::operator::OperatorDomain::new(DOMAIN)?
         .add(crate::snake::SnakeOperator)?
+        .add(crate::snake::NormSnakeOperator)?
         .add(crate::stft::StftOperator)
 }
 
@@ -273,6 +275,8 @@ pub struct Rewritten {
     pub convs: usize,
     /// How many Snake chains became one [`crate::snake`] operator.
     pub snakes: usize,
+    /// How many of those took the adaptive instance normalisation before them too.
+    pub norms: usize,
     /// How many `STFT`s became [`crate::stft`]'s.
     pub stfts: usize,
 }
@@ -288,10 +292,11 @@ impl std::fmt::Debug for Rewritten {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Rewritten({} bytes, {} convolutions, {} snakes, {} STFTs)",
+            "Rewritten({} bytes, {} convolutions, {} snakes ({} with their norm), {} STFTs)",
             self.model.len(),
             self.convs,
             self.snakes,
+            self.norms,
             self.stfts
         )
     }
@@ -338,7 +343,7 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
     let g = Graph::new(&nodes, &inits, &graph_outputs);
     let mut replacements = Vec::new();
     let mut weights: HashMap<String, Weight> = HashMap::new();
-    let (mut convs, mut snakes, mut stfts) = (0, 0, 0);
+    let (mut convs, mut snakes, mut norms, mut stfts) = (0, 0, 0, 0);
     for (i, n) in nodes.iter().enumerate() {
         if !n.domain.is_empty() {
             continue;
@@ -351,6 +356,9 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
         };
         if let Some(r) = r {
             match n.op_type.as_str() {
+                "Sin" if r.node.op_type == crate::snake::NORM_NAME => {
+                    (snakes, norms) = (snakes + 1, norms + 1)
+                }
                 "Sin" => snakes += 1,
                 "STFT" => stfts += 1,
                 _ => convs += 1,
@@ -498,6 +506,7 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
         model: out,
         convs,
         snakes,
+        norms,
         stfts,
     }))
 }
@@ -637,17 +646,129 @@ fn snake(g: &Graph, i: usize) -> Option<Replacement> {
         return None;
     }
     let scaled_at = *g.producer.get(scaled.output[0].as_str())?;
+    let mut removed = vec![scaled_at, i, pow, times, add];
+    // With the AdaIN that makes `x` (used by this Snake only), one operator does both.
+    let users: HashSet<usize> = g.consumers.get(x.as_str())?.iter().copied().collect();
+    let norm = adain(g, x).filter(|_| users == HashSet::from([scaled_at, add]));
+    let (op, input) = match norm {
+        Some(norm) => {
+            removed.extend(norm.nodes);
+            let input = vec![
+                norm.x,
+                norm.scale,
+                norm.shift,
+                norm.eps,
+                alpha.clone(),
+                inverse,
+            ];
+            (crate::snake::NORM_NAME, input)
+        }
+        None => (crate::snake::NAME, vec![x.clone(), alpha.clone(), inverse]),
+    };
     Some(Replacement {
         at: add,
         node: Node {
-            input: vec![x.clone(), alpha.clone(), inverse],
+            input,
             output: nodes[add].output.clone(),
             name: format!("{}_snake", sin.name),
-            op_type: crate::snake::NAME.into(),
+            op_type: op.into(),
             attribute: Vec::new(),
             domain: DOMAIN.into(),
         },
-        removed: vec![scaled_at, i, pow, times, add],
+        removed,
+    })
+}
+
+/// An adaptive instance normalisation, `scale × (x - mean) / sqrt(variance + eps) + shift`,
+/// mean and variance over the last axis of [batch, channels, time], as exported:
+/// `Add(Mul(scale, Div(d = Sub(x, ReduceMean(x)), Sqrt(Add(ReduceMean(Mul(d, d)), eps)))),
+/// shift)`.
+struct AdaIn {
+    x: String,
+    scale: String,
+    shift: String,
+    eps: String,
+    /// Its nodes, each used by the next only.
+    nodes: Vec<usize>,
+}
+
+/// The AdaIN whose output is `y`.
+fn adain(g: &Graph, y: &str) -> Option<AdaIn> {
+    let at = |name: &str| g.producer.get(name).copied();
+    let [a, b] = g.made_by(y, "Add")?.input.as_slice() else {
+        return None;
+    };
+    let (mul, shift) = match (g.made_by(a, "Mul"), g.made_by(b, "Mul")) {
+        (Some(m), None) => (m, b),
+        (None, Some(m)) => (m, a),
+        _ => return None,
+    };
+    let [a, b] = mul.input.as_slice() else {
+        return None;
+    };
+    let (div, scale) = match (g.made_by(a, "Div"), g.made_by(b, "Div")) {
+        (Some(d), None) => (d, b),
+        (None, Some(d)) => (d, a),
+        _ => return None,
+    };
+    let [d, sd] = div.input.as_slice() else {
+        return None;
+    };
+    let [x, m] = g.made_by(d, "Sub")?.input.as_slice() else {
+        return None;
+    };
+    let mean = g.made_by(m, "ReduceMean")?;
+    let sqrt = g.made_by(sd, "Sqrt")?;
+    let [v, eps] = g.made_by(sqrt.input.first()?, "Add")?.input.as_slice() else {
+        return None;
+    };
+    let variance = g.made_by(v, "ReduceMean")?;
+    let square = g.made_by(variance.input.first()?, "Mul")?;
+    let over_time = |r: &Node| {
+        let keeps_dims = r.attribute.iter().all(|a| {
+            IntAttribute::decode(a.as_slice()).is_ok_and(|a| a.name != "keepdims" || a.i == 1)
+        });
+        let axis = r.input.get(1).and_then(|axes| g.tensor(axes)?.int64());
+        keeps_dims && matches!(axis, Some(2 | -1))
+    };
+    let eps_value = g.tensor(eps)?.values()?;
+    if mean.input.first() != Some(x)
+        || square.input != [d.clone(), d.clone()]
+        || !over_time(mean)
+        || !over_time(variance)
+        || eps_value.len() != 1
+    {
+        return None;
+    }
+    // Each node's output goes to the next only (the difference to its square and the Div).
+    let d_users: HashSet<usize> = g.consumers.get(d.as_str())?.iter().copied().collect();
+    let chain = [m, v, sd, &sqrt.input[0], &div.output[0], &mul.output[0]];
+    if d_users != HashSet::from([at(&square.output[0])?, at(&div.output[0])?])
+        || chain.iter().any(|t| g.only_user(t).is_none())
+        || g.only_user(&square.output[0]).is_none()
+    {
+        return None;
+    }
+    let nodes = [
+        m,
+        d,
+        &square.output[0],
+        v,
+        &sqrt.input[0],
+        sd,
+        &div.output[0],
+        &mul.output[0],
+        y,
+    ]
+    .iter()
+    .map(|t| at(t))
+    .collect::<Option<Vec<usize>>>()?;
+    Some(AdaIn {
+        x: x.clone(),
+        scale: scale.clone(),
+        shift: shift.clone(),
+        eps: eps.clone(),
+        nodes,
     })
 }
 

@@ -121,7 +121,7 @@ fn every_int8_convolution_snake_and_stft_is_rewritten_and_the_speech_stays_the_s
         r > 0.9,
         "log spectra correlate {r:.3}: the float convolutions changed the speech"
     );
-    // The Snake operator computes what the chains computed, to a float's rounding (compared in
+    // The Snake operators compute what the chains computed, to a float's rounding (compared in
     // float: in the int8 graph, the next quantisation turns a last-bit difference into a step).
     let snakes = speak(Options { stft: false, ..ALL });
     assert_eq!(snakes.len(), float.len());
@@ -132,7 +132,7 @@ fn every_int8_convolution_snake_and_stft_is_rewritten_and_the_speech_stays_the_s
         .fold(0.0, f32::max);
     assert!(
         worst < 1e-4,
-        "the Snake operator changed a sample by {worst}"
+        "the Snake operators changed a sample by {worst}"
     );
     // The STFT operator is within 2e-7 of a double-precision DFT where ONNX Runtime's is within
     // ~1e-5 (both measured against numpy's rfft), and the generator takes the phase of every bin, near-silent ones too: a change of
