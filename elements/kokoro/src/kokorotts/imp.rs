@@ -781,7 +781,7 @@ impl ObjectImpl for KokoroTts {
                     .build(),
                 glib::ParamSpecBoolean::builder("float-convolutions")
                     .nick("Float convolutions")
-                    .blurb("Run an int8 model's convolutions in float with its dequantised weights: 10–13% faster synthesis for ~150 MiB more memory")
+                    .blurb("Run an int8 model's convolutions in float with its dequantised weights: 10–13% faster synthesis for ~200 MiB more memory")
                     .default_value(true)
                     .mutable_ready()
                     .build(),
