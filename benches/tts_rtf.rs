@@ -44,10 +44,13 @@ fn main() {
             )
         });
         let out = std::process::Command::new(&venv)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/benches/kokoro_python.py"
-            ))
+            .arg(
+                std::path::Path::new(
+                    &std::env::var("CARGO_MANIFEST_DIR")
+                        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()),
+                )
+                .join("benches/kokoro_python.py"),
+            )
             .arg(&model)
             .arg(&voices_path)
             .arg(&vocab_path)

@@ -550,7 +550,7 @@ fn the_official_openai_client_works_unchanged() {
     let key = dir.path().join("key");
     std::fs::write(&key, "sesame").unwrap();
     let server = Server::start(&["all", "--api-key-file", &key.display().to_string()]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let script = common::repo().join("tests/openai_client.py");
     let out = check(
         Command::new(&python)
             .arg(script)

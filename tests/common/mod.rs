@@ -7,9 +7,13 @@ pub mod netns;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The checkout's root (scripts, graphs, k8s).
+/// The checkout's root (scripts, graphs, k8s): cargo's `CARGO_MANIFEST_DIR` when it runs the
+/// test, else where the test was built. (One target directory may serve two checkouts: cargo
+/// does not rebuild a test that only moved, so the path built in can be another checkout's.)
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// `../shared/fixtures` beside the checkout.
@@ -228,6 +232,8 @@ pub fn isolate(c: &mut Command) {
     c.env("GST_PLUGIN_SYSTEM_PATH_1_0", system_plugin_dir());
     c.env_remove("GST_PLUGIN_PATH_1_0");
     c.env_remove("GST_PLUGIN_PATH");
+    // This checkout's graphs, not those of the source tree `vox` was built in.
+    c.env("VOX_GRAPHS", repo().join("graphs"));
 }
 
 pub fn system_plugin_dir() -> String {

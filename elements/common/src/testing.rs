@@ -3,10 +3,18 @@
 
 use std::path::PathBuf;
 
-/// A file of `../shared/fixtures` beside the checkout.
+/// A file of `../shared/fixtures` beside the checkout: found from cargo's `CARGO_MANIFEST_DIR`
+/// when it runs the test, else from where the test was built (one target directory may serve
+/// two checkouts, and cargo does not rebuild a test that only moved).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures")
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    crate_dir
+        .ancestors()
+        .map(|d| d.join("shared/fixtures"))
+        .find(|d| d.is_dir())
+        .unwrap_or_else(|| crate_dir.join("../../../shared/fixtures"))
         .join(name)
 }
 
