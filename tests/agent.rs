@@ -300,9 +300,12 @@ fn a_pause_in_mid_question_withdraws_the_reply_made_ahead() {
     let mut agent = Agent::start(&ns, 8451, &[]);
     let (heard, log) = ask(&ns, &mut agent, &q, dir.path());
     assert!(log.contains("withdrew a reply made ahead"), "{log}");
+    // The whole question, both sides of the pause, in one transcript (tiny.en has heard its
+    // last word, over Opus, as "friends").
     assert!(
-        log.lines().any(|l| l.contains(" heard ")
-            && normalize(l).contains("tell me what is the capital of france")),
+        log.lines()
+            .any(|l| l.contains(" heard ")
+                && normalize(l).contains("tell me what is the capital of")),
         "{log}"
     );
     assert!(heard.contains("paris"), "the agent said: {heard}\n{log}");
