@@ -97,7 +97,7 @@ impl Default for Settings {
             language: DEFAULT_LANGUAGE.into(),
             speed: DEFAULT_SPEED,
             threads: DEFAULT_THREADS,
-            float_convolutions: true,
+            float_convolutions: false,
             first_words: DEFAULT_FIRST_WORDS,
             service: Default::default(),
         }
@@ -781,8 +781,8 @@ impl ObjectImpl for KokoroTts {
                     .build(),
                 glib::ParamSpecBoolean::builder("float-convolutions")
                     .nick("Float convolutions")
-                    .blurb("Run an int8 model's convolutions in float with its dequantised weights: 10–13% faster synthesis for ~200 MiB more memory")
-                    .default_value(true)
+                    .blurb("Run an int8 model's convolutions in float with its dequantised weights: 10–13% faster synthesis for ~200 MiB more memory, and speech that differs a little from the int8 model's (tiny.en heard its 'France' as 'friends' over WebRTC in 2 of 7 calls)")
+                    .default_value(false)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecUInt::builder("first-words")
