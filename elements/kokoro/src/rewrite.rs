@@ -28,6 +28,7 @@ use prost::encoding::{
     WireType, decode_key, decode_varint, encode_key, encode_varint, encoded_len_varint,
 };
 use std::collections::{HashMap, HashSet};
+use vox_common::onnx::{FLOAT, INT8, TensorProto as Tensor, UINT8};
 
 /// ONNX `ModelProto` fields.
 const MODEL_OPSET_IMPORT: u32 = 8;
@@ -36,12 +37,6 @@ const MODEL_GRAPH: u32 = 7;
 const GRAPH_NODE: u32 = 1;
 const GRAPH_INITIALIZER: u32 = 5;
 const GRAPH_OUTPUT: u32 = 12;
-/// ONNX `TensorProto.DataType`.
-const FLOAT: i32 = 1;
-const UINT8: i32 = 2;
-const INT8: i32 = 3;
-const INT64: i32 = 7;
-
 /// The fields of `NodeProto` this module reads and writes (attributes kept as raw records).
 #[derive(Clone, PartialEq, Message)]
 struct Node {
@@ -59,63 +54,20 @@ struct Node {
     domain: String,
 }
 
-/// The fields of `TensorProto` that hold a small dense tensor's name, shape and values.
-#[derive(Clone, PartialEq, Message)]
-struct Tensor {
-    #[prost(int64, repeated, tag = "1")]
-    dims: Vec<i64>,
-    #[prost(int32, tag = "2")]
-    data_type: i32,
-    #[prost(float, repeated, tag = "4")]
-    float_data: Vec<f32>,
-    #[prost(int32, repeated, tag = "5")]
-    int32_data: Vec<i32>,
-    #[prost(int64, repeated, tag = "7")]
-    int64_data: Vec<i64>,
-    #[prost(string, tag = "8")]
-    name: String,
-    #[prost(bytes = "vec", tag = "9")]
-    raw_data: Vec<u8>,
-    /// 1: the values are in an external file (not supported here).
-    #[prost(int32, tag = "14")]
-    data_location: i32,
-}
-
-impl Tensor {
-    fn len(&self) -> usize {
-        self.dims.iter().map(|&d| d.max(0) as usize).product()
+/// The values of a quantised weight, zero point, scale or bias as floats: float, uint8 or int8.
+fn values(t: &Tensor) -> Option<Vec<f32>> {
+    if t.data_location != 0 {
+        return None;
     }
-
-    /// The value of a one-value int64 tensor.
-    fn int64(&self) -> Option<i64> {
-        if self.data_type != INT64 || self.len() != 1 {
-            return None;
-        }
-        match self.raw_data.as_slice().try_into() {
-            Ok(bytes) => Some(i64::from_le_bytes(bytes)),
-            Err(_) => self.int64_data.first().copied(),
-        }
-    }
-
-    /// The values as floats, for the types a quantised weight, zero point, scale or bias has.
-    fn values(&self) -> Option<Vec<f32>> {
-        if self.data_location != 0 {
-            return None;
-        }
-        let raw = &self.raw_data;
-        let v: Vec<f32> = match self.data_type {
-            FLOAT if !raw.is_empty() => raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            FLOAT => self.float_data.clone(),
-            UINT8 if !raw.is_empty() => raw.iter().map(|&b| b as f32).collect(),
-            INT8 if !raw.is_empty() => raw.iter().map(|&b| b as i8 as f32).collect(),
-            UINT8 | INT8 => self.int32_data.iter().map(|&b| b as f32).collect(),
-            _ => return None,
-        };
-        (v.len() == self.len()).then_some(v)
-    }
+    let raw = &t.raw_data;
+    let v: Vec<f32> = match t.data_type {
+        FLOAT => t.floats()?,
+        UINT8 if !raw.is_empty() => raw.iter().map(|&b| b as f32).collect(),
+        INT8 if !raw.is_empty() => raw.iter().map(|&b| b as i8 as f32).collect(),
+        UINT8 | INT8 => t.int32_data.iter().map(|&b| b as f32).collect(),
+        _ => return None,
+    };
+    (v.len() == t.len()).then_some(v)
 }
 
 /// One top-level record of a protobuf message: its field number and its encoded bytes (key
@@ -624,7 +576,7 @@ fn snake(g: &Graph, i: usize) -> Option<Replacement> {
     let pow = g
         .only_user(&sin.output[0])
         .filter(|&p| nodes[p].op_type == "Pow")?;
-    let two = g.tensor(nodes[pow].input.get(1)?)?.values()?;
+    let two = values(&g.tensor(nodes[pow].input.get(1)?)?)?;
     if at_sin != i || two != [2.0] {
         return None;
     }
@@ -731,7 +683,7 @@ fn adain(g: &Graph, y: &str) -> Option<AdaIn> {
         let axis = r.input.get(1).and_then(|axes| g.tensor(axes)?.int64());
         keeps_dims && matches!(axis, Some(2 | -1))
     };
-    let eps_value = g.tensor(eps)?.values()?;
+    let eps_value = values(&g.tensor(eps)?)?;
     if mean.input.first() != Some(x)
         || square.input != [d.clone(), d.clone()]
         || !over_time(mean)
@@ -857,12 +809,12 @@ impl Weight {
         if !matches!(w.data_type, INT8 | UINT8) || w.dims.len() < 2 || w.dims != self.dims {
             return None;
         }
-        let q = w.values()?;
+        let q = values(&w)?;
         let zero = match &self.zero {
-            Some(z) => g.tensor(z)?.values()?,
+            Some(z) => values(&g.tensor(z)?)?,
             None => vec![0.0],
         };
-        let scale = g.tensor(&self.scale)?.values()?;
+        let scale = values(&g.tensor(&self.scale)?)?;
         let channels = w.dims[0].max(1) as usize;
         let fits = |v: &[f32]| v.len() == 1 || v.len() == channels;
         if !fits(&zero) || !fits(&scale) || q.len() % channels != 0 {

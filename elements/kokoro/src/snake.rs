@@ -179,15 +179,20 @@ struct SnakeKernel {
     norm: bool,
 }
 
-/// The output's address, written by ONNX Runtime's threads one channel each.
-struct Out(*mut f32);
-// SAFETY: each task writes its own channel's disjoint range of the buffer.
+/// An operator's output, written by ONNX Runtime's threads (`par_for`), each task its own
+/// disjoint range of it.
+pub(crate) struct Out(*mut f32);
+// SAFETY: the tasks write disjoint ranges of the buffer, and `par_for` returns after them all.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
-    /// The address (a method, so that closures capture the whole `Out`).
-    fn at(&self, offset: usize) -> *mut f32 {
+    pub(crate) fn new(buffer: &mut [f32]) -> Self {
+        Self(buffer.as_mut_ptr())
+    }
+
+    /// The address at `offset` (a method, so that closures capture the whole `Out`).
+    pub(crate) fn at(&self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }
@@ -252,7 +257,7 @@ impl Kernel for SnakeKernel {
         if y.len() != x.len() {
             return Err(error("output of the wrong size".into()));
         }
-        let out = Out(y.as_mut_ptr());
+        let out = Out::new(y);
         let norm = self.norm;
         ctx.par_for(rows, 0, |r| {
             let c = r % channels;

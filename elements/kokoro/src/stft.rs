@@ -5,6 +5,7 @@
 //! table of cosines and sines, blocks of frames shared among ONNX Runtime's threads.
 //! [`crate::rewrite`] puts it in the graph in place of an `STFT` node with `onesided = 1`.
 
+use crate::snake::Out;
 use ort::operator::{
     BoxedKernel, ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput,
 };
@@ -13,8 +14,10 @@ use ort::value::TensorElementType;
 pub const NAME: &str = "Stft";
 
 /// The one-sided spectra of the frames of `signal` (`frame_step` apart, `window.len()` long)
-/// into `out` (frames × bins × [re, im], bins = len/2 + 1); `frames` from `first_frame` on.
+/// into `out` (frames × bins × [re, im], bins = len/2 + 1), from `first_frame` on, with `table`
+/// (`Table::new(window.len())`).
 pub fn spectra(
+    table: &Table,
     signal: &[f32],
     frame_step: usize,
     window: &[f32],
@@ -23,7 +26,6 @@ pub fn spectra(
 ) {
     let n = window.len();
     let bins = n / 2 + 1;
-    let table = Table::new(n);
     let mut frame = vec![0.0f32; n];
     for (f, spectrum) in out.chunks_exact_mut(2 * bins).enumerate() {
         let start = (first_frame + f) * frame_step;
@@ -34,15 +36,15 @@ pub fn spectra(
     }
 }
 
-/// cos(2πkn/N) and sin(2πkn/N) for each bin k and sample n.
-struct Table {
+/// cos(2πkn/N) and sin(2πkn/N) for each bin k and sample n, made once per transform.
+pub struct Table {
     cos: Vec<f32>,
     sin: Vec<f32>,
     n: usize,
 }
 
 impl Table {
-    fn new(n: usize) -> Self {
+    pub fn new(n: usize) -> Self {
         let bins = n / 2 + 1;
         let angle = |k: usize, i: usize| {
             // k·i mod N keeps the angle small, so that f64 gives every entry to the last bit.
@@ -103,19 +105,6 @@ impl Operator for StftOperator {
 
 struct StftKernel;
 
-/// The output's address, written by ONNX Runtime's threads a block of frames each.
-struct Out(*mut f32);
-// SAFETY: each task writes its own frames' disjoint range of the buffer.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The address (a method, so that closures capture the whole `Out`).
-    fn at(&self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
 /// Frames per task.
 const BLOCK: usize = 256;
 
@@ -151,8 +140,9 @@ impl Kernel for StftKernel {
             .ok_or_else(|| ort::Error::new(format!("{NAME}: no output")))?;
         let (_, y) = out.try_extract_tensor_mut::<f32>()?;
         let per_frame = 2 * bins;
-        let out = Out(y.as_mut_ptr());
+        let out = Out::new(y);
         let blocks = frames.div_ceil(BLOCK);
+        let table = Table::new(n);
         ctx.par_for(batch * blocks, 0, |task| {
             let (b, block) = (task / blocks, task % blocks);
             let first = block * BLOCK;
@@ -162,7 +152,7 @@ impl Kernel for StftKernel {
             // (batch × frames × per_frame floats), and no other task writes them.
             let y = unsafe { std::slice::from_raw_parts_mut(out.at(offset), count * per_frame) };
             let signal = &signal[b * length..(b + 1) * length];
-            spectra(signal, step, window, first, y);
+            spectra(&table, signal, step, window, first, y);
         })
     }
 }
@@ -180,7 +170,7 @@ mod tests {
             .collect();
         let window = vec![1.0f32; n];
         let mut out = vec![0.0f32; 2 * (n / 2 + 1)];
-        spectra(&signal, 5, &window, 0, &mut out);
+        spectra(&Table::new(window.len()), &signal, 5, &window, 0, &mut out);
         for k in 0..=n / 2 {
             let (re, im) = (out[2 * k], out[2 * k + 1]);
             let want = if k == 3 { 10.0 } else { 0.0 };
@@ -203,7 +193,14 @@ mod tests {
         let (frames, bins) = ((signal.len() - n) / step + 1, n / 2 + 1);
         let mut out = vec![0.0f32; frames * bins * 2];
         // From frame 3 on, as a task of the operator would.
-        spectra(&signal, step, &window, 3, &mut out[3 * bins * 2..]);
+        spectra(
+            &Table::new(n),
+            &signal,
+            step,
+            &window,
+            3,
+            &mut out[3 * bins * 2..],
+        );
         let mut worst = 0.0f64;
         for f in 3..frames {
             for k in 0..bins {
@@ -232,7 +229,7 @@ mod tests {
         window[0] = 1.0;
         let frames = (40 - 8) / 5 + 1;
         let mut out = vec![0.0f32; frames * 2 * 5];
-        spectra(&signal, 5, &window, 0, &mut out);
+        spectra(&Table::new(window.len()), &signal, 5, &window, 0, &mut out);
         for f in 0..frames {
             assert_eq!(out[f * 10], (f * 5) as f32);
         }

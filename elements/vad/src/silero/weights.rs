@@ -6,6 +6,7 @@
 //! fields needed to find them are declared; prost skips the rest.
 
 use std::collections::HashMap;
+use vox_common::onnx::TensorProto;
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct ModelProto {
@@ -40,22 +41,6 @@ struct AttributeProto {
     #[prost(message, optional, tag = "6")]
     g: Option<GraphProto>,
 }
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct TensorProto {
-    #[prost(int64, repeated, tag = "1")]
-    dims: Vec<i64>,
-    #[prost(int32, tag = "2")]
-    data_type: i32,
-    #[prost(float, repeated, tag = "4")]
-    float_data: Vec<f32>,
-    #[prost(string, tag = "8")]
-    name: String,
-    #[prost(bytes = "vec", tag = "9")]
-    raw_data: Vec<u8>,
-}
-
-const ONNX_FLOAT: i32 = 1;
 
 /// A float tensor: shape and values in row-major order.
 #[derive(Debug, Clone)]
@@ -145,18 +130,10 @@ fn collect(graph: &GraphProto, out: &mut HashMap<String, Tensor>) -> Result<(), 
 }
 
 fn to_tensor(t: &TensorProto) -> Result<Option<Tensor>, String> {
-    if t.data_type != ONNX_FLOAT {
+    let Some(data) = t.floats() else {
         return Ok(None);
-    }
-    let dims: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
-    let data: Vec<f32> = if t.raw_data.is_empty() {
-        t.float_data.clone()
-    } else {
-        t.raw_data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
     };
+    let dims: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
     if data.len() != dims.iter().product::<usize>() {
         return Err(format!(
             "tensor {} holds {} values for shape {dims:?}",
