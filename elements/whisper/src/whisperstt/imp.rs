@@ -134,8 +134,14 @@ struct Shared {
 }
 
 struct State {
-    /// Sample positions are stream time in samples: position p is at p / 16000 s.
+    /// Sample positions follow the audio: position p is at (p - offset) / 16000 s of stream
+    /// time (see `sink_chain`).
     buffer: UtteranceBuffer,
+    /// Samples the stream delivered beyond its timestamps (a live source's clock stepping
+    /// back): kept, because a transcription needs the audio, not the clock.
+    offset: u64,
+    /// Each offset and the position from which it holds, the current one last (a few kept).
+    offsets: Vec<(u64, u64)>,
     /// Whether audio arrived since the start (or the last flush).
     started: bool,
     utterance_id: u64,
@@ -153,6 +159,8 @@ impl Default for State {
     fn default() -> Self {
         Self {
             buffer: UtteranceBuffer::new(0, 1),
+            offset: 0,
+            offsets: Vec::new(),
             started: false,
             utterance_id: 0,
             last_interim_len: 0,
@@ -164,7 +172,40 @@ impl Default for State {
     }
 }
 
-/// Sample position (stream time in samples) of a timestamp.
+impl State {
+    /// The buffer position of a timestamp.
+    fn position_of(&self, pts: gst::ClockTime) -> u64 {
+        time_to_samples(pts) + self.offset
+    }
+
+    /// The timestamp of a buffer position, by the offset that held there.
+    fn time_of(&self, position: u64) -> gst::ClockTime {
+        let offset = self
+            .offsets
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= position)
+            .map_or(0, |(_, o)| *o);
+        samples_to_time(position.saturating_sub(offset))
+    }
+
+    /// A new offset from the current position on.
+    fn set_offset(&mut self, offset: u64) {
+        let position = self.buffer.position();
+        self.offsets.push((position, offset));
+        if self.offsets.len() > 64 {
+            self.offsets.remove(0);
+        }
+        self.offset = offset;
+    }
+
+    fn clear_offsets(&mut self) {
+        self.offset = 0;
+        self.offsets.clear();
+    }
+}
+
+/// Stream time in samples of a timestamp.
 fn time_to_samples(pts: gst::ClockTime) -> u64 {
     (u128::from(pts.nseconds()) * engine::SAMPLE_RATE as u128 / 1_000_000_000) as u64
 }
@@ -229,7 +270,7 @@ impl WhisperStt {
 
     fn queue_utterance(&self, state: &mut State, utterance: Utterance, partial: bool) {
         let job = Job {
-            pts: samples_to_time(utterance.start),
+            pts: state.time_of(utterance.start),
             id: state.utterance_id,
             utterance,
             partial,
@@ -345,18 +386,35 @@ impl WhisperStt {
             .collect();
         drop(map);
         let mut state = self.lock_state();
-        let mut samples = &samples[..];
-        // Keep sample positions equal to stream time: fill short gaps with silence, skip
-        // overlaps, jump over long gaps.
+        // Keep sample positions in step with stream time: fill short gaps with silence and
+        // jump over long ones. Where the timestamps step back (a live source's clock: WebRTC
+        // does this at speech onsets), keep the samples and move the mapping instead, as
+        // silerovad upstream does: dropping them cut tens of milliseconds out of words
+        // ("France" became "friends"). A later step forward takes that back first.
         if let Some(pts) = buffer.pts() {
-            let at = time_to_samples(pts);
             let position = state.buffer.position();
             let tolerance = engine::SAMPLE_RATE as u64 / 50;
             if !state.started {
-                state.buffer.seek(at);
-            } else if at > position + tolerance {
-                let gap = at - position;
-                if gap <= u64::from(settings.max_utterance_ms) * engine::SAMPLE_RATE as u64 / 1000 {
+                state.clear_offsets();
+                state.buffer.seek(time_to_samples(pts));
+            } else if state.position_of(pts) > position + tolerance {
+                let back = (state.position_of(pts) - position).min(state.offset);
+                if back > 0 {
+                    let offset = state.offset - back;
+                    state.set_offset(offset);
+                }
+                let at = state.position_of(pts);
+                let gap = at.saturating_sub(position);
+                if gap <= tolerance {
+                    gst::debug!(CAT, imp = self, "the stream's time caught up at {pts}");
+                } else if gap
+                    <= u64::from(settings.max_utterance_ms) * engine::SAMPLE_RATE as u64 / 1000
+                {
+                    gst::debug!(
+                        CAT,
+                        imp = self,
+                        "{gap} samples missing before {pts}: silence"
+                    );
                     let cut = state.buffer.push(&vec![0.0; gap as usize]);
                     for utterance in cut {
                         self.queue_utterance(&mut state, utterance, false);
@@ -367,13 +425,19 @@ impl WhisperStt {
                     }
                     state.buffer.seek(at);
                 }
-            } else if at + tolerance < position {
-                let overlap = ((position - at) as usize).min(samples.len());
-                samples = &samples[overlap..];
+            } else if state.position_of(pts) + tolerance < position {
+                gst::debug!(
+                    CAT,
+                    imp = self,
+                    "the stream's time stepped back {} samples at {pts}: samples kept",
+                    position - state.position_of(pts)
+                );
+                let offset = position - time_to_samples(pts);
+                state.set_offset(offset);
             }
         }
         state.started = true;
-        let cut = state.buffer.push(samples);
+        let cut = state.buffer.push(&samples);
         for utterance in cut {
             self.queue_utterance(&mut state, utterance, false);
         }
@@ -415,7 +479,7 @@ impl WhisperStt {
             return;
         }
         let job = Job {
-            pts: samples_to_time(utterance.start),
+            pts: state.time_of(utterance.start),
             id: state.utterance_id,
             utterance,
             partial: false,
@@ -443,7 +507,7 @@ impl WhisperStt {
                 }
             } else if state.buffer.in_utterance() {
                 // Where the utterance will be cut if the end comes at the pause (see below).
-                state.speculate_at = Some(time_to_samples(pause.pts) + pad);
+                state.speculate_at = Some(state.position_of(pause.pts) + pad);
                 self.speculate(&mut state);
             }
             return true;
@@ -452,7 +516,7 @@ impl WhisperStt {
             let pad = u64::from(self.settings().context_pad_ms) * engine::SAMPLE_RATE as u64 / 1000;
             let mut state = self.lock_state();
             state.buffer.set_gated();
-            let at = time_to_samples(boundary.pts);
+            let at = state.position_of(boundary.pts);
             if boundary.start {
                 // Half the padding before: more leading audio made tiny.en stumble on jfk.wav.
                 state.buffer.start(at.saturating_sub(pad / 2));
@@ -473,6 +537,7 @@ impl WhisperStt {
                     let mut state = self.lock_state();
                     state.buffer.reset();
                     state.started = false;
+                    state.clear_offsets();
                     state.batch.clear();
                     state.last_interim_len = 0;
                     state.speculate_at = None;
@@ -1132,6 +1197,7 @@ impl ElementImpl for WhisperStt {
                         settings.max_utterance_ms as usize * per_ms,
                     );
                     state.started = false;
+                    state.clear_offsets();
                     state.utterance_id = 0;
                     state.last_interim_len = 0;
                     state.batch.clear();
