@@ -120,22 +120,12 @@ fn one_buffer_per_utterance_with_pts_and_duration() {
     assert_eq!(caps.structure(0).unwrap().name(), "text/x-raw");
 }
 
-/// A live source's clock stepping back (WebRTC's does at speech onsets) while the samples run
-/// on: every sample is transcribed, and boundaries in stream time are mapped as silerovad maps
-/// them. Dropping the "overlapping" samples cut 10 ms pieces out of words, and tiny.en heard
-/// "France" as "friends".
-#[test]
-fn samples_are_kept_when_the_stream_time_steps_back() {
+/// Pushes jfk.wav's 7-11 s, timestamped `lag_ms(sample)` behind its samples, between the VAD's
+/// boundaries of "ask what you can do for your country" (8162 ms, and `end_ms` in the lagging
+/// stream time), and returns the one transcript.
+fn transcribe_lagging(lag_ms: impl Fn(usize) -> usize, end_ms: u64) -> Transcript {
     let mut h = harness("");
     let audio = fixture_samples("jfk.wav");
-    // "ask what you can do for your country" (8162-10800 ms); from 8600, 9200 and 9800 ms of
-    // audio on, the timestamps lag 30, 60 and 90 ms behind the samples.
-    let lag_ms = |sample: usize| match sample / 16 {
-        ..8600 => 0,
-        8600..9200 => 30,
-        9200..9800 => 60,
-        _ => 90,
-    };
     h.push_event(boundary(true, 8162, 0));
     let (mut i, end) = (7000 * 16, 11000 * 16);
     while i < end {
@@ -146,20 +136,56 @@ fn samples_are_kept_when_the_stream_time_steps_back() {
         h.push(buf).unwrap();
         i += n;
     }
-    // The VAD's end, in the lagging stream time.
-    h.push_event(boundary(false, 10800 - 90, 0));
+    h.push_event(boundary(false, end_ms, 0));
     h.push_event(gst::event::Eos::new());
     let out = collect(&mut h);
     assert_eq!(out.len(), 1, "{out:?}");
-    let t = &out[0].1;
+    let t = out[0].1.clone();
     assert_eq!(
         normalize(&t.text),
         "ask what you can do for your country",
         "{}",
         t.text
     );
+    t
+}
+
+/// A live source's clock stepping back (WebRTC's does at speech onsets) while the samples run
+/// on: every sample is transcribed, and boundaries in stream time are mapped as silerovad maps
+/// them. Dropping the "overlapping" samples cut 10 ms pieces out of words, and tiny.en heard
+/// "France" as "friends".
+#[test]
+fn samples_are_kept_when_the_stream_time_steps_back() {
+    // From 8600, 9200 and 9800 ms of audio on, the timestamps lag 30, 60 and 90 ms behind.
+    let t = transcribe_lagging(
+        |sample| match sample / 16 {
+            ..8600 => 0,
+            8600..9200 => 30,
+            9200..9800 => 60,
+            _ => 90,
+        },
+        10800 - 90,
+    );
     // From 100 ms before the start (in stream time, before the lag) to 200 ms after the end
     // (the context padding): every sample between, the 90 ms past the timestamps included.
+    assert_eq!(t.pts, gst::ClockTime::from_mseconds(8062));
+    assert_eq!(
+        t.duration,
+        gst::ClockTime::from_mseconds(10800 + 200 - 8062)
+    );
+}
+
+/// A clock that steps back and later catches up: the step forward takes the offset back, no
+/// silence goes in, and the end lands where the VAD put it.
+#[test]
+fn a_clock_that_catches_up_again_adds_no_silence() {
+    let t = transcribe_lagging(
+        |sample| match sample / 16 {
+            8600..9800 => 60,
+            _ => 0,
+        },
+        10800,
+    );
     assert_eq!(t.pts, gst::ClockTime::from_mseconds(8062));
     assert_eq!(
         t.duration,
