@@ -17,8 +17,8 @@ pub const SAMPLE_RATE: usize = 16_000;
 const MIN_SAMPLES: usize = SAMPLE_RATE * 11 / 10;
 /// Silence put between utterances transcribed together.
 pub const BATCH_GAP: usize = SAMPLE_RATE * 4 / 10;
-/// In a batch, a word belongs to the utterance that started at most this long before its DTW
-/// time: the last word of an utterance is often timed a little after the utterance's end.
+/// In a batch, a word belongs to the utterance that started at most this long before its time:
+/// the last word of an utterance is often timed a little after the utterance's end.
 const OWNER_LEAD_MS: u64 = 100;
 /// Encoder frames per second of audio (1500 frames for the 30 s window).
 const FRAMES_PER_SECOND: f64 = 50.0;
@@ -109,16 +109,10 @@ pub fn load(path: &Path) -> Result<Arc<WhisperContext>> {
     }
     let mut params = WhisperContextParameters::default();
     params.use_gpu(cfg!(feature = "cuda"));
-    // DTW token timestamps (Whisper's alignment heads) place words far better than the
-    // probability heuristic; batches use them to give each word back to its utterance.
-    if let Some(preset) = dtw_preset(&key) {
-        params.dtw_parameters = whisper_rs::DtwParameters {
-            mode: whisper_rs::DtwMode::ModelPreset {
-                model_preset: preset,
-            },
-            dtw_mem_size: 32 << 20,
-        };
-    }
+    // No DTW token timestamps (Whisper's alignment heads): they cost a fifth of every
+    // transcription, and the words of a batch go back to their utterances as well by whole
+    // segments and the tokens' own times (`cargo bench --bench transcribe_rtf`, 2026-11-29:
+    // 1.42-1.49 s against 1.77 s; WER 5.4-8.5% from run to run with either).
     let ctx = WhisperContext::new_with_params(&key, params).map_err(|e| Error::Load {
         path: key.clone(),
         why: format!("{e} (is it a whisper.cpp ggml file?)"),
@@ -126,39 +120,6 @@ pub fn load(path: &Path) -> Result<Arc<WhisperContext>> {
     let ctx = Arc::new(ctx);
     models.insert(key, ctx.clone());
     Ok(ctx)
-}
-
-/// The alignment-head preset for a ggml Whisper file, from its header (vocabulary size tells
-/// English-only from multilingual, layer count the size); `None` for unknown shapes.
-fn dtw_preset(path: &Path) -> Option<whisper_rs::DtwModelPreset> {
-    use std::io::Read;
-    use whisper_rs::DtwModelPreset as P;
-    let mut header = [0u8; 48];
-    std::fs::File::open(path)
-        .ok()?
-        .read_exact(&mut header)
-        .ok()?;
-    let field =
-        |i: usize| i32::from_le_bytes(header[4 + 4 * i..8 + 4 * i].try_into().unwrap_or_default());
-    if u32::from_le_bytes([header[0], header[1], header[2], header[3]]) != 0x6767_6d6c {
-        return None;
-    }
-    let (n_vocab, n_audio_state, n_text_layer) = (field(0), field(2), field(8));
-    let english = n_vocab == 51864;
-    Some(match (n_audio_state, n_text_layer, english) {
-        (384, 4, true) => P::TinyEn,
-        (384, 4, false) => P::Tiny,
-        (512, 6, true) => P::BaseEn,
-        (512, 6, false) => P::Base,
-        (768, 12, true) => P::SmallEn,
-        (768, 12, false) => P::Small,
-        (1024, 24, true) => P::MediumEn,
-        (1024, 24, false) => P::Medium,
-        (1280, 4, false) => P::LargeV3Turbo,
-        (1280, 32, false) if n_vocab == 51866 => P::LargeV3,
-        (1280, 32, false) => P::LargeV2,
-        _ => return None,
-    })
 }
 
 /// Resolves a model name (`tiny.en`) or path, verifies it, and loads it.
@@ -504,7 +465,7 @@ impl Engine {
 
     /// Transcribes several utterances in one pass: they are joined with `BATCH_GAP` of silence
     /// (at most 30 s in all), Whisper sees them with each other's context, and every word is
-    /// given back to the utterance its DTW timestamp falls in. Far fewer encoder passes than one
+    /// given back to the utterance its segment, or else its time, falls in. Far fewer encoder passes than one
     /// per utterance, and the accuracy of long-form transcription on short utterances.
     pub fn transcribe_batch(
         &mut self,
@@ -563,12 +524,7 @@ impl Engine {
                 // afresh (languages written without spaces have one "word" per segment).
                 let starts_word = piece.starts_with(' ') || i == 0 || current == usize::MAX;
                 if starts_word {
-                    let at = if data.t_dtw >= 0 {
-                        data.t_dtw as u64 * 10
-                    } else {
-                        (t0 + t1) / 2
-                    };
-                    current = whole.unwrap_or_else(|| owner(at));
+                    current = whole.unwrap_or_else(|| owner((t0 + t1) / 2));
                 }
                 let (start, len) = spans[current];
                 let rel = |t: u64| t.saturating_sub(ms(start)).min(ms(len));
