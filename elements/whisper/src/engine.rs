@@ -465,8 +465,9 @@ impl Engine {
 
     /// Transcribes several utterances in one pass: they are joined with `BATCH_GAP` of silence
     /// (at most 30 s in all), Whisper sees them with each other's context, and every word is
-    /// given back to the utterance its segment, or else its time, falls in. Far fewer encoder passes than one
-    /// per utterance, and the accuracy of long-form transcription on short utterances.
+    /// given back to the utterance its segment, or else its time, falls in. Far fewer encoder
+    /// passes than one per utterance, and the accuracy of long-form transcription on short
+    /// utterances.
     pub fn transcribe_batch(
         &mut self,
         pieces: &[&[f32]],

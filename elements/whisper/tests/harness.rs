@@ -166,12 +166,17 @@ fn samples_are_kept_when_the_stream_time_steps_back() {
         },
         10800 - 90,
     );
-    // From 100 ms before the start (in stream time, before the lag) to 200 ms after the end
-    // (the context padding): every sample between, the 90 ms past the timestamps included.
-    assert_eq!(t.pts, gst::ClockTime::from_mseconds(8062));
+    // From 100 ms before the start to 200 ms after the end (the context padding): every sample
+    // between, the 90 ms past the timestamps included; its time is the stream's as it is now,
+    // as silerovad maps it, so that it ends where the VAD's end (and the padding) is.
     assert_eq!(
         t.duration,
         gst::ClockTime::from_mseconds(10800 + 200 - 8062)
+    );
+    assert_eq!(t.pts, gst::ClockTime::from_mseconds(8062 - 90));
+    assert_eq!(
+        t.pts + t.duration,
+        gst::ClockTime::from_mseconds(10800 - 90 + 200)
     );
 }
 

@@ -140,8 +140,6 @@ struct State {
     /// Samples the stream delivered beyond its timestamps (a live source's clock stepping
     /// back): kept, because a transcription needs the audio, not the clock.
     offset: u64,
-    /// Each offset and the position from which it holds, the current one last (a few kept).
-    offsets: Vec<(u64, u64)>,
     /// Whether audio arrived since the start (or the last flush).
     started: bool,
     utterance_id: u64,
@@ -160,7 +158,6 @@ impl Default for State {
         Self {
             buffer: UtteranceBuffer::new(0, 1),
             offset: 0,
-            offsets: Vec::new(),
             started: false,
             utterance_id: 0,
             last_interim_len: 0,
@@ -178,30 +175,11 @@ impl State {
         time_to_samples(pts) + self.offset
     }
 
-    /// The timestamp of a buffer position, by the offset that held there.
+    /// The timestamp of a buffer position, by the current mapping, as silerovad maps its
+    /// samples: a transcript's time and end agree with the VAD's events and the stream's
+    /// time now (a step back can make consecutive transcripts overlap by its size).
     fn time_of(&self, position: u64) -> gst::ClockTime {
-        let offset = self
-            .offsets
-            .iter()
-            .rev()
-            .find(|(from, _)| *from <= position)
-            .map_or(0, |(_, o)| *o);
-        samples_to_time(position.saturating_sub(offset))
-    }
-
-    /// A new offset from the current position on.
-    fn set_offset(&mut self, offset: u64) {
-        let position = self.buffer.position();
-        self.offsets.push((position, offset));
-        if self.offsets.len() > 64 {
-            self.offsets.remove(0);
-        }
-        self.offset = offset;
-    }
-
-    fn clear_offsets(&mut self) {
-        self.offset = 0;
-        self.offsets.clear();
+        samples_to_time(position.saturating_sub(self.offset))
     }
 }
 
@@ -395,14 +373,11 @@ impl WhisperStt {
             let position = state.buffer.position();
             let tolerance = engine::SAMPLE_RATE as u64 / 50;
             if !state.started {
-                state.clear_offsets();
+                state.offset = 0;
                 state.buffer.seek(time_to_samples(pts));
             } else if state.position_of(pts) > position + tolerance {
                 let back = (state.position_of(pts) - position).min(state.offset);
-                if back > 0 {
-                    let offset = state.offset - back;
-                    state.set_offset(offset);
-                }
+                state.offset -= back;
                 let at = state.position_of(pts);
                 let gap = at.saturating_sub(position);
                 if gap <= tolerance {
@@ -432,8 +407,7 @@ impl WhisperStt {
                     "the stream's time stepped back {} samples at {pts}: samples kept",
                     position - state.position_of(pts)
                 );
-                let offset = position - time_to_samples(pts);
-                state.set_offset(offset);
+                state.offset = position - time_to_samples(pts);
             }
         }
         state.started = true;
@@ -537,7 +511,7 @@ impl WhisperStt {
                     let mut state = self.lock_state();
                     state.buffer.reset();
                     state.started = false;
-                    state.clear_offsets();
+                    state.offset = 0;
                     state.batch.clear();
                     state.last_interim_len = 0;
                     state.speculate_at = None;
@@ -1197,7 +1171,7 @@ impl ElementImpl for WhisperStt {
                         settings.max_utterance_ms as usize * per_ms,
                     );
                     state.started = false;
-                    state.clear_offsets();
+                    state.offset = 0;
                     state.utterance_id = 0;
                     state.last_interim_len = 0;
                     state.batch.clear();
