@@ -4,9 +4,9 @@
 //! kokoro-onnx-style pipeline (onnxruntime + libespeak-ng through ctypes, same int8 model, same
 //! voice, same thread count; `benches/kokoro_python.py`), run before and after ours in the same
 //! run (its two medians averaged). Ours runs three times: with all the graph rewrites (float
-//! convolutions, the Snake and STFT operators: see `rewrite`; kokorotts's default leaves the
-//! convolutions in int8), with the float convolutions only, and as it is. Medians of 5 runs after a warm-up. Targets: RTF no worse
-//! than Python's; first audio ≤ 40% of the whole reply's synthesis time.
+//! convolutions, the Snake and STFT operators: see `rewrite`; kokorotts's default), with the
+//! float convolutions only, and as it is. Medians of 5 runs after a warm-up. Targets: RTF no
+//! worse than Python's; first audio ≤ 40% of the whole reply's synthesis time.
 
 use gstvoxkokoro::engine::Kokoro;
 use gstvoxkokoro::phonemes::{self, Vocab};
@@ -45,11 +45,8 @@ fn main() {
         });
         let out = std::process::Command::new(&venv)
             .arg(
-                std::path::Path::new(
-                    &std::env::var("CARGO_MANIFEST_DIR")
-                        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()),
-                )
-                .join("benches/kokoro_python.py"),
+                vox_common::testing::crate_dir(env!("CARGO_MANIFEST_DIR"))
+                    .join("benches/kokoro_python.py"),
             )
             .arg(&model)
             .arg(&voices_path)
@@ -120,7 +117,7 @@ fn main() {
     println!("| system | first audio | whole reply | RTF | first audio / whole |");
     println!("|---|---|---|---|---|");
     for (name, [first, total, rtf, load]) in [
-        ("graph rewritten (float-convolutions=true)", float),
+        ("graph rewritten (default)", float),
         ("float convolutions only", convs),
         ("graph as it is", int8),
     ] {

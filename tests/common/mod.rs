@@ -7,13 +7,9 @@ pub mod netns;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The checkout's root (scripts, graphs, k8s): cargo's `CARGO_MANIFEST_DIR` when it runs the
-/// test, else where the test was built. (One target directory may serve two checkouts: cargo
-/// does not rebuild a test that only moved, so the path built in can be another checkout's.)
+/// The checkout's root (scripts, graphs, k8s), as cargo gives it at run time.
 pub fn repo() -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+    vox_common::testing::crate_dir(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// `../shared/fixtures` beside the checkout.

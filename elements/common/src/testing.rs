@@ -3,13 +3,19 @@
 
 use std::path::PathBuf;
 
-/// A file of `../shared/fixtures` beside the checkout: found from cargo's `CARGO_MANIFEST_DIR`
-/// when it runs the test, else from where the test was built (one target directory may serve
-/// two checkouts, and cargo does not rebuild a test that only moved).
-pub fn fixture(name: &str) -> PathBuf {
-    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+/// The directory of the crate under test: cargo's `CARGO_MANIFEST_DIR` when it runs the test or
+/// bench, else `built_in` (the caller's `env!("CARGO_MANIFEST_DIR")`). One target directory may
+/// serve two checkouts, and cargo does not rebuild a test that only moved, so the path built in
+/// can be another checkout's.
+pub fn crate_dir(built_in: &str) -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+        .unwrap_or_else(|| PathBuf::from(built_in))
+}
+
+/// A file of `../shared/fixtures` beside the checkout.
+pub fn fixture(name: &str) -> PathBuf {
+    let crate_dir = crate_dir(env!("CARGO_MANIFEST_DIR"));
     crate_dir
         .ancestors()
         .map(|d| d.join("shared/fixtures"))

@@ -371,15 +371,16 @@ impl WhisperStt {
         // ("France" became "friends"). A later step forward takes that back first.
         if let Some(pts) = buffer.pts() {
             let position = state.buffer.position();
+            let at = state.position_of(pts);
             let tolerance = engine::SAMPLE_RATE as u64 / 50;
             if !state.started {
                 state.offset = 0;
                 state.buffer.seek(time_to_samples(pts));
-            } else if state.position_of(pts) > position + tolerance {
-                let back = (state.position_of(pts) - position).min(state.offset);
+            } else if at > position + tolerance {
+                let back = (at - position).min(state.offset);
                 state.offset -= back;
-                let at = state.position_of(pts);
-                let gap = at.saturating_sub(position);
+                let at = at - back;
+                let gap = at - position;
                 if gap <= tolerance {
                     gst::debug!(CAT, imp = self, "the stream's time caught up at {pts}");
                 } else if gap
@@ -400,12 +401,12 @@ impl WhisperStt {
                     }
                     state.buffer.seek(at);
                 }
-            } else if state.position_of(pts) + tolerance < position {
+            } else if at + tolerance < position {
                 gst::debug!(
                     CAT,
                     imp = self,
                     "the stream's time stepped back {} samples at {pts}: samples kept",
-                    position - state.position_of(pts)
+                    position - at
                 );
                 state.offset = position - time_to_samples(pts);
             }
