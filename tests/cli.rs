@@ -910,3 +910,31 @@ fn output_into_a_closed_pipe_ends_quietly() {
         out.status
     );
 }
+
+/// On an encoder window cut to the audio, Whisper sometimes says a short utterance again and
+/// again ("I left my umbrella on the bus this morning. I left my umbrella on the bus this"):
+/// our TTS's speech of this sentence did so on tiny.en's 6.4 s window. Such a run is done again
+/// on twice the window, and the transcript says the sentence once.
+#[test]
+fn a_decoder_that_loops_is_run_again_on_a_wider_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("umbrella.wav");
+    let sentence = "I left my umbrella on the bus this morning.";
+    check(vox().args(["speak", sentence, "-o"]).arg(&wav));
+    let out = vox()
+        .arg("transcribe")
+        .arg(&wav)
+        .env("GST_DEBUG", "whisper-cpp:5")
+        .output()
+        .unwrap();
+    let (text, log) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("the decoder looped on a window of"),
+        "the loop this test is about did not happen (the speech changed?): {text}"
+    );
+    assert_eq!(normalize(&text), normalize(sentence), "{text}");
+}

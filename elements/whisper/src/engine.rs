@@ -146,6 +146,23 @@ pub fn audio_ctx_for(samples: usize, model_ctx: i32) -> i32 {
     ((frames + 63) / 64 * 64).max(256).min(model_ctx)
 }
 
+/// The most tokens a segment of `samples` of audio may take: more than a speaker can say (about
+/// 3 tokens a second is typical), so a decoder that loops stops within seconds of compute.
+fn token_budget(samples: usize) -> i32 {
+    let seconds = samples as f64 / SAMPLE_RATE as f64;
+    (seconds * 8.0).ceil() as i32 + 16
+}
+
+/// Whether the transcript in `state` repeats itself as [`collapse_repeats`] removes.
+fn loops(state: &WhisperState) -> bool {
+    let text: String = state
+        .as_iter()
+        .map(|s| s.to_str_lossy().unwrap_or_default().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    collapse_repeats(&text).split_whitespace().count() < text.split_whitespace().count()
+}
+
 /// Removes decoding loops: a run of three or more words repeated right after itself, or a run
 /// of two words repeated three times or more ("and so my fellow Americans, and so my fellow
 /// Americans" → once), Whisper's typical failure on short clips. Words are compared without case
@@ -313,10 +330,11 @@ impl Engine {
         Ok(Self { ctx })
     }
 
+    /// Whisper's parameters, with an encoder context of `window` frames.
     fn params<'a>(
         &self,
         opts: &'a Options,
-        samples: usize,
+        window: i32,
         cancelled: impl Fn() -> bool + 'static,
     ) -> FullParams<'a, 'a> {
         let strategy = if opts.beam_size > 1 {
@@ -342,17 +360,58 @@ impl Engine {
         if !opts.initial_prompt.is_empty() {
             params.set_initial_prompt(&opts.initial_prompt);
         }
-        let model_ctx = self.ctx.model_n_audio_ctx();
-        match opts.audio_ctx {
-            -1 => params.set_audio_ctx(audio_ctx_for(samples, model_ctx)),
-            0 => {}
-            n => params.set_audio_ctx(n.min(model_ctx)),
-        }
+        params.set_audio_ctx(window);
         params.set_abort_callback_safe::<_, Box<dyn FnMut() -> bool>>(Some(Box::new(move || {
             cancelled()
         })
             as Box<dyn FnMut() -> bool>));
         params
+    }
+
+    /// The encoder context for `samples` of audio as `opts.audio_ctx` asks.
+    fn window(&self, opts: &Options, samples: usize) -> i32 {
+        let model_ctx = self.ctx.model_n_audio_ctx();
+        match opts.audio_ctx {
+            -1 => audio_ctx_for(samples, model_ctx),
+            0 => model_ctx,
+            n => n.min(model_ctx),
+        }
+    }
+
+    /// Runs Whisper over `audio` in `state`, with `tweak` applied to the parameters. On an
+    /// encoder window cut to the audio, Whisper sometimes loops: it says the utterance again
+    /// and again until the token budget ends it (1 of 31 short sentences of our TTS, measured
+    /// with tiny.en, at windows of 5-7.7 s for a 3 s sentence; none from 9 s up). Such a run
+    /// (a phrase of three or more words said twice in a row, or two words three times) is done
+    /// again once on twice the window, which costs one more pass only when it happens, instead
+    /// of a transcript with half a repeat left after [`collapse_repeats`].
+    fn run(
+        &self,
+        state: &mut WhisperState,
+        opts: &Options,
+        audio: &[f32],
+        cancelled: impl Fn() -> bool + Clone + 'static,
+        tweak: impl Fn(&mut FullParams),
+    ) -> Result<()> {
+        let window = self.window(opts, audio.len());
+        let model_ctx = self.ctx.model_n_audio_ctx();
+        let mut params = self.params(opts, window, cancelled.clone());
+        tweak(&mut params);
+        let cores = cpu_turn(opts.threads);
+        state
+            .full(params, audio)
+            .map_err(|e| Error::Inference(e.to_string()))?;
+        if window < model_ctx && loops(state) && !cancelled() {
+            let wider = (window * 2).min(model_ctx);
+            log::info!("the decoder looped on a window of {window} frames: again on {wider}");
+            let mut params = self.params(opts, wider, cancelled);
+            tweak(&mut params);
+            state
+                .full(params, audio)
+                .map_err(|e| Error::Inference(e.to_string()))?;
+        }
+        drop(cores);
+        Ok(())
     }
 
     fn language<'a>(&self, opts: &'a Options) -> &'a str {
@@ -379,7 +438,7 @@ impl Engine {
         &mut self,
         samples: &[f32],
         opts: &Options,
-        cancelled: impl Fn() -> bool + 'static,
+        cancelled: impl Fn() -> bool + Clone + 'static,
     ) -> Result<Output> {
         let duration_ms = (samples.len() * 1000 / SAMPLE_RATE) as u64;
         let padded;
@@ -393,19 +452,14 @@ impl Engine {
         } else {
             samples
         };
-        let mut params = self.params(opts, audio.len(), cancelled);
         // One utterance is at most 30 s: one segment, and a token budget that a speaker cannot
-        // exceed (about 3 tokens per second of speech is typical), so a decoder that starts to
-        // loop is cut short instead of repeating a phrase for seconds of compute.
-        params.set_single_segment(true);
-        let seconds = samples.len() as f64 / SAMPLE_RATE as f64;
-        params.set_max_tokens((seconds * 8.0).ceil() as i32 + 16);
+        // exceed, so a decoder that starts to loop is cut short.
+        let budget = token_budget(samples.len());
         let mut state = PooledState::take(&self.ctx, runs_at_once(opts.threads))?;
-        let cores = cpu_turn(opts.threads);
-        state
-            .full(params, audio)
-            .map_err(|e| Error::Inference(e.to_string()))?;
-        drop(cores);
+        self.run(&mut state, opts, audio, cancelled, |params| {
+            params.set_single_segment(true);
+            params.set_max_tokens(budget);
+        })?;
         let eot = self.ctx.token_eot();
         let mut out = Output {
             language: self.detected_language(&state, opts),
@@ -472,7 +526,7 @@ impl Engine {
         &mut self,
         pieces: &[&[f32]],
         opts: &Options,
-        cancelled: impl Fn() -> bool + 'static,
+        cancelled: impl Fn() -> bool + Clone + 'static,
     ) -> Result<Vec<Output>> {
         let mut joined = Vec::new();
         let mut spans = Vec::with_capacity(pieces.len());
@@ -486,14 +540,12 @@ impl Engine {
         if joined.len() < MIN_SAMPLES {
             joined.resize(MIN_SAMPLES, 0.0);
         }
-        let mut params = self.params(opts, joined.len(), cancelled);
-        params.set_token_timestamps(true);
+        let budget = token_budget(joined.len());
         let mut state = PooledState::take(&self.ctx, runs_at_once(opts.threads))?;
-        let cores = cpu_turn(opts.threads);
-        state
-            .full(params, &joined)
-            .map_err(|e| Error::Inference(e.to_string()))?;
-        drop(cores);
+        self.run(&mut state, opts, &joined, cancelled, |params| {
+            params.set_token_timestamps(true);
+            params.set_max_tokens(budget);
+        })?;
         let ms = |samples: usize| (samples * 1000 / SAMPLE_RATE) as u64;
         // Piece i owns the words timed from OWNER_LEAD_MS before its start to the next's.
         let owner = |t_ms: u64| {
