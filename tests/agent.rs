@@ -300,8 +300,9 @@ fn a_pause_in_mid_question_withdraws_the_reply_made_ahead() {
     let mut agent = Agent::start(&ns, 8451, &[]);
     let (heard, log) = ask(&ns, &mut agent, &q, dir.path());
     assert!(log.contains("withdrew a reply made ahead"), "{log}");
-    // The whole question, both sides of the pause, in one transcript (tiny.en has heard its
-    // last word, over Opus, as "friends").
+    // The whole question, both sides of the pause, in one transcript. Its last word is not
+    // checked: tiny.en hears it as "friends" after Opus at 32 or 64 kb/s, offline as well
+    // (`opusenc bitrate=64000 ! opusdec` then `vox transcribe`), and as "France" without Opus.
     assert!(
         log.lines()
             .any(|l| l.contains(" heard ")
