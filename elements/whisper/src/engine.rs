@@ -153,14 +153,14 @@ fn token_budget(samples: usize) -> i32 {
     (seconds * 8.0).ceil() as i32 + 16
 }
 
-/// Whether the transcript in `state` repeats itself as [`collapse_repeats`] removes.
-fn loops(state: &WhisperState) -> bool {
-    let text: String = state
-        .as_iter()
-        .map(|s| s.to_str_lossy().unwrap_or_default().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
-    collapse_repeats(&text).split_whitespace().count() < text.split_whitespace().count()
+/// Whether a segment in `state` looped: it ran to the token `budget` and repeats itself as
+/// [`collapse_repeats`] removes. Speech that says a phrase twice ends well within the budget.
+fn loops(state: &WhisperState, budget: i32) -> bool {
+    state.as_iter().any(|s| {
+        let text = s.to_str_lossy().unwrap_or_default();
+        s.n_tokens() >= budget
+            && collapse_repeats(&text).split_whitespace().count() < text.split_whitespace().count()
+    })
 }
 
 /// Removes decoding loops: a run of three or more words repeated right after itself, or a run
@@ -378,39 +378,39 @@ impl Engine {
         }
     }
 
-    /// Runs Whisper over `audio` in `state`, with `tweak` applied to the parameters. On an
-    /// encoder window cut to the audio, Whisper sometimes loops: it says the utterance again
-    /// and again until the token budget ends it (1 of 31 short sentences of our TTS, measured
-    /// with tiny.en, at windows of 5-7.7 s for a 3 s sentence; none from 9 s up). Such a run
-    /// (a phrase of three or more words said twice in a row, or two words three times) is done
-    /// again once on twice the window, which costs one more pass only when it happens, instead
-    /// of a transcript with half a repeat left after [`collapse_repeats`].
+    /// Runs Whisper over `audio` in `state` with at most `budget` tokens a segment, `tweak`
+    /// applied to the parameters. On an encoder window cut to the audio, Whisper sometimes
+    /// loops: it says the utterance again and again until the budget ends it (1 of 31 short
+    /// sentences of our TTS, measured with tiny.en, at windows of 5-7.7 s for a 3 s sentence;
+    /// none from 9 s up). Such a pass ([`loops`]) is done again once on twice the window, which
+    /// costs one more pass only when it happens, instead of a transcript with half a repeat
+    /// left after [`collapse_repeats`].
     fn run(
         &self,
         state: &mut WhisperState,
         opts: &Options,
         audio: &[f32],
         cancelled: impl Fn() -> bool + Clone + 'static,
+        budget: i32,
         tweak: impl Fn(&mut FullParams),
     ) -> Result<()> {
-        let window = self.window(opts, audio.len());
-        let model_ctx = self.ctx.model_n_audio_ctx();
-        let mut params = self.params(opts, window, cancelled.clone());
-        tweak(&mut params);
-        let cores = cpu_turn(opts.threads);
-        state
-            .full(params, audio)
-            .map_err(|e| Error::Inference(e.to_string()))?;
-        if window < model_ctx && loops(state) && !cancelled() {
-            let wider = (window * 2).min(model_ctx);
-            log::info!("the decoder looped on a window of {window} frames: again on {wider}");
-            let mut params = self.params(opts, wider, cancelled);
+        let pass = |state: &mut WhisperState, window: i32| {
+            let mut params = self.params(opts, window, cancelled.clone());
+            params.set_max_tokens(budget);
             tweak(&mut params);
             state
                 .full(params, audio)
-                .map_err(|e| Error::Inference(e.to_string()))?;
+                .map_err(|e| Error::Inference(e.to_string()))
+        };
+        let window = self.window(opts, audio.len());
+        let model_ctx = self.ctx.model_n_audio_ctx();
+        let _cores = cpu_turn(opts.threads);
+        pass(state, window)?;
+        if window < model_ctx && loops(state, budget) && !cancelled() {
+            let wider = (window * 2).min(model_ctx);
+            log::info!("the decoder looped on a window of {window} frames: again on {wider}");
+            pass(state, wider)?;
         }
-        drop(cores);
         Ok(())
     }
 
@@ -456,9 +456,8 @@ impl Engine {
         // exceed, so a decoder that starts to loop is cut short.
         let budget = token_budget(samples.len());
         let mut state = PooledState::take(&self.ctx, runs_at_once(opts.threads))?;
-        self.run(&mut state, opts, audio, cancelled, |params| {
+        self.run(&mut state, opts, audio, cancelled, budget, |params| {
             params.set_single_segment(true);
-            params.set_max_tokens(budget);
         })?;
         let eot = self.ctx.token_eot();
         let mut out = Output {
@@ -542,9 +541,8 @@ impl Engine {
         }
         let budget = token_budget(joined.len());
         let mut state = PooledState::take(&self.ctx, runs_at_once(opts.threads))?;
-        self.run(&mut state, opts, &joined, cancelled, |params| {
+        self.run(&mut state, opts, &joined, cancelled, budget, |params| {
             params.set_token_timestamps(true);
-            params.set_max_tokens(budget);
         })?;
         let ms = |samples: usize| (samples * 1000 / SAMPLE_RATE) as u64;
         // Piece i owns the words timed from OWNER_LEAD_MS before its start to the next's.
