@@ -9,6 +9,7 @@
 pub mod engine;
 mod kokorotts;
 pub mod phonemes;
+pub mod qconv;
 pub mod remote;
 pub mod rewrite;
 pub mod snake;

@@ -121,11 +121,11 @@ fn put_message(field: u32, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
-/// One node that replaces a chain of them.
+/// The nodes that replace a chain of them.
 struct Replacement {
-    /// Index of the chain's last node, where the new one goes.
+    /// Index of the chain's last node, where the new ones go.
     at: usize,
-    node: Node,
+    nodes: Vec<Node>,
     removed: Vec<usize>,
 }
 
@@ -141,6 +141,8 @@ struct OpsetImport {
 /// Which rewrites to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Options {
+    /// Convolutions as 8-bit matrix products ([`crate::qconv`]); before `float_convs`.
+    pub int8_convs: bool,
     pub float_convs: bool,
     pub snake: bool,
     pub stft: bool,
@@ -148,11 +150,13 @@ pub struct Options {
 
 impl Options {
     pub const ALL: Self = Self {
+        int8_convs: true,
         float_convs: true,
         snake: true,
         stft: true,
     };
     pub const NONE: Self = Self {
+        int8_convs: false,
         float_convs: false,
         snake: false,
         stft: false,
@@ -167,7 +171,9 @@ pub fn operators() -> ort::Result<ort::operator::OperatorDomain> {
     ort::operator::OperatorDomain::new(DOMAIN)?
         .add(crate::snake::SnakeOperator)?
         .add(crate::snake::NormSnakeOperator)?
-        .add(crate::stft::StftOperator)
+        .add(crate::stft::StftOperator)?
+        .add(crate::qconv::Im2ColOperator)?
+        .add(crate::qconv::DequantiseOperator)
 }
 
 /// The nodes and initialisers of a graph, and who makes and uses each tensor.
@@ -223,6 +229,8 @@ impl<'a> Graph<'a> {
 /// A rewritten model.
 pub struct Rewritten {
     pub model: Vec<u8>,
+    /// How many `ConvInteger` chains became 8-bit matrix products ([`crate::qconv`]).
+    pub int8_convs: usize,
     /// How many `ConvInteger` chains became `Conv`s.
     pub convs: usize,
     /// How many Snake chains became one [`crate::snake`] operator.
@@ -236,7 +244,7 @@ pub struct Rewritten {
 impl Rewritten {
     /// Whether the model has custom operators: the session must register [`operators`].
     pub fn has_operators(&self) -> bool {
-        self.snakes + self.stfts > 0
+        self.int8_convs + self.snakes + self.stfts > 0
     }
 }
 
@@ -244,8 +252,10 @@ impl std::fmt::Debug for Rewritten {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Rewritten({} bytes, {} convolutions, {} snakes ({} with their norm), {} STFTs)",
+            "Rewritten({} bytes, {} 8-bit and {} float convolutions, {} snakes ({} with their \
+             norm), {} STFTs)",
             self.model.len(),
+            self.int8_convs,
             self.convs,
             self.snakes,
             self.norms,
@@ -295,24 +305,34 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
     let g = Graph::new(&nodes, &inits, &graph_outputs);
     let mut replacements = Vec::new();
     let mut weights: HashMap<String, Weight> = HashMap::new();
-    let (mut convs, mut snakes, mut norms, mut stfts) = (0, 0, 0, 0);
+    let (mut int8_convs, mut convs, mut snakes, mut norms, mut stfts) = (0, 0, 0, 0, 0);
     for (i, n) in nodes.iter().enumerate() {
         if !n.domain.is_empty() {
             continue;
         }
         let r = match n.op_type.as_str() {
-            "ConvInteger" if options.float_convs => float_conv(&g, i, &mut weights),
+            "ConvInteger" => options
+                .int8_convs
+                .then(|| int8_conv(&g, i, &mut weights))
+                .flatten()
+                .or_else(|| {
+                    options
+                        .float_convs
+                        .then(|| float_conv(&g, i, &mut weights))
+                        .flatten()
+                }),
             "Sin" if options.snake => snake(&g, i),
             "STFT" if options.stft => stft(&g, i),
             _ => None,
         };
         if let Some(r) = r {
             match n.op_type.as_str() {
-                "Sin" if r.node.op_type == crate::snake::NORM_NAME => {
+                "Sin" if r.nodes[0].op_type == crate::snake::NORM_NAME => {
                     (snakes, norms) = (snakes + 1, norms + 1)
                 }
                 "Sin" => snakes += 1,
                 "STFT" => stfts += 1,
+                _ if r.nodes.len() > 1 => int8_convs += 1,
                 _ => convs += 1,
             }
             replacements.push(r);
@@ -325,32 +345,35 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
     // The graph after the swap: the new nodes at their chains' ends, then anything no longer
     // needed for the outputs dropped (the quantisers and 8-bit weights the chains used).
     let mut removed = HashSet::new();
-    let mut swapped: HashMap<usize, Node> = HashMap::new();
+    let mut swapped: HashMap<usize, Vec<Node>> = HashMap::new();
     for r in replacements {
         removed.extend(r.removed);
-        swapped.insert(r.at, r.node);
+        swapped.insert(r.at, r.nodes);
     }
-    // Each node kept, and whether it is a new one.
-    let mut kept: Vec<Option<(Node, bool)>> = nodes
+    // The nodes at each place, and whether they are new.
+    let mut kept: Vec<Option<(Vec<Node>, bool)>> = nodes
         .iter()
         .enumerate()
         .map(|(i, n)| match swapped.remove(&i) {
             Some(new) => Some((new, true)),
             None if removed.contains(&i) => None,
-            None => Some((n.clone(), false)),
+            None => Some((vec![n.clone()], false)),
         })
         .collect();
     loop {
         let mut used: HashSet<&str> = graph_outputs.iter().map(String::as_str).collect();
-        for (n, _) in kept.iter().flatten() {
-            used.extend(n.input.iter().map(String::as_str));
+        for (ns, _) in kept.iter().flatten() {
+            used.extend(ns.iter().flat_map(|n| n.input.iter().map(String::as_str)));
         }
         let dead: Vec<usize> = kept
             .iter()
             .enumerate()
             .filter(|(_, n)| {
-                n.as_ref()
-                    .is_some_and(|(n, _)| !n.output.iter().any(|o| used.contains(o.as_str())))
+                n.as_ref().is_some_and(|(ns, _)| {
+                    !ns.iter()
+                        .flat_map(|n| &n.output)
+                        .any(|o| used.contains(o.as_str()))
+                })
             })
             .map(|(i, _)| i)
             .collect();
@@ -364,7 +387,7 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
     let used: HashSet<&str> = kept
         .iter()
         .flatten()
-        .flat_map(|(n, _)| n.input.iter().map(String::as_str))
+        .flat_map(|(ns, _)| ns.iter().flat_map(|n| n.input.iter().map(String::as_str)))
         .chain(graph_outputs.iter().map(String::as_str))
         .collect();
 
@@ -375,11 +398,11 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
         .filter(|w| used.contains(w.name.as_str()))
         .collect();
     new_weights.sort_by(|a, b| a.name.cmp(&b.name));
-    let new_nodes: HashMap<usize, Vec<u8>> = kept
+    let new_nodes: HashMap<usize, Vec<Vec<u8>>> = kept
         .iter()
         .enumerate()
         .filter_map(|(i, n)| match n {
-            Some((n, true)) => Some((i, n.encode_to_vec())),
+            Some((ns, true)) => Some((i, ns.iter().map(Message::encode_to_vec).collect())),
             _ => None,
         })
         .collect();
@@ -412,7 +435,7 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
             }
             _ => (r.bytes.len(), None),
         };
-        graph_len += kept_bytes + new.map_or(0, |n| message_len(n.len()));
+        graph_len += kept_bytes + new.map_or(0, |ns| ns.iter().map(|n| message_len(n.len())).sum());
         keep.push((kept_bytes > 0, new));
     }
     graph_len += new_weights
@@ -421,7 +444,7 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
         .sum::<usize>();
 
     let mut out = Vec::with_capacity(model.len() - graph.payload.len() + graph_len + 64);
-    if snakes + stfts > 0 {
+    if int8_convs + snakes + stfts > 0 {
         let domain = OpsetImport {
             domain: DOMAIN.into(),
             version: 1,
@@ -440,7 +463,7 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
             if *keep {
                 out.extend_from_slice(r.bytes);
             }
-            if let Some(node) = new {
+            for node in new.iter().flat_map(|ns| ns.iter()) {
                 put_message(GRAPH_NODE, node, &mut out);
             }
         }
@@ -456,6 +479,7 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
     }
     Ok(Some(Rewritten {
         model: out,
+        int8_convs,
         convs,
         snakes,
         norms,
@@ -463,65 +487,95 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
     }))
 }
 
-/// The float `Conv` for the `ConvInteger` at `i`, when its chain has the expected shape.
-fn float_conv(g: &Graph, i: usize, weights: &mut HashMap<String, Weight>) -> Option<Replacement> {
-    let nodes = g.nodes;
-    let conv = &nodes[i];
-    let other = |n: &Node, this: &str| -> Option<String> {
-        match n.input.as_slice() {
-            [a, b] if a == this => Some(b.clone()),
-            [a, b] if b == this => Some(a.clone()),
-            _ => None,
-        }
-    };
-    // The input, quantised at run time.
-    let quantiser = g.made_by(&conv.input[0], "DynamicQuantizeLinear")?;
-    if quantiser.output.len() < 3 || conv.input.get(2).is_some_and(|z| *z != quantiser.output[2]) {
-        return None;
-    }
-    let x = quantiser.input.first()?.clone();
-    let x_scale = &quantiser.output[1];
-    // [Add the run-time quantised bias] → Cast to float → Mul by x_scale × w_scale.
-    let mut at = g.only_user(&conv.output[0])?;
-    let mut add = None;
-    let mut bias = None;
-    if nodes[at].op_type == "Add" {
-        let b = other(&nodes[at], &conv.output[0])?;
-        let (float_bias, bias_scale) = quantised_bias(g, &b)?;
-        let t = g.tensor(&float_bias)?;
-        if t.data_type != FLOAT || t.dims.len() != 1 {
+/// A `ConvInteger` at `conv` and the nodes around it that dynamic quantisation made.
+struct ConvChain {
+    conv: usize,
+    /// The float input, before `DynamicQuantizeLinear`.
+    x: String,
+    /// [Add the run-time quantised bias] → Cast to float → Mul by `scale`.
+    add: Option<usize>,
+    cast: usize,
+    mul: usize,
+    /// The float bias behind the quantised one.
+    bias: Option<String>,
+    /// Input scale × weight scale (made at run time), and the weight scale.
+    scale: String,
+    w_scale: String,
+}
+
+impl ConvChain {
+    /// The chain of the `ConvInteger` at `i`, when it has the expected shape.
+    fn at(g: &Graph, i: usize) -> Option<Self> {
+        let nodes = g.nodes;
+        let conv = &nodes[i];
+        let other = |n: &Node, this: &str| -> Option<String> {
+            match n.input.as_slice() {
+                [a, b] if a == this => Some(b.clone()),
+                [a, b] if b == this => Some(a.clone()),
+                _ => None,
+            }
+        };
+        // The input, quantised at run time.
+        let quantiser = g.made_by(&conv.input[0], "DynamicQuantizeLinear")?;
+        if quantiser.output.len() < 3 || conv.input.get(2) != Some(&quantiser.output[2]) {
             return None;
         }
-        bias = Some((float_bias, bias_scale));
-        add = Some(at);
-        at = g.only_user(&nodes[at].output[0])?;
-    }
-    let cast = at;
-    if nodes[cast].op_type != "Cast" || !casts_to_float(&nodes[cast]) {
-        return None;
-    }
-    let mul = g.only_user(&nodes[cast].output[0])?;
-    if nodes[mul].op_type != "Mul" {
-        return None;
-    }
-    let scale = other(&nodes[mul], &nodes[cast].output[0])?;
-    let w_scale = other(g.made_by(&scale, "Mul")?, x_scale)?;
-    if bias
-        .as_ref()
-        .is_some_and(|(_, bias_scale)| *bias_scale != scale)
-    {
-        return None;
+        let x = quantiser.input.first()?.clone();
+        let x_scale = &quantiser.output[1];
+        let mut at = g.only_user(&conv.output[0])?;
+        let mut add = None;
+        let mut bias = None;
+        if nodes[at].op_type == "Add" {
+            let b = other(&nodes[at], &conv.output[0])?;
+            let (float_bias, bias_scale) = quantised_bias(g, &b)?;
+            let t = g.tensor(&float_bias)?;
+            if t.data_type != FLOAT || t.dims.len() != 1 {
+                return None;
+            }
+            bias = Some((float_bias, bias_scale));
+            add = Some(at);
+            at = g.only_user(&nodes[at].output[0])?;
+        }
+        let cast = at;
+        if nodes[cast].op_type != "Cast" || !casts_to_float(&nodes[cast]) {
+            return None;
+        }
+        let mul = g.only_user(&nodes[cast].output[0])?;
+        if nodes[mul].op_type != "Mul" {
+            return None;
+        }
+        let scale = other(&nodes[mul], &nodes[cast].output[0])?;
+        let w_scale = other(g.made_by(&scale, "Mul")?, x_scale)?;
+        if bias
+            .as_ref()
+            .is_some_and(|(_, bias_scale)| *bias_scale != scale)
+        {
+            return None;
+        }
+        Some(Self {
+            conv: i,
+            x,
+            add,
+            cast,
+            mul,
+            bias: bias.map(|(b, _)| b),
+            scale,
+            w_scale,
+        })
     }
 
-    let weight = Weight {
-        name: format!("{}_float", conv.input[1]),
-        q: conv.input[1].clone(),
-        zero: conv.input.get(3).filter(|z| !z.is_empty()).cloned(),
-        scale: w_scale,
-        dims: g.tensor(&conv.input[1])?.dims,
-    };
+    fn removed(&self) -> Vec<usize> {
+        [Some(self.conv), self.add, Some(self.cast), Some(self.mul)]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
+/// Adds `weight` to the weights to write, once per name; `None` when the same name was asked
+/// with other zero points or scales, or the initialisers do not fit.
+fn add_weight(g: &Graph, weights: &mut HashMap<String, Weight>, weight: Weight) -> Option<String> {
     match weights.get(&weight.name) {
-        // The same 8-bit weights with other zero points or scales: left as they are.
         Some(w) if (&w.zero, &w.scale) != (&weight.zero, &weight.scale) => return None,
         Some(_) => {}
         None => {
@@ -530,22 +584,146 @@ fn float_conv(g: &Graph, i: usize, weights: &mut HashMap<String, Weight>) -> Opt
             weights.insert(weight.name.clone(), weight.clone());
         }
     }
-    let mut input = vec![x, weight.name];
-    input.extend(bias.map(|(b, _)| b));
+    Some(weight.name)
+}
+
+/// The float `Conv` for the `ConvInteger` at `i`, when its chain has the expected shape.
+fn float_conv(g: &Graph, i: usize, weights: &mut HashMap<String, Weight>) -> Option<Replacement> {
+    let chain = ConvChain::at(g, i)?;
+    let conv = &g.nodes[i];
+    let weight = add_weight(
+        g,
+        weights,
+        Weight {
+            name: format!("{}_float", conv.input[1]),
+            kind: WeightKind::Float,
+            q: conv.input[1].clone(),
+            zero: conv.input.get(3).filter(|z| !z.is_empty()).cloned(),
+            scale: Some(chain.w_scale.clone()),
+            dims: g.tensor(&conv.input[1])?.dims,
+        },
+    )?;
+    let mut input = vec![chain.x.clone(), weight];
+    input.extend(chain.bias.clone());
     Some(Replacement {
-        at: mul,
-        node: Node {
+        at: chain.mul,
+        nodes: vec![Node {
             input,
-            output: nodes[mul].output.clone(),
+            output: g.nodes[chain.mul].output.clone(),
             name: format!("{}_float", conv.name),
             op_type: "Conv".into(),
             attribute: conv.attribute.clone(),
             domain: String::new(),
+        }],
+        removed: chain.removed(),
+    })
+}
+
+/// The three nodes of [`crate::qconv`] for the `ConvInteger` at `i`: a 1-D convolution of one
+/// group, its weights 8-bit with one zero point.
+fn int8_conv(g: &Graph, i: usize, weights: &mut HashMap<String, Weight>) -> Option<Replacement> {
+    let chain = ConvChain::at(g, i)?;
+    let conv = &g.nodes[i];
+    let w = g.tensor(&conv.input[1])?;
+    if w.dims.len() != 3 || w.data_type != UINT8 {
+        return None;
+    }
+    let (outs, ins, kernel) = (w.dims[0], w.dims[1], w.dims[2]);
+    let mut geometry = crate::qconv::Geometry {
+        kernel: kernel as usize,
+        dilation: 1,
+        stride: 1,
+        pad_begin: 0,
+        pad_end: 0,
+    };
+    for a in &conv.attribute {
+        let a = ConvAttribute::decode(a.as_slice()).ok()?;
+        let one = |v: &[i64]| match v {
+            [x] if *x >= 0 => Some(*x as usize),
+            _ => None,
+        };
+        match a.name.as_str() {
+            "kernel_shape" if one(&a.ints)? == geometry.kernel => {}
+            "dilations" => geometry.dilation = one(&a.ints)?,
+            "strides" => geometry.stride = one(&a.ints)?,
+            "pads" => match a.ints.as_slice() {
+                [b, e] if *b >= 0 && *e >= 0 => {
+                    (geometry.pad_begin, geometry.pad_end) = (*b as usize, *e as usize)
+                }
+                _ => return None,
+            },
+            "group" if a.i == 1 => {}
+            "auto_pad" if a.s.is_empty() || a.s == b"NOTSET" => {}
+            _ => return None,
+        }
+    }
+    if geometry.kernel == 0 || geometry.dilation == 0 || geometry.stride == 0 {
+        return None;
+    }
+    let zero = conv.input.get(3).filter(|z| !z.is_empty()).cloned();
+    let matrix = add_weight(
+        g,
+        weights,
+        Weight {
+            name: format!("{}_rows", conv.input[1]),
+            kind: WeightKind::Rows,
+            q: conv.input[1].clone(),
+            zero: zero.clone(),
+            scale: None,
+            dims: vec![outs, ins * kernel],
         },
-        removed: [Some(i), add, Some(cast), Some(mul)]
-            .into_iter()
-            .flatten()
-            .collect(),
+    )?;
+    let y = &conv.output[0];
+    let (cols, x_zero, acc) = (
+        format!("{y}_columns"),
+        format!("{y}_signed_zero"),
+        format!("{y}_sums"),
+    );
+    let int = |name: &str, i: usize| {
+        NewAttribute {
+            name: name.into(),
+            i: i as i64,
+            r#type: ATTRIBUTE_INT,
+        }
+        .encode_to_vec()
+    };
+    let mut dequantise = vec![acc.clone(), chain.scale.clone()];
+    dequantise.extend(chain.bias.clone());
+    Some(Replacement {
+        at: chain.mul,
+        nodes: vec![
+            Node {
+                input: vec![conv.input[0].clone(), conv.input[2].clone()],
+                output: vec![cols.clone(), x_zero.clone()],
+                name: format!("{}_im2col", conv.name),
+                op_type: crate::qconv::IM2COL.into(),
+                attribute: vec![
+                    int("kernel", geometry.kernel),
+                    int("dilation", geometry.dilation),
+                    int("stride", geometry.stride),
+                    int("pad_begin", geometry.pad_begin),
+                    int("pad_end", geometry.pad_end),
+                ],
+                domain: DOMAIN.into(),
+            },
+            Node {
+                input: vec![matrix, cols, zero.unwrap_or_default(), x_zero],
+                output: vec![acc],
+                name: format!("{}_matmul", conv.name),
+                op_type: "MatMulInteger".into(),
+                attribute: Vec::new(),
+                domain: String::new(),
+            },
+            Node {
+                input: dequantise,
+                output: g.nodes[chain.mul].output.clone(),
+                name: format!("{}_dequantise", conv.name),
+                op_type: crate::qconv::DEQUANTISE.into(),
+                attribute: Vec::new(),
+                domain: DOMAIN.into(),
+            },
+        ],
+        removed: chain.removed(),
     })
 }
 
@@ -619,14 +797,14 @@ fn snake(g: &Graph, i: usize) -> Option<Replacement> {
     };
     Some(Replacement {
         at: add,
-        node: Node {
+        nodes: vec![Node {
             input,
             output: nodes[add].output.clone(),
             name: format!("{}_snake", sin.name),
             op_type: op.into(),
             attribute: Vec::new(),
             domain: DOMAIN.into(),
-        },
+        }],
         removed,
     })
 }
@@ -747,14 +925,14 @@ fn stft(g: &Graph, i: usize) -> Option<Replacement> {
     }
     Some(Replacement {
         at: i,
-        node: Node {
+        nodes: vec![Node {
             input: vec![signal.clone(), step.clone(), window.clone()],
             output: node.output.clone(),
             name: format!("{}_vox", node.name),
             op_type: crate::stft::NAME.into(),
             attribute: Vec::new(),
             domain: DOMAIN.into(),
-        },
+        }],
         removed: vec![i],
     })
 }
@@ -768,20 +946,59 @@ struct IntAttribute {
     i: i64,
 }
 
+/// `AttributeProto.type` of an integer.
+const ATTRIBUTE_INT: i32 = 2;
+
+/// An integer `AttributeProto` to write.
+#[derive(Clone, PartialEq, Message)]
+struct NewAttribute {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(int64, tag = "3")]
+    i: i64,
+    #[prost(int32, tag = "20")]
+    r#type: i32,
+}
+
+/// The `AttributeProto` fields of a `Conv`'s attributes.
+#[derive(Clone, PartialEq, Message)]
+struct ConvAttribute {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(int64, tag = "3")]
+    i: i64,
+    #[prost(bytes = "vec", tag = "4")]
+    s: Vec<u8>,
+    #[prost(int64, repeated, tag = "8")]
+    ints: Vec<i64>,
+}
+
 fn casts_to_float(cast: &Node) -> bool {
     cast.attribute.iter().any(|a| {
         IntAttribute::decode(a.as_slice()).is_ok_and(|a| a.name == "to" && a.i == FLOAT as i64)
     })
 }
 
-/// A convolution's weights in float, made from its 8-bit ones.
+/// What a [`Weight`] is made as.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WeightKind {
+    /// Float, `(q - zero) × scale`, in the 8-bit weights' shape.
+    Float,
+    /// The unsigned 8-bit weights as they are, `[out channels, in channels × kernel]` (a
+    /// `MatMulInteger`'s left side).
+    Rows,
+}
+
+/// A convolution's weights made from its 8-bit ones.
 #[derive(Clone)]
 struct Weight {
     name: String,
-    /// The 8-bit weights, their zero points (none: 0) and scales, all initialisers.
+    kind: WeightKind,
+    /// The 8-bit weights, their zero points (none: 0) and scales (for `Float`), all
+    /// initialisers.
     q: String,
     zero: Option<String>,
-    scale: String,
+    scale: Option<String>,
     dims: Vec<i64>,
 }
 
@@ -789,7 +1006,11 @@ impl Weight {
     fn header(&self) -> Tensor {
         Tensor {
             dims: self.dims.clone(),
-            data_type: FLOAT,
+            data_type: if self.kind == WeightKind::Float {
+                FLOAT
+            } else {
+                UINT8
+            },
             name: self.name.clone(),
             ..Default::default()
         }
@@ -798,15 +1019,20 @@ impl Weight {
     /// The length of the encoded [`Self::tensor`].
     fn encoded_len(&self) -> usize {
         let values: usize = self.dims.iter().map(|&d| d.max(0) as usize).product();
-        let raw = 4 * values;
+        let raw = if self.kind == WeightKind::Float {
+            4 * values
+        } else {
+            values
+        };
         self.header().encoded_len() + 1 + encoded_len_varint(raw as u64) + raw
     }
 
-    /// `(q - zero) × scale`, zero points and scales per output channel (the first dimension)
-    /// or one for all; `None` when the initialisers are missing or do not fit.
+    /// The tensor: zero points and scales per output channel (the first dimension) or one for
+    /// all (one zero point only for `Rows`); `None` when the initialisers are missing or do not
+    /// fit.
     fn tensor(&self, g: &Graph) -> Option<Tensor> {
         let w = g.tensor(&self.q)?;
-        if !matches!(w.data_type, INT8 | UINT8) || w.dims.len() < 2 || w.dims != self.dims {
+        if !matches!(w.data_type, INT8 | UINT8) || w.dims.len() < 2 {
             return None;
         }
         let q = values(&w)?;
@@ -814,19 +1040,36 @@ impl Weight {
             Some(z) => values(&g.tensor(z)?)?,
             None => vec![0.0],
         };
-        let scale = values(&g.tensor(&self.scale)?)?;
         let channels = w.dims[0].max(1) as usize;
         let fits = |v: &[f32]| v.len() == 1 || v.len() == channels;
-        if !fits(&zero) || !fits(&scale) || q.len() % channels != 0 {
+        if !fits(&zero) || q.len() % channels != 0 {
             return None;
         }
         let per = q.len() / channels;
-        let pick = |v: &[f32], o: usize| if v.len() == 1 { v[0] } else { v[o] };
-        let mut raw = Vec::with_capacity(q.len() * 4);
-        for (k, v) in q.iter().enumerate() {
-            let o = k / per;
-            raw.extend_from_slice(&((v - pick(&zero, o)) * pick(&scale, o)).to_le_bytes());
-        }
+        let raw = match self.kind {
+            WeightKind::Float => {
+                let scale = values(&g.tensor(self.scale.as_ref()?)?)?;
+                if w.dims != self.dims || !fits(&scale) {
+                    return None;
+                }
+                let pick = |v: &[f32], o: usize| if v.len() == 1 { v[0] } else { v[o] };
+                let mut raw = Vec::with_capacity(q.len() * 4);
+                for (k, v) in q.iter().enumerate() {
+                    let o = k / per;
+                    raw.extend_from_slice(&((v - pick(&zero, o)) * pick(&scale, o)).to_le_bytes());
+                }
+                raw
+            }
+            WeightKind::Rows => {
+                if w.data_type != UINT8
+                    || zero.len() != 1
+                    || self.dims != [channels as i64, per as i64]
+                {
+                    return None;
+                }
+                q.iter().map(|&v| v as u8).collect()
+            }
+        };
         Some(Tensor {
             raw_data: raw,
             ..self.header()

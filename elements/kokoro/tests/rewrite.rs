@@ -1,6 +1,6 @@
-//! Kokoro's int8 graph rewritten (`rewrite`: float convolutions, the Snake and STFT operators),
-//! on the real model: every `ConvInteger`, Snake chain and `STFT` goes, the speech keeps its
-//! length and spectrum, and what is not a model is an error, not a panic.
+//! Kokoro's int8 graph rewritten (`rewrite`: 8-bit or float convolutions, the Snake and STFT
+//! operators), on the real model: every `ConvInteger`, Snake chain and `STFT` goes, the speech
+//! keeps its length and spectrum, and what is not a model is an error, not a panic.
 
 use gstvoxkokoro::engine::Kokoro;
 use gstvoxkokoro::phonemes::{self, Vocab};
@@ -67,8 +67,9 @@ fn every_int8_convolution_snake_and_stft_is_rewritten_and_the_speech_stays_the_s
         .unwrap()
         .expect("the int8 model's chains are rewritten");
     assert_eq!(
-        rewritten.convs, 87,
-        "Kokoro-82M int8 has 87 quantised convolutions"
+        (rewritten.int8_convs, rewritten.convs),
+        (87, 0),
+        "Kokoro-82M int8 has 87 quantised convolutions, all 1-D of one group"
     );
     assert_eq!(
         rewritten.snakes, 48,
@@ -79,16 +80,31 @@ fn every_int8_convolution_snake_and_stft_is_rewritten_and_the_speech_stays_the_s
     // ("\x22\x03Sin" is `op_type: "Sin"` on the wire).
     assert_eq!(count(&bytes, b"\x22\x03Sin"), 51);
     assert_eq!(count(&rewritten.model, b"\x22\x03Sin"), 3);
-    // `kokorotts float-convolutions=false`: the other rewrites only.
+    // `kokorotts int8-convolutions=false`: float convolutions instead.
+    let float_all = Options {
+        int8_convs: false,
+        ..ALL
+    };
+    let floats = rewrite(&bytes, float_all).unwrap().unwrap();
+    assert_eq!((floats.int8_convs, floats.convs), (0, 87));
+    // And neither: the other rewrites only.
     let int8_ops = Options {
+        int8_convs: false,
         float_convs: false,
         ..ALL
     };
     let ops = rewrite(&bytes, int8_ops).unwrap().unwrap();
-    assert_eq!((ops.convs, ops.snakes, ops.stfts), (0, 48, 1));
+    assert_eq!(
+        (ops.int8_convs, ops.convs, ops.snakes, ops.stfts),
+        (0, 0, 48, 1)
+    );
     assert_eq!(count(&ops.model, b"ConvInteger"), 87);
     let only_convs = Options {
         float_convs: true,
+        ..NONE
+    };
+    let only_int8 = Options {
+        int8_convs: true,
         ..NONE
     };
     drop(bytes);
@@ -123,7 +139,10 @@ fn every_int8_convolution_snake_and_stft_is_rewritten_and_the_speech_stays_the_s
     );
     // The Snake operators compute what the chains computed, to a float's rounding (compared in
     // float: in the int8 graph, the next quantisation turns a last-bit difference into a step).
-    let snakes = speak(Options { stft: false, ..ALL });
+    let snakes = speak(Options {
+        stft: false,
+        ..float_all
+    });
     assert_eq!(snakes.len(), float.len());
     let worst = snakes
         .iter()
@@ -137,14 +156,30 @@ fn every_int8_convolution_snake_and_stft_is_rewritten_and_the_speech_stays_the_s
     // The STFT operator is within 2e-7 of a double-precision DFT where ONNX Runtime's is within
     // ~1e-5 (both measured against numpy's rfft), and the generator takes the phase of every bin, near-silent ones too: a change of
     // 1e-6 in the window moves samples by up to 0.03. Same length, same spectrum.
-    let all = speak(ALL);
+    let all = speak(float_all);
     assert_eq!(all.len(), float.len());
     let r = correlation(&spectrum(&all), &spectrum(&snakes));
     assert!(
         r > 0.98,
         "log spectra correlate {r:.3}: the STFT operator changed the speech"
     );
-    // And in the int8 graph.
+    // The 8-bit convolutions multiply and sum the int8 graph's own values; only the bias is
+    // added in float where the graph rounds it to the input's steps first.
+    let products = speak(only_int8);
+    assert_eq!(products.len(), original.len());
+    let r = correlation(&spectrum(&products), &spectrum(&original));
+    assert!(
+        r > 0.98,
+        "log spectra correlate {r:.3}: the 8-bit convolutions changed the speech"
+    );
+    let default = speak(ALL);
+    assert_eq!(default.len(), original.len());
+    let r = correlation(&spectrum(&default), &spectrum(&original));
+    assert!(
+        r > 0.9,
+        "log spectra correlate {r:.3}: the default rewrites changed the speech"
+    );
+    // And the operators in the int8 graph.
     let int8 = speak(int8_ops);
     assert_eq!(int8.len(), original.len());
     let r = correlation(&spectrum(&int8), &spectrum(&original));
