@@ -73,8 +73,12 @@ impl Kokoro {
     }
 
     /// Loads the model at `path` for `threads` cores, its graph rewritten as `options` ask
-    /// (see [`crate::rewrite`]).
+    /// (see [`crate::rewrite`]; 8-bit convolutions only where [`crate::qconv::exact`]).
     pub fn load(path: &Path, threads: usize, options: Options) -> Result<Self, Error> {
+        let options = Options {
+            int8_convs: options.int8_convs && crate::qconv::exact(),
+            ..options
+        };
         let env = vox_common::onnx::environment().map_err(Error::Runtime)?;
         let load_err = |e: &dyn std::fmt::Display| Error::Load {
             path: path.to_path_buf(),

@@ -26,6 +26,17 @@ use ort::value::TensorElementType;
 pub const IM2COL: &str = "Im2Col";
 pub const DEQUANTISE: &str = "Dequantise";
 
+/// Whether ONNX Runtime's products of unsigned by signed 8-bit values are exact on this CPU.
+/// On x86 they are with the 8-bit dot product instructions (AVX512-VNNI, AVX-VNNI); without
+/// them its kernels add pairs of products in 16 bits, which saturate on large values, and the
+/// convolutions stay float. Other CPUs' 8-bit dot products are exact.
+pub fn exact() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx512vnni") || std::is_x86_feature_detected!("avxvnni");
+    #[cfg(not(target_arch = "x86_64"))]
+    true
+}
+
 /// A 1-D convolution's geometry (ONNX `Conv` attributes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
