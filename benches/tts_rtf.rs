@@ -118,7 +118,15 @@ fn main() {
         .map(|(a, b)| (a + b) / 2.0)
         .collect();
 
-    println!("Kokoro TTS, three-sentence reply, 2 threads (medians of {RUNS} runs)");
+    println!(
+        "Kokoro TTS, three-sentence reply, 2 threads (medians of {RUNS} runs; 8-bit \
+         convolutions {} on this CPU)",
+        if gstvoxkokoro::qconv::exact() {
+            "taken"
+        } else {
+            "not taken: no VNNI, float instead"
+        }
+    );
     println!("| system | first audio | whole reply | RTF | first audio / whole |");
     println!("|---|---|---|---|---|");
     for (name, [first, total, rtf, load]) in [

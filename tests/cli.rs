@@ -913,8 +913,9 @@ fn output_into_a_closed_pipe_ends_quietly() {
 
 /// On an encoder window cut to the audio, Whisper sometimes says a short utterance again and
 /// again ("I left my umbrella on the bus this morning. I left my umbrella on the bus this"):
-/// our TTS's speech of this sentence did so on tiny.en's 6.4 s window. Such a run is done again
-/// on twice the window, and the transcript says the sentence once.
+/// our TTS's speech of this sentence did so on tiny.en's 6.4 s window, made with float
+/// convolutions and with 8-bit ones alike (`kokorotts int8-convolutions` depends on the CPU).
+/// Such a run is done again on twice the window, and the transcript says the sentence once.
 #[test]
 fn a_decoder_that_loops_is_run_again_on_a_wider_window() {
     let dir = tempfile::tempdir().unwrap();

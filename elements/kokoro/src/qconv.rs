@@ -15,7 +15,8 @@
 //!   (input scale × weight scale), plus the float bias, as `[1, C', T']`.
 //!
 //! The arithmetic is the int8 model's own: the same 8-bit values multiplied, summed exactly.
-//! Channels stay first throughout: no transposition.
+//! Channels stay first throughout: no transposition. One sequence at a time (batch 1), as
+//! Kokoro runs; a batched input is an error at run time.
 
 use crate::snake::Out;
 use ort::operator::{
@@ -26,10 +27,11 @@ use ort::value::TensorElementType;
 pub const IM2COL: &str = "Im2Col";
 pub const DEQUANTISE: &str = "Dequantise";
 
-/// Whether ONNX Runtime's products of unsigned by signed 8-bit values are exact on this CPU.
-/// On x86 they are with the 8-bit dot product instructions (AVX512-VNNI, AVX-VNNI); without
-/// them its kernels add pairs of products in 16 bits, which saturate on large values, and the
-/// convolutions stay float. Other CPUs' 8-bit dot products are exact.
+/// Whether ONNX Runtime's products of unsigned by signed 8-bit values are exact and fast on
+/// this CPU. On x86-64 they are with the 8-bit dot product instructions (AVX512-VNNI,
+/// AVX-VNNI); without them its AVX2 kernels add pairs of products in 16 bits, which saturate
+/// on large values, and the convolutions stay float. Other CPUs' (ARM's) 8-bit dot products
+/// are exact.
 pub fn exact() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::is_x86_feature_detected!("avx512vnni") || std::is_x86_feature_detected!("avxvnni");

@@ -10,8 +10,8 @@
 //!   to float and `Mul` by the two scales. One float `Conv` goes back in its place, its weights
 //!   the 8-bit weights dequantised (`(w - zero point) × scale`, the values the int8 path
 //!   multiplies by) and the model's float bias. ONNX Runtime's float kernels beat its
-//!   `ConvInteger` and the quantisation around it: 10–13% of a synthesis on 2 AVX-512 cores, for
-//!   the convolutions' weights in 32 bits (~200 MiB more memory) and ~0.7 s more to load.
+//!   `ConvInteger` and the quantisation around it: 9–13% of a synthesis on 2 AVX-512 cores,
+//!   for the convolutions' weights in 32 bits (~200 MiB more memory) and ~0.5 s more to load.
 //! - **One Snake.** The generator's activation, `x + sin²(αx)/α` per channel, is exported as
 //!   five operators (`Mul`, `Sin`, `Pow`, `Mul`, `Add`), each a pass over its largest tensors,
 //!   and ONNX Runtime's `Sin` is scalar. [`crate::snake`]'s operator does it in one vectorised
@@ -372,11 +372,11 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
         let dead: Vec<usize> = kept
             .iter()
             .enumerate()
+            // A group of new nodes lives by its last node's outputs (the others feed it).
             .filter(|(_, n)| {
                 n.as_ref().is_some_and(|(ns, _)| {
-                    !ns.iter()
-                        .flat_map(|n| &n.output)
-                        .any(|o| used.contains(o.as_str()))
+                    !ns.last()
+                        .is_some_and(|n| n.output.iter().any(|o| used.contains(o.as_str())))
                 })
             })
             .map(|(i, _)| i)
@@ -474,11 +474,11 @@ pub fn rewrite(model: &[u8], options: Options) -> Result<Option<Rewritten>, Stri
         for w in &new_weights {
             let t = w
                 .tensor(&g)
-                .ok_or_else(|| format!("cannot dequantise {}", w.q))?;
+                .ok_or_else(|| format!("cannot make {} from {}", w.name, w.q))?;
             put_message(GRAPH_INITIALIZER, &t.encode_to_vec(), &mut out);
         }
         if out.len() - start != graph_len {
-            return Err("float convolutions: the graph's length came out wrong".into());
+            return Err("rewrite: the graph's length came out wrong".into());
         }
     }
     Ok(Some(Rewritten {

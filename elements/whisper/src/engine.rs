@@ -153,12 +153,13 @@ fn token_budget(samples: usize) -> i32 {
     (seconds * 8.0).ceil() as i32 + 16
 }
 
-/// Whether a segment in `state` looped: it ran to the token `budget` and repeats itself as
-/// [`collapse_repeats`] removes. Speech that says a phrase twice ends well within the budget.
-fn loops(state: &WhisperState, budget: i32) -> bool {
+/// Whether a single-segment pass in `state` looped: its segment ran to the token `budget` (or
+/// to whisper.cpp's own limit, `limit`) and repeats itself as [`collapse_repeats`] removes.
+/// Speech that says a phrase twice ends well within the budget.
+fn loops(state: &WhisperState, budget: i32, limit: i32) -> bool {
     state.as_iter().any(|s| {
         let text = s.to_str_lossy().unwrap_or_default();
-        s.n_tokens() >= budget
+        s.n_tokens() >= budget.min(limit)
             && collapse_repeats(&text).split_whitespace().count() < text.split_whitespace().count()
     })
 }
@@ -378,13 +379,16 @@ impl Engine {
         }
     }
 
-    /// Runs Whisper over `audio` in `state` with at most `budget` tokens a segment, `tweak`
-    /// applied to the parameters. On an encoder window cut to the audio, Whisper sometimes
+    /// Runs Whisper over `audio` in `state` with at most `budget` tokens a segment: one
+    /// utterance (`single`: one segment) or a batch (segments with token times). On an
+    /// encoder window cut to the audio, Whisper sometimes
     /// loops: it says the utterance again and again until the budget ends it (1 of 31 short
     /// sentences of our TTS, measured with tiny.en, at windows of 5-7.7 s for a 3 s sentence;
-    /// none from 9 s up). Such a pass ([`loops`]) is done again once on twice the window, which
-    /// costs one more pass only when it happens, instead of a transcript with half a repeat
-    /// left after [`collapse_repeats`].
+    /// none from 9 s up). For one utterance, such a pass
+    /// ([`loops`]) is done again once on twice the window, which costs one more pass only when
+    /// it happens, instead of a transcript with half a repeat left after [`collapse_repeats`].
+    /// (A batched pass that reaches the budget is cut back by whisper.cpp to its last timestamp
+    /// and goes on from there, so its loops cannot be told this way; the filter takes them.)
     fn run(
         &self,
         state: &mut WhisperState,
@@ -392,12 +396,16 @@ impl Engine {
         audio: &[f32],
         cancelled: impl Fn() -> bool + Clone + 'static,
         budget: i32,
-        tweak: impl Fn(&mut FullParams),
+        single: bool,
     ) -> Result<()> {
         let pass = |state: &mut WhisperState, window: i32| {
             let mut params = self.params(opts, window, cancelled.clone());
             params.set_max_tokens(budget);
-            tweak(&mut params);
+            if single {
+                params.set_single_segment(true);
+            } else {
+                params.set_token_timestamps(true);
+            }
             state
                 .full(params, audio)
                 .map_err(|e| Error::Inference(e.to_string()))
@@ -406,7 +414,9 @@ impl Engine {
         let model_ctx = self.ctx.model_n_audio_ctx();
         let _cores = cpu_turn(opts.threads);
         pass(state, window)?;
-        if window < model_ctx && loops(state, budget) && !cancelled() {
+        // whisper.cpp decodes at most half the text context, less its prompt tokens.
+        let limit = self.ctx.model_n_text_ctx() / 2 - 4;
+        if single && window < model_ctx && loops(state, budget, limit) && !cancelled() {
             let wider = (window * 2).min(model_ctx);
             log::info!("the decoder looped on a window of {window} frames: again on {wider}");
             pass(state, wider)?;
@@ -456,9 +466,7 @@ impl Engine {
         // exceed, so a decoder that starts to loop is cut short.
         let budget = token_budget(samples.len());
         let mut state = PooledState::take(&self.ctx, runs_at_once(opts.threads))?;
-        self.run(&mut state, opts, audio, cancelled, budget, |params| {
-            params.set_single_segment(true);
-        })?;
+        self.run(&mut state, opts, audio, cancelled, budget, true)?;
         let eot = self.ctx.token_eot();
         let mut out = Output {
             language: self.detected_language(&state, opts),
@@ -541,9 +549,7 @@ impl Engine {
         }
         let budget = token_budget(joined.len());
         let mut state = PooledState::take(&self.ctx, runs_at_once(opts.threads))?;
-        self.run(&mut state, opts, &joined, cancelled, budget, |params| {
-            params.set_token_timestamps(true);
-        })?;
+        self.run(&mut state, opts, &joined, cancelled, budget, false)?;
         let ms = |samples: usize| (samples * 1000 / SAMPLE_RATE) as u64;
         // Piece i owns the words timed from OWNER_LEAD_MS before its start to the next's.
         let owner = |t_ms: u64| {

@@ -793,7 +793,7 @@ impl ObjectImpl for KokoroTts {
                     .build(),
                 glib::ParamSpecBoolean::builder("float-convolutions")
                     .nick("Float convolutions")
-                    .blurb("Run an int8 model's convolutions that int8-convolutions does not take in float with their dequantised weights: 10–13% faster synthesis than the file's graph for ~200 MiB more memory and ~0.5 s more to load; as intelligible (tiny.en word error rate on 30 sentences: 4.1% with the fused operators against 4.5%)")
+                    .blurb("Run an int8 model's convolutions that int8-convolutions does not take in float with their dequantised weights: 9–13% faster synthesis than the file's graph for ~200 MiB more memory and ~0.5 s more to load; as intelligible (tiny.en word error rate on 30 sentences: 4.1% with the fused operators against 4.5%)")
                     .default_value(true)
                     .mutable_ready()
                     .build(),
