@@ -539,7 +539,14 @@ fn spawn_session(
             metrics.sessions_active.inc();
             tracing::info!("session {call}: caller {caller}");
             let result = run_session(&call, &pipeline, &stop, &metrics, words);
-            let _ = pipeline.set_state(gst::State::Null);
+            if !runner::stop_within(&pipeline, Duration::from_secs(10)) {
+                // Its threads stay stuck; the session is over for everyone else.
+                tracing::error!(
+                    "session {call}: its WebRTC elements did not stop within 10 s \
+                     (gst-plugin-webrtc's signaller can hang when both sides end the session \
+                     at once); left behind"
+                );
+            }
             match &result {
                 Ok(()) => tracing::info!("session {call} ended"),
                 Err(e) => {

@@ -315,7 +315,12 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
         Err(CallError::Failed("the recording did not finish".into()))
     })();
     drop(watch);
-    let _ = pipeline.set_state(gst::State::Null);
+    if !runner::stop_within(&pipeline, Duration::from_secs(10)) {
+        tracing::warn!(
+            "the call's WebRTC elements did not stop within 10 s (gst-plugin-webrtc's \
+             signaller can hang when both sides end the session at once); going on without them"
+        );
+    }
     result?;
     outputs.commit()?;
     let report = analyse(&options.record)?;

@@ -391,3 +391,66 @@ pub fn run(
     let _ = pipeline.set_state(gst::State::Null);
     result
 }
+
+/// Sets `pipeline` to NULL, waiting at most `limit`; `false` when it did not get there in
+/// time, and it is then left behind (its threads stuck) so that the caller can go on.
+/// gst-plugin-webrtc's signaller (0.15.4) can hang in its `stop` when the peer ends the
+/// session at the same moment: it holds its state lock while waiting for its receive task,
+/// which takes that lock to end the session. `vox call` hung so at the end of a call,
+/// recording already written.
+pub fn stop_within(pipeline: &gst::Pipeline, limit: Duration) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stopping = pipeline.clone();
+    let spawned = std::thread::Builder::new()
+        .name("pipeline-stop".into())
+        .spawn(move || {
+            let _ = stopping.set_state(gst::State::Null);
+            let _ = tx.send(());
+        });
+    if spawned.is_err() {
+        let _ = pipeline.set_state(gst::State::Null);
+        return true;
+    }
+    rx.recv_timeout(limit).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn a_pipeline_that_cannot_stop_is_left_behind_in_time() {
+        gst::init().unwrap();
+        let pipeline = launch("audiotestsrc is-live=true ! fakesink name=sink").unwrap();
+        pipeline.set_state(gst::State::Playing).unwrap();
+        assert!(stop_within(&pipeline, Duration::from_secs(10)));
+        assert_eq!(pipeline.current_state(), gst::State::Null);
+
+        // A streaming thread that never comes back (a test double for the signaller's
+        // deadlock, which is a race that cannot be made to happen on demand): stopping waits
+        // for it forever.
+        let pipeline = launch("audiotestsrc is-live=true ! fakesink name=sink").unwrap();
+        let stuck = Arc::new(AtomicBool::new(false));
+        let flag = stuck.clone();
+        let sink = pipeline
+            .by_name("sink")
+            .unwrap()
+            .static_pad("sink")
+            .unwrap();
+        sink.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            flag.store(true, Ordering::SeqCst);
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        });
+        pipeline.set_state(gst::State::Playing).unwrap();
+        while !stuck.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let t = Instant::now();
+        assert!(!stop_within(&pipeline, Duration::from_millis(500)));
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+}
