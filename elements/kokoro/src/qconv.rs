@@ -192,18 +192,6 @@ struct Im2ColKernel(Geometry);
 /// Matrix rows per task.
 const ROWS: usize = 32;
 
-/// A byte output written by ONNX Runtime's threads, each task its own rows.
-struct Bytes(*mut u8);
-// SAFETY: the tasks write disjoint ranges of the buffer, and `par_for` returns after them all.
-unsafe impl Send for Bytes {}
-unsafe impl Sync for Bytes {}
-
-impl Bytes {
-    fn at(&self, offset: usize) -> *mut u8 {
-        self.0.wrapping_add(offset)
-    }
-}
-
 impl Kernel for Im2ColKernel {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let g = self.0;
@@ -227,14 +215,17 @@ impl Kernel for Im2ColKernel {
             .output(0, vec![rows as i64, out_frames as i64])?
             .ok_or_else(|| ort::Error::new(format!("{IM2COL}: no output")))?;
         let (_, y) = out.try_extract_tensor_mut::<i8>()?;
-        let out = Bytes(y.as_mut_ptr().cast());
+        let out = Out::new(y);
         ctx.par_for(rows.div_ceil(ROWS), 0, |task| {
             let first = task * ROWS;
             let count = ROWS.min(rows - first);
             // SAFETY: rows [first, first + count) lie within the output (rows × out_frames
             // bytes), and no other task writes them.
             let y = unsafe {
-                std::slice::from_raw_parts_mut(out.at(first * out_frames), count * out_frames)
+                std::slice::from_raw_parts_mut(
+                    out.at(first * out_frames).cast::<u8>(),
+                    count * out_frames,
+                )
             };
             im2col(x, channels, g, zero, out_frames, first, y);
         })

@@ -181,18 +181,18 @@ struct SnakeKernel {
 
 /// An operator's output, written by ONNX Runtime's threads (`par_for`), each task its own
 /// disjoint range of it.
-pub(crate) struct Out(*mut f32);
+pub(crate) struct Out<T = f32>(*mut T);
 // SAFETY: the tasks write disjoint ranges of the buffer, and `par_for` returns after them all.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
 
-impl Out {
-    pub(crate) fn new(buffer: &mut [f32]) -> Self {
+impl<T> Out<T> {
+    pub(crate) fn new(buffer: &mut [T]) -> Self {
         Self(buffer.as_mut_ptr())
     }
 
     /// The address at `offset` (a method, so that closures capture the whole `Out`).
-    pub(crate) fn at(&self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(&self, offset: usize) -> *mut T {
         self.0.wrapping_add(offset)
     }
 }
