@@ -505,6 +505,9 @@ struct ConvChain {
     /// Input scale × weight scale (made at run time), and the weight scale.
     scale: String,
     w_scale: String,
+    /// The 8-bit weights and their zero point (none: 0), initialisers.
+    weight: String,
+    w_zero: Option<String>,
 }
 
 impl ConvChain {
@@ -565,7 +568,27 @@ impl ConvChain {
             bias: bias.map(|(b, _)| b),
             scale,
             w_scale,
+            weight: conv.input[1].clone(),
+            w_zero: conv.input.get(3).filter(|z| !z.is_empty()).cloned(),
         })
+    }
+
+    /// The convolution's weights made as `kind`, named after the 8-bit ones with `suffix`.
+    fn made(
+        &self,
+        kind: WeightKind,
+        suffix: &str,
+        scale: Option<String>,
+        dims: Vec<i64>,
+    ) -> Weight {
+        Weight {
+            name: format!("{}_{suffix}", self.weight),
+            kind,
+            q: self.weight.clone(),
+            zero: self.w_zero.clone(),
+            scale,
+            dims,
+        }
     }
 
     fn removed(&self) -> Vec<usize> {
@@ -595,17 +618,16 @@ fn add_weight(g: &Graph, weights: &mut HashMap<String, Weight>, weight: Weight) 
 fn float_conv(g: &Graph, i: usize, weights: &mut HashMap<String, Weight>) -> Option<Replacement> {
     let chain = ConvChain::at(g, i)?;
     let conv = &g.nodes[i];
+    let dims = g.tensor(&chain.weight)?.dims;
     let weight = add_weight(
         g,
         weights,
-        Weight {
-            name: format!("{}_float", conv.input[1]),
-            kind: WeightKind::Float,
-            q: conv.input[1].clone(),
-            zero: conv.input.get(3).filter(|z| !z.is_empty()).cloned(),
-            scale: Some(chain.w_scale.clone()),
-            dims: g.tensor(&conv.input[1])?.dims,
-        },
+        chain.made(
+            WeightKind::Float,
+            "float",
+            Some(chain.w_scale.clone()),
+            dims,
+        ),
     )?;
     let mut input = vec![chain.x.clone(), weight];
     input.extend(chain.bias.clone());
@@ -628,7 +650,7 @@ fn float_conv(g: &Graph, i: usize, weights: &mut HashMap<String, Weight>) -> Opt
 fn int8_conv(g: &Graph, i: usize, weights: &mut HashMap<String, Weight>) -> Option<Replacement> {
     let chain = ConvChain::at(g, i)?;
     let conv = &g.nodes[i];
-    let w = g.tensor(&conv.input[1])?;
+    let w = g.tensor(&chain.weight)?;
     if w.dims.len() != 3 || w.data_type != UINT8 {
         return None;
     }
@@ -664,18 +686,10 @@ fn int8_conv(g: &Graph, i: usize, weights: &mut HashMap<String, Weight>) -> Opti
     if geometry.kernel == 0 || geometry.dilation == 0 || geometry.stride == 0 {
         return None;
     }
-    let zero = conv.input.get(3).filter(|z| !z.is_empty()).cloned();
     let matrix = add_weight(
         g,
         weights,
-        Weight {
-            name: format!("{}_rows", conv.input[1]),
-            kind: WeightKind::Rows,
-            q: conv.input[1].clone(),
-            zero: zero.clone(),
-            scale: None,
-            dims: vec![outs, ins * kernel],
-        },
+        chain.made(WeightKind::Rows, "rows", None, vec![outs, ins * kernel]),
     )?;
     let y = &conv.output[0];
     let (cols, x_zero, acc) = (
@@ -711,7 +725,12 @@ fn int8_conv(g: &Graph, i: usize, weights: &mut HashMap<String, Weight>) -> Opti
                 domain: DOMAIN.into(),
             },
             Node {
-                input: vec![matrix, cols, zero.unwrap_or_default(), x_zero],
+                input: vec![
+                    matrix,
+                    cols,
+                    chain.w_zero.clone().unwrap_or_default(),
+                    x_zero,
+                ],
                 output: vec![acc],
                 name: format!("{}_matmul", conv.name),
                 op_type: "MatMulInteger".into(),

@@ -380,13 +380,13 @@ impl Engine {
     }
 
     /// Runs Whisper over `audio` in `state` with at most `budget` tokens a segment: one
-    /// utterance (`single`: one segment) or a batch (segments with token times). On an
-    /// encoder window cut to the audio, Whisper sometimes
-    /// loops: it says the utterance again and again until the budget ends it (1 of 31 short
-    /// sentences of our TTS, measured with tiny.en, at windows of 5-7.7 s for a 3 s sentence;
-    /// none from 9 s up). For one utterance, such a pass
-    /// ([`loops`]) is done again once on twice the window, which costs one more pass only when
-    /// it happens, instead of a transcript with half a repeat left after [`collapse_repeats`].
+    /// utterance (`single`: one segment) or a batch (segments with token times). On an encoder
+    /// window cut to the audio, Whisper sometimes loops: it says the utterance again and again
+    /// until the budget ends it (1 of 31 short sentences of our TTS, measured with tiny.en, at
+    /// windows of 5-7.7 s for a 3 s sentence; none from 9 s up). For one utterance, such a
+    /// pass ([`loops`]) is done again once on twice the window, which costs one more pass only
+    /// when it happens, instead of a transcript with half a repeat left after
+    /// [`collapse_repeats`].
     /// (A batched pass that reaches the budget is cut back by whisper.cpp to its last timestamp
     /// and goes on from there, so its loops cannot be told this way; the filter takes them.)
     fn run(
