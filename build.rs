@@ -1,6 +1,6 @@
 fn main() {
     // tests/reply.rs links the whisperstt plugin (and so whisper.cpp) into the test binary: its
-    // llamafile_sgemm calls go through elements/whisper/src/q8gemm.rs, as in the plugin.
+    // llamafile_sgemm calls go through elements/whisper/src/gemm, as in the plugin.
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
         && std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64")
     {

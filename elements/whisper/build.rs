@@ -1,6 +1,6 @@
 fn main() {
     gst_plugin_version_helper::info();
-    // whisper.cpp's calls to llamafile_sgemm go through src/q8gemm.rs (its `hook` module).
+    // whisper.cpp's calls to llamafile_sgemm go through src/gemm (its `hook` module).
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
         && std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64")
     {

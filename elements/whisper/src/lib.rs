@@ -4,7 +4,7 @@
 //! audio of each utterance.
 
 pub mod engine;
-pub mod q8gemm;
+pub mod gemm;
 pub mod remote;
 pub mod utterance;
 mod whisperstt;

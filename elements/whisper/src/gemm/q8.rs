@@ -1,4 +1,4 @@
-//! 8-bit matrix products for whisper.cpp's encoder on CPUs with AVX-512 VNNI.
+//! 8-bit matrix products (ggml's Q8_0 by Q8_0) on CPUs with AVX-512 VNNI.
 //!
 //! whisper.cpp multiplies our 8-bit model (ggml's Q8_0: blocks of 32 signed bytes, each with an
 //! f16 scale) by 8-bit activations through llamafile's tinyBLAS, which handles one row, one
@@ -16,32 +16,25 @@
 //! block's integer dot product is the one tinyBLAS computes; only the float sums of the scaled
 //! blocks are added in another order.
 //!
-//! [`gemm`] has llamafile's calling convention (see `hook`): C\[j·ldc + i\] = Σ over blocks b
-//! of dA(i,b)·dB(j,b)·Σ qA(i,b,·)·qB(j,b,·), for weight rows i < m and columns j < n, the rows
-//! split among whisper.cpp's threads.
+//! [`gemm`]: C\[j·ldc + i\] = Σ over blocks b of dA(i,b)·dB(j,b)·Σ qA(i,b,·)·qB(j,b,·), for
+//! weight rows i < m and columns j < n, the rows split among whisper.cpp's threads.
 
-/// ggml's type numbers.
-pub const GGML_TYPE_F32: i32 = 0;
-pub const GGML_TYPE_Q8_0: i32 = 8;
+use super::{GGML_TYPE_F32, GGML_TYPE_Q8_0, ROWS};
+
 /// Values per Q8_0 block, and its size in bytes (an f16 scale, then 32 signed bytes).
 pub const QK8_0: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + QK8_0;
-/// Weight rows per panel: one 512-bit register holds four bytes of each.
-pub const ROWS: usize = 16;
 
 /// Whether this CPU runs the kernel.
 pub fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-        });
-        *OK
+    super::avx512() && {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// Whether [`gemm`] takes a product of these shapes and types (else tinyBLAS does).
@@ -127,7 +120,7 @@ mod vnni {
         ldc: usize,
     ) {
         let panels = m / ROWS;
-        let (p0, p1) = (panels * ith / nth, panels * (ith + 1) / nth);
+        let (p0, p1) = super::super::share(panels, 1, ith, nth);
         if p0 == p1 {
             return;
         }
@@ -247,84 +240,9 @@ mod vnni {
     }
 }
 
-/// whisper.cpp's ggml calls `llamafile_sgemm` for every matrix product of two or more columns;
-/// the plugin is linked with `--wrap=llamafile_sgemm` (build.rs), so those calls come here, and
-/// the ones this kernel does not take go on to llamafile's.
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-mod hook {
-    use std::ffi::{c_int, c_void};
-
-    unsafe extern "C" {
-        fn __real_llamafile_sgemm(
-            params: *const c_void,
-            m: i64,
-            n: i64,
-            k: i64,
-            a: *const c_void,
-            lda: i64,
-            b: *const c_void,
-            ldb: i64,
-            c: *mut c_void,
-            ldc: i64,
-            a_type: c_int,
-            b_type: c_int,
-            c_type: c_int,
-        ) -> bool;
-    }
-
-    /// ggml's `struct ggml_compute_params` begins with the thread's index and the thread count.
-    #[repr(C)]
-    struct ComputeParams {
-        ith: c_int,
-        nth: c_int,
-    }
-
-    #[unsafe(no_mangle)]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe extern "C" fn __wrap_llamafile_sgemm(
-        params: *const c_void,
-        m: i64,
-        n: i64,
-        k: i64,
-        a: *const c_void,
-        lda: i64,
-        b: *const c_void,
-        ldb: i64,
-        c: *mut c_void,
-        ldc: i64,
-        a_type: c_int,
-        b_type: c_int,
-        c_type: c_int,
-    ) -> bool {
-        if super::takes(m, n, a_type, b_type, c_type) {
-            let p = unsafe { &*(params as *const ComputeParams) };
-            unsafe {
-                super::gemm(
-                    p.ith as usize,
-                    p.nth.max(1) as usize,
-                    m as usize,
-                    n as usize,
-                    k as usize,
-                    a as *const u8,
-                    lda as usize,
-                    b as *const u8,
-                    ldb as usize,
-                    c as *mut f32,
-                    ldc as usize,
-                )
-            };
-            return true;
-        }
-        unsafe {
-            __real_llamafile_sgemm(
-                params, m, n, k, a, lda, b, ldb, c, ldc, a_type, b_type, c_type,
-            )
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::GGML_TYPE_F32;
     use super::*;
 
     /// Q8_0 blocks of pseudo-random bytes and scales, `rows` × `blocks`.

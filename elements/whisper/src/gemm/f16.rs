@@ -1,0 +1,287 @@
+//! f16 by f16 matrix products, summed in f32, on CPUs with AVX-512: attention's scores (keys by
+//! queries) and their weighted values in whisper.cpp's encoder.
+//!
+//! tinyBLAS computes these as dot products, converting both operands from f16 at every step.
+//! Here the sixteen-row panels of A are converted once into f32 (register order: one register
+//! holds one step of sixteen rows), eight columns of B at a time are converted once, and each
+//! step is a multiply-add of a panel register by a column's broadcast value, two panels and
+//! eight columns (sixteen sums) at once. The arithmetic is tinyBLAS's: f16 values widened to
+//! f32 and summed in f32, in another order.
+//!
+//! [`gemm`]: C\[j·ldc + i\] = Σ over l of A\[i·lda + l\]·B\[j·ldb + l\], for rows i < m and
+//! columns j < n, the columns split among whisper.cpp's threads.
+
+use super::{GGML_TYPE_F16, GGML_TYPE_F32, ROWS};
+
+/// Columns of B converted and multiplied together.
+const COLS: usize = 8;
+
+/// Whether this CPU runs the kernel.
+pub fn supported() -> bool {
+    super::avx512()
+}
+
+/// Whether [`gemm`] takes a product of these shapes and types (else tinyBLAS does).
+pub fn takes(m: i64, n: i64, a_type: i32, b_type: i32, c_type: i32) -> bool {
+    a_type == GGML_TYPE_F16
+        && b_type == GGML_TYPE_F16
+        && c_type == GGML_TYPE_F32
+        && m > 0
+        && m % ROWS as i64 == 0
+        && n >= 2
+        && supported()
+}
+
+/// Thread `ith` of `nth`'s share of the product (see the module): rows `m` (a multiple of
+/// [`ROWS`]) by columns `n`, `k` deep; `lda` and `ldb` count f16 values, `ldc` floats.
+///
+/// # Safety
+/// `a` holds `m` rows of `lda` ≥ `k` values, `b` holds `n` rows of `ldb` ≥ `k` values, `c` holds
+/// `n` columns of `ldc` ≥ `m` floats, and [`supported`] is true.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(
+    ith: usize,
+    nth: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const u16,
+    lda: usize,
+    b: *const u16,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        avx512::gemm(ith, nth, m, n, k, a, lda, b, ldb, c, ldc)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("{ith} {nth} {m} {n} {k} {a:?} {lda} {b:?} {ldb} {c:?} {ldc}")
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{COLS, ROWS};
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+
+    #[derive(Default)]
+    struct Scratch {
+        /// A in f32 panels: panel p's step l is `panels[(p·k + l)·16..][..16]`.
+        panels: Vec<f32>,
+        /// One panel's rows in f32, row by row, on the way to `panels`.
+        rows: Vec<f32>,
+        /// Up to [`COLS`] columns of B in f32, `k` apart.
+        cols: Vec<f32>,
+    }
+
+    thread_local! {
+        static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm(
+        ith: usize,
+        nth: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const u16,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let (j0, j1) = super::super::share(n, COLS, ith, nth);
+        if j0 == j1 {
+            return;
+        }
+        SCRATCH.with_borrow_mut(|s| unsafe {
+            s.panels.resize(m * k, 0.0);
+            s.rows.resize(ROWS * k, 0.0);
+            s.cols.resize(COLS * k, 0.0);
+            let panels = m / ROWS;
+            for p in 0..panels {
+                widen_rows(&mut s.rows, a.add(p * ROWS * lda), lda, ROWS, k);
+                transpose(&s.rows, &mut s.panels[p * ROWS * k..][..ROWS * k], k);
+            }
+            let mut j = j0;
+            while j < j1 {
+                let cols = (j1 - j).min(COLS);
+                widen_rows(&mut s.cols, b.add(j * ldb), ldb, cols, k);
+                let out = c.add(j * ldc);
+                let mut p = 0;
+                while p < panels {
+                    let two = p + 1 < panels;
+                    let panel = s.panels.as_ptr().add(p * ROWS * k);
+                    let second = if two { panel.add(ROWS * k) } else { panel };
+                    let out = out.add(p * ROWS);
+                    match (cols, two) {
+                        (COLS, true) => steps::<COLS, 2>([panel, second], &s.cols, k, out, ldc),
+                        (COLS, false) => steps::<COLS, 1>([panel, second], &s.cols, k, out, ldc),
+                        _ => {
+                            for q in 0..cols {
+                                let col = &s.cols[q * k..][..k];
+                                let out = out.add(q * ldc);
+                                if two {
+                                    steps::<1, 2>([panel, second], col, k, out, ldc);
+                                } else {
+                                    steps::<1, 1>([panel, second], col, k, out, ldc);
+                                }
+                            }
+                        }
+                    }
+                    p += if two { 2 } else { 1 };
+                }
+                j += cols;
+            }
+        })
+    }
+
+    /// `rows` f16 rows of `k` values, `ld` apart, into f32 rows `k` apart in `out`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen_rows(out: &mut [f32], src: *const u16, ld: usize, rows: usize, k: usize) {
+        for r in 0..rows {
+            let row = unsafe { src.add(r * ld) };
+            let dst = &mut out[r * k..][..k];
+            let mut l = 0;
+            while l + 16 <= k {
+                unsafe {
+                    let h = _mm256_loadu_si256(row.add(l) as *const __m256i);
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(l), _mm512_cvtph_ps(h));
+                }
+                l += 16;
+            }
+            for (l, d) in dst.iter_mut().enumerate().skip(l) {
+                *d = half::f16::from_bits(unsafe { *row.add(l) }).to_f32();
+            }
+        }
+    }
+
+    /// Sixteen f32 rows of `k` (`rows`, row by row) into register order: step l's sixteen
+    /// values together.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose(rows: &[f32], panel: &mut [f32], k: usize) {
+        let index = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(k as i32),
+        );
+        for l in 0..k {
+            unsafe {
+                let v = _mm512_i32gather_ps::<4>(index, rows.as_ptr().add(l));
+                _mm512_storeu_ps(panel.as_mut_ptr().add(l * ROWS), v);
+            }
+        }
+    }
+
+    /// `P` panels (sixteen rows each) times `C` columns (`k` apart in `cols`): `k` steps of
+    /// multiply-adds into `P`·`C` registers, stored to `out` (column q at `q·ldc`, the second
+    /// panel sixteen rows on).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn steps<const C: usize, const P: usize>(
+        panels: [*const f32; 2],
+        cols: &[f32],
+        k: usize,
+        out: *mut f32,
+        ldc: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); C]; P];
+        for l in 0..k {
+            let mut w = [_mm512_setzero_ps(); P];
+            for (p, w) in w.iter_mut().enumerate() {
+                *w = unsafe { _mm512_loadu_ps(panels[p].add(l * ROWS)) };
+            }
+            for q in 0..C {
+                let x = _mm512_set1_ps(cols[q * k + l]);
+                for p in 0..P {
+                    acc[p][q] = _mm512_fmadd_ps(w[p], x, acc[p][q]);
+                }
+            }
+        }
+        for (p, acc) in acc.iter().enumerate() {
+            for (q, acc) in acc.iter().enumerate() {
+                unsafe { _mm512_storeu_ps(out.add(q * ldc + p * ROWS), *acc) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// f16 values in [-4, 4), `count` of them.
+    fn values(count: usize, seed: u64) -> Vec<u16> {
+        let mut x = seed;
+        (0..count)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                half::f16::from_f32((x % 8000) as f32 / 1000.0 - 4.0).to_bits()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn products_match_the_definition() {
+        if !supported() {
+            eprintln!("this CPU has no AVX-512: the kernel is not used here");
+            return;
+        }
+        let f = |h: u16| half::f16::from_bits(h).to_f32() as f64;
+        // Whisper's shapes (scores 64 deep with A's rows 384 apart; values 704 deep), odd
+        // column and panel counts, a depth that is not a multiple of 16, one to three threads.
+        for (m, n, k, lda, threads) in [
+            (64, 13, 64, 384, 1),
+            (48, 9, 40, 40, 2),
+            (32, 20, 704, 704, 3),
+            (16, 2, 7, 9, 1),
+        ] {
+            let a = values(m * lda, 3 + m as u64);
+            let ldb = k + 5;
+            let b = values(n * ldb, 11 + n as u64);
+            let ldc = m + 3;
+            let mut c = vec![f32::NAN; n * ldc];
+            for ith in 0..threads {
+                unsafe {
+                    gemm(
+                        ith,
+                        threads,
+                        m,
+                        n,
+                        k,
+                        a.as_ptr(),
+                        lda,
+                        b.as_ptr(),
+                        ldb,
+                        c.as_mut_ptr(),
+                        ldc,
+                    )
+                };
+            }
+            for j in 0..n {
+                for i in 0..m {
+                    let want: f64 = (0..k).map(|l| f(a[i * lda + l]) * f(b[j * ldb + l])).sum();
+                    let got = c[j * ldc + i] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (k as f64) * 16.0,
+                        "{m}×{n}×{k}: C[{j}][{i}] = {got}, by definition {want}"
+                    );
+                }
+                assert!(c[j * ldc + m..(j + 1) * ldc].iter().all(|v| v.is_nan()));
+            }
+        }
+    }
+
+    #[test]
+    fn only_f16_products_of_whole_panels_are_taken() {
+        let h = GGML_TYPE_F16;
+        assert!(!takes(704, 704, h, GGML_TYPE_F32, GGML_TYPE_F32));
+        assert!(!takes(704, 1, h, h, GGML_TYPE_F32));
+        assert!(!takes(9, 4, h, h, GGML_TYPE_F32));
+        assert_eq!(takes(704, 704, h, h, GGML_TYPE_F32), supported());
+    }
+}

@@ -1,0 +1,143 @@
+//! Matrix products for whisper.cpp on x86 CPUs with AVX-512, in place of llamafile's tinyBLAS.
+//!
+//! whisper.cpp's ggml calls `llamafile_sgemm` for every matrix product of two or more columns.
+//! The plugin is linked with `--wrap=llamafile_sgemm` (build.rs), so those calls come to
+//! [`hook`]'s `__wrap_llamafile_sgemm`, which does the two kinds that make up most of the
+//! encoder and passes the rest on to tinyBLAS:
+//!
+//! - [`q8`]: the 8-bit weights by 8-bit activations (the linear layers), with VNNI;
+//! - [`f16`]: f16 by f16 (attention's scores and their weighted values), in f32.
+//!
+//! tinyBLAS computes each output as one dot product at a time (a row by a column), converting or
+//! scaling at every step; both kernels here lay sixteen rows of the weights out so that one
+//! register holds one step of all sixteen and each column's value is broadcast against it,
+//! which is what the CPU's multiply-add units are built for. Measured on tiny.en under load:
+//! see the README's `vox serve` table.
+//!
+//! Whisper on the GPU (`cuda`) does its products there and seldom comes here.
+
+pub mod f16;
+pub mod q8;
+
+/// ggml's type numbers.
+pub const GGML_TYPE_F32: i32 = 0;
+pub const GGML_TYPE_F16: i32 = 1;
+pub const GGML_TYPE_Q8_0: i32 = 8;
+
+/// Weight rows per panel: one 512-bit register holds one step of each.
+pub const ROWS: usize = 16;
+
+/// Whether this CPU has the AVX-512 both kernels need.
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OK: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("f16c")
+        });
+        *OK
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Thread `ith` of `nth`'s share of `total` items, in whole multiples of `unit`.
+fn share(total: usize, unit: usize, ith: usize, nth: usize) -> (usize, usize) {
+    let units = total.div_ceil(unit);
+    let (u0, u1) = (units * ith / nth, units * (ith + 1) / nth);
+    ((u0 * unit).min(total), (u1 * unit).min(total))
+}
+
+/// The wrapper (see the module).
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod hook {
+    use std::ffi::{c_int, c_void};
+
+    unsafe extern "C" {
+        fn __real_llamafile_sgemm(
+            params: *const c_void,
+            m: i64,
+            n: i64,
+            k: i64,
+            a: *const c_void,
+            lda: i64,
+            b: *const c_void,
+            ldb: i64,
+            c: *mut c_void,
+            ldc: i64,
+            a_type: c_int,
+            b_type: c_int,
+            c_type: c_int,
+        ) -> bool;
+    }
+
+    /// ggml's `struct ggml_compute_params` begins with the thread's index and the thread count.
+    #[repr(C)]
+    struct ComputeParams {
+        ith: c_int,
+        nth: c_int,
+    }
+
+    #[unsafe(no_mangle)]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe extern "C" fn __wrap_llamafile_sgemm(
+        params: *const c_void,
+        m: i64,
+        n: i64,
+        k: i64,
+        a: *const c_void,
+        lda: i64,
+        b: *const c_void,
+        ldb: i64,
+        c: *mut c_void,
+        ldc: i64,
+        a_type: c_int,
+        b_type: c_int,
+        c_type: c_int,
+    ) -> bool {
+        let p = unsafe { &*(params as *const ComputeParams) };
+        let (ith, nth) = (p.ith as usize, p.nth.max(1) as usize);
+        if super::f16::takes(m, n, a_type, b_type, c_type) {
+            unsafe {
+                super::f16::gemm(
+                    ith,
+                    nth,
+                    m as usize,
+                    n as usize,
+                    k as usize,
+                    a as *const u16,
+                    lda as usize,
+                    b as *const u16,
+                    ldb as usize,
+                    c as *mut f32,
+                    ldc as usize,
+                )
+            };
+            return true;
+        }
+        if super::q8::takes(m, n, a_type, b_type, c_type) {
+            unsafe {
+                super::q8::gemm(
+                    ith,
+                    nth,
+                    m as usize,
+                    n as usize,
+                    k as usize,
+                    a as *const u8,
+                    lda as usize,
+                    b as *const u8,
+                    ldb as usize,
+                    c as *mut f32,
+                    ldc as usize,
+                )
+            };
+            return true;
+        }
+        unsafe {
+            __real_llamafile_sgemm(
+                params, m, n, k, a, lda, b, ldb, c, ldc, a_type, b_type, c_type,
+            )
+        }
+    }
+}
