@@ -1,6 +1,7 @@
 fn main() {
     gst_plugin_version_helper::info();
-    // whisper.cpp's calls to llamafile_sgemm go through src/gemm (its `hook` module).
+    // whisper.cpp's calls to llamafile_sgemm go through src/gemm (its `hook` module). ggml has
+    // llamafile_sgemm with GGML_LLAMAFILE=ON, which .cargo/config.toml sets for every build.
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
         && std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64")
     {
