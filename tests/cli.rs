@@ -916,6 +916,44 @@ fn output_into_a_closed_pipe_ends_quietly() {
 /// our TTS's speech of this sentence did so on tiny.en's 6.4 s window, made with float
 /// convolutions and with 8-bit ones alike (`kokorotts int8-convolutions` depends on the CPU).
 /// Such a run is done again on twice the window, and the transcript says the sentence once.
+/// whisperstt's matrix-product kernels (elements/whisper/src/gemm) are reached only through the
+/// plugin's link options: on a CPU they serve, the installed plugin says it used them, and the
+/// words are JFK's; elsewhere tinyBLAS does the products and the plugin does not say so.
+#[test]
+fn the_plugin_uses_its_matrix_kernels_where_the_cpu_has_them() {
+    let out = vox()
+        .arg("transcribe")
+        .arg(fixture("jfk.wav"))
+        .env("GST_DEBUG", "whisper-cpp:4")
+        .output()
+        .unwrap();
+    let (text, log) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{log}");
+    assert!(
+        normalize(&text).contains("ask not what your country can do for you"),
+        "{text}"
+    );
+    for (line, wanted) in [
+        (
+            gstvoxwhisper::gemm::Q8_LINE,
+            gstvoxwhisper::gemm::q8::supported(),
+        ),
+        (
+            gstvoxwhisper::gemm::F16_LINE,
+            gstvoxwhisper::gemm::f16::supported(),
+        ),
+    ] {
+        assert_eq!(
+            log.contains(line),
+            wanted,
+            "{line:?} (this CPU has it: {wanted})"
+        );
+    }
+}
+
 #[test]
 fn a_decoder_that_loops_is_run_again_on_a_wider_window() {
     let dir = tempfile::tempdir().unwrap();

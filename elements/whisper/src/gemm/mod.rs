@@ -27,6 +27,21 @@ pub const GGML_TYPE_Q8_0: i32 = 8;
 /// Weight rows per panel: one 512-bit register holds one step of each.
 pub const ROWS: usize = 16;
 
+/// Logged (to the `whisper-cpp` debug category, at info) the first time a kernel takes a
+/// product, so that a build whose link options did not send the products here shows it.
+pub const Q8_LINE: &str = "whisper.cpp's 8-bit matrix products run on our AVX-512 VNNI kernel";
+pub const F16_LINE: &str = "whisper.cpp's f16 matrix products run on our AVX-512 kernel";
+#[cfg_attr(
+    not(all(target_os = "linux", target_arch = "x86_64")),
+    allow(dead_code)
+)]
+static Q8_TAKEN: std::sync::Once = std::sync::Once::new();
+#[cfg_attr(
+    not(all(target_os = "linux", target_arch = "x86_64")),
+    allow(dead_code)
+)]
+static F16_TAKEN: std::sync::Once = std::sync::Once::new();
+
 /// Whether this CPU has the AVX-512 both kernels need.
 fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -99,6 +114,7 @@ mod hook {
         let p = unsafe { &*(params as *const ComputeParams) };
         let (ith, nth) = (p.ith as usize, p.nth.max(1) as usize);
         if super::f16::takes(m, n, a_type, b_type, c_type) {
+            super::F16_TAKEN.call_once(|| log::info!("{}", super::F16_LINE));
             unsafe {
                 super::f16::gemm(
                     ith,
@@ -117,6 +133,7 @@ mod hook {
             return true;
         }
         if super::q8::takes(m, n, a_type, b_type, c_type) {
+            super::Q8_TAKEN.call_once(|| log::info!("{}", super::Q8_LINE));
             unsafe {
                 super::q8::gemm(
                     ith,
