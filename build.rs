@@ -1,8 +1,13 @@
 fn main() {
-    // tests/reply.rs links the whisperstt plugin (and so whisper.cpp) into the test binary: its
-    // llamafile_sgemm calls go through elements/whisper/src/gemm, as in the plugin.
-    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
-        && std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64")
+    // tests/cli.rs links the whisperstt plugin's crate (and so whisper.cpp) into its test binary:
+    // whisper.cpp's llamafile_sgemm calls go through elements/whisper/src/gemm there too, with
+    // the link arguments and on the conditions of elements/whisper/build.rs.
+    println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-env-changed=GGML_LLAMAFILE");
+    let var = |name| std::env::var(name).unwrap_or_default();
+    if var("CARGO_CFG_TARGET_OS") == "linux"
+        && var("CARGO_CFG_TARGET_ARCH") == "x86_64"
+        && ["ON", "1", "TRUE", "YES"].contains(&var("GGML_LLAMAFILE").to_uppercase().as_str())
     {
         println!("cargo::rustc-link-arg-tests=-Wl,--wrap=llamafile_sgemm");
         println!("cargo::rustc-link-arg-tests=-Wl,--undefined=__wrap_llamafile_sgemm");

@@ -1,14 +1,24 @@
 fn main() {
     gst_plugin_version_helper::info();
-    // whisper.cpp's calls to llamafile_sgemm go through src/gemm (its `hook` module). ggml has
-    // llamafile_sgemm with GGML_LLAMAFILE=ON, which .cargo/config.toml sets for every build.
-    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
-        && std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64")
-    {
+    // whisper.cpp's calls to llamafile_sgemm go through src/gemm (its `hook` module), on
+    // Linux x86-64 (GNU ld's --wrap) and when ggml has llamafile_sgemm (GGML_LLAMAFILE=ON,
+    // which .cargo/config.toml sets for every build; without it there is nothing to wrap).
+    println!("cargo::rustc-check-cfg=cfg(vox_sgemm_hook)");
+    println!("cargo::rerun-if-env-changed=GGML_LLAMAFILE");
+    if hooked() {
+        println!("cargo::rustc-cfg=vox_sgemm_hook");
         for arg in WRAP {
             println!("cargo::rustc-link-arg={arg}");
         }
     }
+}
+
+/// Whether this build wraps llamafile_sgemm (the root package's build.rs asks the same).
+fn hooked() -> bool {
+    let var = |name| std::env::var(name).unwrap_or_default();
+    var("CARGO_CFG_TARGET_OS") == "linux"
+        && var("CARGO_CFG_TARGET_ARCH") == "x86_64"
+        && ["ON", "1", "TRUE", "YES"].contains(&var("GGML_LLAMAFILE").to_uppercase().as_str())
 }
 
 /// The link arguments that send whisper.cpp's `llamafile_sgemm` calls to our wrapper; every

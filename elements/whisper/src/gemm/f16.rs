@@ -1,17 +1,20 @@
 //! f16 by f16 matrix products, summed in f32, on CPUs with AVX-512: attention's scores (keys by
-//! queries) and their weighted values in whisper.cpp's encoder.
+//! queries) and their weighted values in whisper.cpp's encoder, and the f16 model's linear
+//! layers.
 //!
 //! tinyBLAS computes these as dot products, converting both operands from f16 at every step.
-//! Here the sixteen-row panels of A are converted once into f32 (register order: one register
-//! holds one step of sixteen rows), eight columns of B at a time are converted once, and each
-//! step is a multiply-add of a panel register by a column's broadcast value, two panels and
-//! eight columns (sixteen sums) at once. The arithmetic is tinyBLAS's: f16 values widened to
-//! f32 and summed in f32, in another order.
+//! Here a job's sixteen-row panels of A (up to four) are converted once into f32 (register
+//! order: one register holds one step of sixteen rows), eight columns of B at a time are
+//! converted once, and each step is a multiply-add of a panel register by a column's broadcast
+//! value, two panels and eight columns (sixteen sums) at once. The arithmetic is tinyBLAS's: f16
+//! values widened to f32 and summed in f32, here in sums of 64 steps added together (one running
+//! sum of 704 changed a borderline word of a test sentence: "walked" became "walk").
 //!
 //! [`gemm`]: C\[j·ldc + i\] = Σ over l of A\[i·lda + l\]·B\[j·ldb + l\], for rows i < m and
-//! columns j < n, the columns split among whisper.cpp's threads.
+//! columns j < n; the jobs (up to four panels by up to 64 columns) are split among
+//! whisper.cpp's threads.
 
-use super::{GGML_TYPE_F16, GGML_TYPE_F32, ROWS};
+use super::{GGML_TYPE_F16, GGML_TYPE_F32, MIN_COLUMNS, ROWS};
 
 /// Columns of B converted and multiplied together.
 const COLS: usize = 8;
@@ -22,13 +25,15 @@ pub fn supported() -> bool {
 }
 
 /// Whether [`gemm`] takes a product of these shapes and types (else tinyBLAS does).
-pub fn takes(m: i64, n: i64, a_type: i32, b_type: i32, c_type: i32) -> bool {
+pub fn takes(m: i64, n: i64, k: i64, a_type: i32, b_type: i32, c_type: i32) -> bool {
     a_type == GGML_TYPE_F16
         && b_type == GGML_TYPE_F16
         && c_type == GGML_TYPE_F32
         && m > 0
         && m % ROWS as i64 == 0
-        && n >= 2
+        && n >= MIN_COLUMNS
+        // The panels' gather indexes rows k apart in 32 bits.
+        && k < (i32::MAX / ROWS as i32) as i64
         && supported()
 }
 
@@ -66,12 +71,20 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
+    /// A job: up to this many panels of A (converted once) by up to this many columns of B.
+    const TILE_PANELS: usize = 4;
+    const TILE_COLS: usize = 64;
+    /// Steps summed in registers before they are added to the output: sums of 64 products
+    /// added together, not one running sum of all `k` (704 for Whisper's weighted values).
+    const CHUNK: usize = 64;
+
     #[derive(Default)]
     struct Scratch {
-        /// A in f32 panels: panel p's step l is `panels[(p·k + l)·16..][..16]`.
-        panels: Vec<f32>,
         /// One panel's rows in f32, row by row, on the way to `panels`.
         rows: Vec<f32>,
+        /// A job's panels in f32, register order: panel p's step l is
+        /// `panels[(p·k + l)·16..][..16]`.
+        panels: Vec<f32>,
         /// Up to [`COLS`] columns of B in f32, `k` apart.
         cols: Vec<f32>,
     }
@@ -94,48 +107,72 @@ mod avx512 {
         c: *mut f32,
         ldc: usize,
     ) {
-        let (j0, j1) = super::super::share(n, COLS, ith, nth);
+        let panels = m / ROWS;
+        let column_tiles = n.div_ceil(TILE_COLS);
+        let jobs = panels.div_ceil(TILE_PANELS) * column_tiles;
+        // Jobs go panel tile by panel tile, so a thread's consecutive jobs share panels.
+        let (j0, j1) = super::super::share(jobs, 1, ith, nth);
         if j0 == j1 {
             return;
         }
         SCRATCH.with_borrow_mut(|s| unsafe {
-            s.panels.resize(m * k, 0.0);
             s.rows.resize(ROWS * k, 0.0);
+            s.panels.resize(TILE_PANELS * ROWS * k, 0.0);
             s.cols.resize(COLS * k, 0.0);
-            let panels = m / ROWS;
-            for p in 0..panels {
-                widen_rows(&mut s.rows, a.add(p * ROWS * lda), lda, ROWS, k);
-                transpose(&s.rows, &mut s.panels[p * ROWS * k..][..ROWS * k], k);
-            }
-            let mut j = j0;
-            while j < j1 {
-                let cols = (j1 - j).min(COLS);
-                widen_rows(&mut s.cols, b.add(j * ldb), ldb, cols, k);
-                let out = c.add(j * ldc);
-                let mut p = 0;
-                while p < panels {
-                    let two = p + 1 < panels;
-                    let panel = s.panels.as_ptr().add(p * ROWS * k);
-                    let second = if two { panel.add(ROWS * k) } else { panel };
-                    let out = out.add(p * ROWS);
-                    match (cols, two) {
-                        (COLS, true) => steps::<COLS, 2>([panel, second], &s.cols, k, out, ldc),
-                        (COLS, false) => steps::<COLS, 1>([panel, second], &s.cols, k, out, ldc),
-                        _ => {
-                            for q in 0..cols {
-                                let col = &s.cols[q * k..][..k];
-                                let out = out.add(q * ldc);
-                                if two {
-                                    steps::<1, 2>([panel, second], col, k, out, ldc);
-                                } else {
-                                    steps::<1, 1>([panel, second], col, k, out, ldc);
+            let mut converted = usize::MAX;
+            for job in j0..j1 {
+                let (tile, column_tile) = (job / column_tiles, job % column_tiles);
+                let p0 = tile * TILE_PANELS;
+                let count = (panels - p0).min(TILE_PANELS);
+                if converted != tile {
+                    for q in 0..count {
+                        widen_rows(&mut s.rows, a.add((p0 + q) * ROWS * lda), lda, ROWS, k);
+                        transpose(&s.rows, &mut s.panels[q * ROWS * k..][..ROWS * k], k);
+                    }
+                    converted = tile;
+                }
+                let (c0, c1) = (
+                    column_tile * TILE_COLS,
+                    ((column_tile + 1) * TILE_COLS).min(n),
+                );
+                let mut j = c0;
+                while j < c1 {
+                    let cols = (c1 - j).min(COLS);
+                    widen_rows(&mut s.cols, b.add(j * ldb), ldb, cols, k);
+                    let mut q = 0;
+                    while q < count {
+                        let two = q + 1 < count;
+                        let panel = s.panels.as_ptr().add(q * ROWS * k);
+                        let pair = [panel, if two { panel.add(ROWS * k) } else { panel }];
+                        let out = c.add(j * ldc + (p0 + q) * ROWS);
+                        for l0 in (0..k).step_by(CHUNK) {
+                            let steps = l0..(l0 + CHUNK).min(k);
+                            let add = l0 > 0;
+                            match (cols, two) {
+                                (COLS, true) => {
+                                    run::<COLS, 2>(pair, &s.cols, k, steps, out, ldc, add)
+                                }
+                                (COLS, false) => {
+                                    run::<COLS, 1>(pair, &s.cols, k, steps, out, ldc, add)
+                                }
+                                _ => {
+                                    for col in 0..cols {
+                                        let one = &s.cols[col * k..][..k];
+                                        let out = out.add(col * ldc);
+                                        let steps = steps.clone();
+                                        if two {
+                                            run::<1, 2>(pair, one, k, steps, out, ldc, add);
+                                        } else {
+                                            run::<1, 1>(pair, one, k, steps, out, ldc, add);
+                                        }
+                                    }
                                 }
                             }
                         }
+                        q += if two { 2 } else { 1 };
                     }
-                    p += if two { 2 } else { 1 };
+                    j += cols;
                 }
-                j += cols;
             }
         })
     }
@@ -176,19 +213,21 @@ mod avx512 {
         }
     }
 
-    /// `P` panels (sixteen rows each) times `C` columns (`k` apart in `cols`): `k` steps of
+    /// `P` panels (sixteen rows each) times `C` columns (`k` apart in `cols`) over `steps`:
     /// multiply-adds into `P`·`C` registers, stored to `out` (column q at `q·ldc`, the second
-    /// panel sixteen rows on).
+    /// panel sixteen rows on), or added to what is there (`add`).
     #[target_feature(enable = "avx512f")]
-    unsafe fn steps<const C: usize, const P: usize>(
+    unsafe fn run<const C: usize, const P: usize>(
         panels: [*const f32; 2],
         cols: &[f32],
         k: usize,
+        steps: std::ops::Range<usize>,
         out: *mut f32,
         ldc: usize,
+        add: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); C]; P];
-        for l in 0..k {
+        for l in steps {
             let mut w = [_mm512_setzero_ps(); P];
             for (p, w) in w.iter_mut().enumerate() {
                 *w = unsafe { _mm512_loadu_ps(panels[p].add(l * ROWS)) };
@@ -202,7 +241,15 @@ mod avx512 {
         }
         for (p, acc) in acc.iter().enumerate() {
             for (q, acc) in acc.iter().enumerate() {
-                unsafe { _mm512_storeu_ps(out.add(q * ldc + p * ROWS), *acc) };
+                unsafe {
+                    let at = out.add(q * ldc + p * ROWS);
+                    let sum = if add {
+                        _mm512_add_ps(_mm512_loadu_ps(at), *acc)
+                    } else {
+                        *acc
+                    };
+                    _mm512_storeu_ps(at, sum);
+                }
             }
         }
     }
@@ -239,6 +286,8 @@ mod tests {
             (48, 9, 40, 40, 2),
             (32, 20, 704, 704, 3),
             (16, 2, 7, 9, 1),
+            // Two panel tiles (the second of two panels) by two column tiles, the second short.
+            (96, 70, 24, 24, 3),
         ] {
             let a = values(m * lda, 3 + m as u64);
             let ldb = k + 5;
@@ -279,9 +328,10 @@ mod tests {
     #[test]
     fn only_f16_products_of_whole_panels_are_taken() {
         let h = GGML_TYPE_F16;
-        assert!(!takes(704, 704, h, GGML_TYPE_F32, GGML_TYPE_F32));
-        assert!(!takes(704, 1, h, h, GGML_TYPE_F32));
-        assert!(!takes(9, 4, h, h, GGML_TYPE_F32));
-        assert_eq!(takes(704, 704, h, h, GGML_TYPE_F32), supported());
+        assert!(!takes(704, 704, 64, h, GGML_TYPE_F32, GGML_TYPE_F32));
+        assert!(!takes(704, 1, 64, h, h, GGML_TYPE_F32));
+        assert!(!takes(704, 8, 64, h, h, GGML_TYPE_F32));
+        assert!(!takes(9, 16, 64, h, h, GGML_TYPE_F32));
+        assert_eq!(takes(704, 704, 64, h, h, GGML_TYPE_F32), supported());
     }
 }

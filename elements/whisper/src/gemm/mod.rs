@@ -1,12 +1,15 @@
-//! Matrix products for whisper.cpp on x86 CPUs with AVX-512, in place of llamafile's tinyBLAS.
+//! Matrix products for whisper.cpp on Linux x86-64 CPUs with AVX-512, in place of llamafile's
+//! tinyBLAS.
 //!
-//! whisper.cpp's ggml calls `llamafile_sgemm` for every matrix product of two or more columns.
-//! The plugin is linked with `--wrap=llamafile_sgemm` (build.rs), so those calls come to
-//! [`hook`]'s `__wrap_llamafile_sgemm`, which does the two kinds that make up most of the
-//! encoder and passes the rest on to tinyBLAS:
+//! whisper.cpp's ggml, built with `GGML_LLAMAFILE=ON` (.cargo/config.toml), calls
+//! `llamafile_sgemm` for every matrix product of two or more columns. The plugin is linked with
+//! `--wrap=llamafile_sgemm` (build.rs), so those calls come to `hook`'s
+//! `__wrap_llamafile_sgemm`, which does the two kinds that make up most of the encoder and
+//! passes the rest on to tinyBLAS:
 //!
-//! - [`q8`]: the 8-bit weights by 8-bit activations (the linear layers), with VNNI;
-//! - [`f16`]: f16 by f16 (attention's scores and their weighted values), in f32.
+//! - [`q8`]: 8-bit weights by 8-bit activations (the 8-bit model's linear layers), with VNNI;
+//! - [`f16`]: f16 by f16 in f32 (attention's scores and their weighted values, and the f16
+//!   model's linear layers).
 //!
 //! tinyBLAS computes each output as one dot product at a time (a row by a column), converting or
 //! scaling at every step; both kernels here lay sixteen rows of the weights out so that one
@@ -15,6 +18,9 @@
 //! see the README's `vox serve` table.
 //!
 //! Whisper on the GPU (`cuda`) does its products there and seldom comes here.
+//! `VOX_WHISPER_GEMM=tinyblas` in the environment leaves every product to tinyBLAS.
+
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 pub mod f16;
 pub mod q8;
@@ -26,6 +32,15 @@ pub const GGML_TYPE_Q8_0: i32 = 8;
 
 /// Weight rows per panel: one 512-bit register holds one step of each.
 pub const ROWS: usize = 16;
+
+/// Fewer columns than this stay with tinyBLAS: the kernels lay the weights out anew for each
+/// product, which pays only over enough columns (the encoder has hundreds; a decoder step has
+/// one, a prompt a few).
+pub const MIN_COLUMNS: i64 = 16;
+
+/// Whether this build sends whisper.cpp's products here at all (Linux x86-64, with ggml's
+/// llamafile kernels: build.rs).
+pub const HOOKED: bool = cfg!(vox_sgemm_hook);
 
 /// Logged (to the `whisper-cpp` debug category, at info) the first time a kernel takes a
 /// product, so that a build whose link options did not send the products here shows it.
@@ -42,12 +57,14 @@ static Q8_TAKEN: std::sync::Once = std::sync::Once::new();
 )]
 static F16_TAKEN: std::sync::Once = std::sync::Once::new();
 
-/// Whether this CPU has the AVX-512 both kernels need.
+/// Whether this CPU has the AVX-512 both kernels need, and `VOX_WHISPER_GEMM` is not
+/// `tinyblas` (which leaves all products to tinyBLAS: for A/B runs, or to rule the kernels out).
 fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static OK: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
+            std::env::var("VOX_WHISPER_GEMM").as_deref() != Ok("tinyblas")
+                && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("f16c")
         });
@@ -65,7 +82,7 @@ fn share(total: usize, unit: usize, ith: usize, nth: usize) -> (usize, usize) {
 }
 
 /// The wrapper (see the module).
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(vox_sgemm_hook)]
 mod hook {
     use std::ffi::{c_int, c_void};
 
@@ -113,7 +130,7 @@ mod hook {
     ) -> bool {
         let p = unsafe { &*(params as *const ComputeParams) };
         let (ith, nth) = (p.ith as usize, p.nth.max(1) as usize);
-        if super::f16::takes(m, n, a_type, b_type, c_type) {
+        if super::f16::takes(m, n, k, a_type, b_type, c_type) {
             super::F16_TAKEN.call_once(|| log::info!("{}", super::F16_LINE));
             unsafe {
                 super::f16::gemm(

@@ -11,15 +11,16 @@
 //! dot-product instructions and one conversion for sixteen rows, with four columns sharing each
 //! panel load.
 //!
-//! The products are exact: the weights are made unsigned (`q + 128`) for `vpdpbusd`, and the
-//! `128 × Σ column bytes` that adds is taken off before the block's sum is scaled, so each
-//! block's integer dot product is the one tinyBLAS computes; only the float sums of the scaled
-//! blocks are added in another order.
+//! The blocks' integer dot products are exact and the same as tinyBLAS's: the weights are made
+//! unsigned (`q + 128`) for `vpdpbusd`, and the `128 × Σ column bytes` that adds is taken off
+//! before the block's sum is scaled. Each block's sum is then converted and scaled once for
+//! sixteen rows (tinyBLAS converts and scales eight partial sums per block), so the float
+//! roundings differ, by no more than f32's.
 //!
 //! [`gemm`]: C\[j·ldc + i\] = Σ over blocks b of dA(i,b)·dB(j,b)·Σ qA(i,b,·)·qB(j,b,·), for
 //! weight rows i < m and columns j < n, the rows split among whisper.cpp's threads.
 
-use super::{GGML_TYPE_F32, GGML_TYPE_Q8_0, ROWS};
+use super::{GGML_TYPE_F32, GGML_TYPE_Q8_0, MIN_COLUMNS, ROWS};
 
 /// Values per Q8_0 block, and its size in bytes (an f16 scale, then 32 signed bytes).
 pub const QK8_0: usize = 32;
@@ -44,7 +45,7 @@ pub fn takes(m: i64, n: i64, a_type: i32, b_type: i32, c_type: i32) -> bool {
         && c_type == GGML_TYPE_F32
         && m > 0
         && m % ROWS as i64 == 0
-        && n >= 2
+        && n >= MIN_COLUMNS
         && supported()
 }
 
@@ -76,8 +77,11 @@ pub unsafe fn gemm(
     unreachable!("{ith} {nth} {m} {n} {kb} {a:?} {lda} {b:?} {ldb} {c:?} {ldc}")
 }
 
-fn f16(bytes: *const u8) -> f32 {
-    // SAFETY: the callers point at a block's two scale bytes.
+/// The f16 scale at `bytes`.
+///
+/// # Safety
+/// `bytes` points at two readable bytes (a block's scale).
+unsafe fn f16(bytes: *const u8) -> f32 {
     half::f16::from_le_bytes(unsafe { [*bytes, *bytes.add(1)] }).to_f32()
 }
 
@@ -132,7 +136,7 @@ mod vnni {
             for j in 0..n {
                 for blk in 0..kb {
                     let block = unsafe { b.add((j * ldb + blk) * BLOCK_BYTES) };
-                    s.col_scales[j * kb + blk] = f16(block);
+                    s.col_scales[j * kb + blk] = unsafe { f16(block) };
                     let sum: i32 = (0..32)
                         .map(|t| unsafe { *block.add(2 + t) } as i8 as i32)
                         .sum();
@@ -154,7 +158,7 @@ mod vnni {
         for r in 0..ROWS {
             for blk in 0..kb {
                 let block = unsafe { a.add(((i0 + r) * lda + blk) * BLOCK_BYTES) };
-                s.row_scales[blk * ROWS + r] = f16(block);
+                s.row_scales[blk * ROWS + r] = unsafe { f16(block) };
                 let out = &mut s.panel[blk * PANEL_BLOCK..];
                 for t in 0..8 {
                     for q in 0..4 {
@@ -276,7 +280,7 @@ mod tests {
                     let dot: i32 = (0..QK8_0)
                         .map(|t| x[2 + t] as i8 as i32 * y[2 + t] as i8 as i32)
                         .sum();
-                    sum += f16(x.as_ptr()) as f64 * f16(y.as_ptr()) as f64 * dot as f64;
+                    sum += unsafe { f16(x.as_ptr()) as f64 * f16(y.as_ptr()) as f64 } * dot as f64;
                 }
                 c[j * m + i] = sum;
             }
@@ -338,7 +342,8 @@ mod tests {
         let q = GGML_TYPE_Q8_0;
         assert!(!takes(384, 704, q, GGML_TYPE_F32, GGML_TYPE_F32));
         assert!(!takes(384, 1, q, q, GGML_TYPE_F32));
-        assert!(!takes(51865, 4, q, q, GGML_TYPE_F32));
+        assert!(!takes(384, 8, q, q, GGML_TYPE_F32));
+        assert!(!takes(51865, 704, q, q, GGML_TYPE_F32));
         assert_eq!(takes(384, 704, q, q, GGML_TYPE_F32), supported());
     }
 }
