@@ -911,6 +911,19 @@ fn output_into_a_closed_pipe_ends_quietly() {
     );
 }
 
+/// `vox transcribe AUDIO` with `GST_DEBUG=debug`, which must succeed: (transcript, log).
+fn transcribe_logged(audio: &Path, debug: &str) -> (String, String) {
+    let out = vox()
+        .arg("transcribe")
+        .arg(audio)
+        .env("GST_DEBUG", debug)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), log)
+}
+
 /// whisperstt's matrix-product kernels (elements/whisper/src/gemm) are reached only through the
 /// plugin's link options: where the build wraps whisper.cpp's products and the CPU has the
 /// kernels' instructions, the plugin `vox` loads says it used them, and the words are JFK's;
@@ -918,17 +931,7 @@ fn output_into_a_closed_pipe_ends_quietly() {
 /// Whisper on a GPU where there is one, and its CPU products are not checked here.)
 #[test]
 fn the_plugin_uses_its_matrix_kernels_where_the_cpu_has_them() {
-    let out = vox()
-        .arg("transcribe")
-        .arg(fixture("jfk.wav"))
-        .env("GST_DEBUG", "whisper-cpp:4")
-        .output()
-        .unwrap();
-    let (text, log) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{log}");
+    let (text, log) = transcribe_logged(&fixture("jfk.wav"), "whisper-cpp:4");
     assert!(
         normalize(&text).contains("ask not what your country can do for you"),
         "{text}"
@@ -960,17 +963,7 @@ fn a_decoder_that_loops_is_run_again_on_a_wider_window() {
     let wav = dir.path().join("umbrella.wav");
     let sentence = "I left my umbrella on the bus this morning.";
     check(vox().args(["speak", sentence, "-o"]).arg(&wav));
-    let out = vox()
-        .arg("transcribe")
-        .arg(&wav)
-        .env("GST_DEBUG", "whisper-cpp:5")
-        .output()
-        .unwrap();
-    let (text, log) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{log}");
+    let (text, log) = transcribe_logged(&wav, "whisper-cpp:5");
     assert!(
         log.contains("the decoder looped on a window of"),
         "the loop this test is about did not happen (the speech changed?): {text}"

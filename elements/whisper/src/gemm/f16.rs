@@ -14,7 +14,7 @@
 //! columns j < n; the jobs (up to four panels by up to 64 columns) are split among
 //! whisper.cpp's threads.
 
-use super::{GGML_TYPE_F16, GGML_TYPE_F32, MIN_COLUMNS, ROWS};
+use super::{GGML_TYPE_F16, GGML_TYPE_F32, MIN_COLUMNS, Product, ROWS};
 
 /// Columns of B converted and multiplied together.
 const COLS: usize = 8;
@@ -37,37 +37,24 @@ pub fn takes(m: i64, n: i64, k: i64, a_type: i32, b_type: i32, c_type: i32) -> b
         && supported()
 }
 
-/// Thread `ith` of `nth`'s share of the product (see the module): rows `m` (a multiple of
-/// [`ROWS`]) by columns `n`, `k` deep; `lda` and `ldb` count f16 values, `ldc` floats.
+/// Thread `ith` of `nth`'s share of the product `p` (see the module): rows `m` (a multiple of
+/// [`ROWS`]) by columns `n`, `k` deep.
 ///
 /// # Safety
-/// `a` holds `m` rows of `lda` ≥ `k` values, `b` holds `n` rows of `ldb` ≥ `k` values, `c` holds
-/// `n` columns of `ldc` ≥ `m` floats, and [`supported`] is true.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
-    ith: usize,
-    nth: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const u16,
-    lda: usize,
-    b: *const u16,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
+/// `p.a` holds `m` rows of `lda` ≥ `k` values, `p.b` holds `n` rows of `ldb` ≥ `k` values,
+/// `p.c` holds `n` columns of `ldc` ≥ `m` floats, and [`supported`] is true.
+pub unsafe fn gemm(ith: usize, nth: usize, p: &Product<u16>) {
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        avx512::gemm(ith, nth, m, n, k, a, lda, b, ldb, c, ldc)
+        avx512::gemm(ith, nth, p)
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("{ith} {nth} {m} {n} {k} {a:?} {lda} {b:?} {ldb} {c:?} {ldc}")
+    unreachable!("{ith} {nth} {p:?}")
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{COLS, ROWS};
+    use super::{COLS, Product, ROWS};
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
@@ -93,20 +80,18 @@ mod avx512 {
         static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemm(
-        ith: usize,
-        nth: usize,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: *const u16,
-        lda: usize,
-        b: *const u16,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
+    pub unsafe fn gemm(ith: usize, nth: usize, p: &Product<u16>) {
+        let Product {
+            m,
+            n,
+            k,
+            a,
+            lda,
+            b,
+            ldb,
+            c,
+            ldc,
+        } = *p;
         let panels = m / ROWS;
         let column_tiles = n.div_ceil(TILE_COLS);
         let jobs = panels.div_ceil(TILE_PANELS) * column_tiles;
@@ -295,21 +280,18 @@ mod tests {
             let ldc = m + 3;
             let mut c = vec![f32::NAN; n * ldc];
             for ith in 0..threads {
-                unsafe {
-                    gemm(
-                        ith,
-                        threads,
-                        m,
-                        n,
-                        k,
-                        a.as_ptr(),
-                        lda,
-                        b.as_ptr(),
-                        ldb,
-                        c.as_mut_ptr(),
-                        ldc,
-                    )
+                let p = Product {
+                    m,
+                    n,
+                    k,
+                    a: a.as_ptr(),
+                    lda,
+                    b: b.as_ptr(),
+                    ldb,
+                    c: c.as_mut_ptr(),
+                    ldc,
                 };
+                unsafe { gemm(ith, threads, &p) };
             }
             for j in 0..n {
                 for i in 0..m {

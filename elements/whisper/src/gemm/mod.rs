@@ -74,6 +74,40 @@ fn avx512() -> bool {
     false
 }
 
+/// One product as `llamafile_sgemm` is asked for it: C\[j·ldc + i\] = Σ over l < k of
+/// A\[i·lda + l\]·B\[j·ldb + l\], for rows i < m of A (the weights) and columns j < n (the rows
+/// of B); `k`, `lda` and `ldb` count elements (Q8_0 blocks for [`q8`], f16 values for [`f16`]),
+/// `ldc` floats. `T` is what `a` and `b` point at: bytes, or f16 bits.
+#[derive(Clone, Copy, Debug)]
+pub struct Product<T> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: *const T,
+    pub lda: usize,
+    pub b: *const T,
+    pub ldb: usize,
+    pub c: *mut f32,
+    pub ldc: usize,
+}
+
+impl<T> Product<T> {
+    /// The same product with `a` and `b` pointing at `U`s.
+    pub fn cast<U>(self) -> Product<U> {
+        Product {
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            a: self.a.cast(),
+            lda: self.lda,
+            b: self.b.cast(),
+            ldb: self.ldb,
+            c: self.c,
+            ldc: self.ldc,
+        }
+    }
+}
+
 /// Thread `ith` of `nth`'s share of `total` items, in whole multiples of `unit`.
 fn share(total: usize, unit: usize, ith: usize, nth: usize) -> (usize, usize) {
     let units = total.div_ceil(unit);
@@ -130,42 +164,25 @@ mod hook {
     ) -> bool {
         let p = unsafe { &*(params as *const ComputeParams) };
         let (ith, nth) = (p.ith as usize, p.nth.max(1) as usize);
+        let product = super::Product::<c_void> {
+            m: m as usize,
+            n: n as usize,
+            k: k as usize,
+            a,
+            lda: lda as usize,
+            b,
+            ldb: ldb as usize,
+            c: c.cast(),
+            ldc: ldc as usize,
+        };
         if super::f16::takes(m, n, k, a_type, b_type, c_type) {
             super::F16_TAKEN.call_once(|| log::info!("{}", super::F16_LINE));
-            unsafe {
-                super::f16::gemm(
-                    ith,
-                    nth,
-                    m as usize,
-                    n as usize,
-                    k as usize,
-                    a as *const u16,
-                    lda as usize,
-                    b as *const u16,
-                    ldb as usize,
-                    c as *mut f32,
-                    ldc as usize,
-                )
-            };
+            unsafe { super::f16::gemm(ith, nth, &product.cast()) };
             return true;
         }
         if super::q8::takes(m, n, a_type, b_type, c_type) {
             super::Q8_TAKEN.call_once(|| log::info!("{}", super::Q8_LINE));
-            unsafe {
-                super::q8::gemm(
-                    ith,
-                    nth,
-                    m as usize,
-                    n as usize,
-                    k as usize,
-                    a as *const u8,
-                    lda as usize,
-                    b as *const u8,
-                    ldb as usize,
-                    c as *mut f32,
-                    ldc as usize,
-                )
-            };
+            unsafe { super::q8::gemm(ith, nth, &product.cast()) };
             return true;
         }
         unsafe {

@@ -20,7 +20,7 @@
 //! [`gemm`]: C\[j·ldc + i\] = Σ over blocks b of dA(i,b)·dB(j,b)·Σ qA(i,b,·)·qB(j,b,·), for
 //! weight rows i < m and columns j < n, the rows split among whisper.cpp's threads.
 
-use super::{GGML_TYPE_F32, GGML_TYPE_Q8_0, MIN_COLUMNS, ROWS};
+use super::{GGML_TYPE_F32, GGML_TYPE_Q8_0, MIN_COLUMNS, Product, ROWS};
 
 /// Values per Q8_0 block, and its size in bytes (an f16 scale, then 32 signed bytes).
 pub const QK8_0: usize = 32;
@@ -49,32 +49,19 @@ pub fn takes(m: i64, n: i64, a_type: i32, b_type: i32, c_type: i32) -> bool {
         && supported()
 }
 
-/// Thread `ith` of `nth`'s share of the product (see the module): rows `m` (a multiple of
-/// [`ROWS`]) by columns `n`, `kb` blocks deep; `lda` and `ldb` count blocks, `ldc` floats.
+/// Thread `ith` of `nth`'s share of the product `p` (see the module): rows `m` (a multiple of
+/// [`ROWS`]) by columns `n`, `k` blocks deep.
 ///
 /// # Safety
-/// `a` holds `m` rows of `lda` blocks, `b` holds `n` rows of `ldb` blocks (`kb` ≤ both), `c`
-/// holds `n` columns of `ldc` ≥ `m` floats, and [`supported`] is true.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
-    ith: usize,
-    nth: usize,
-    m: usize,
-    n: usize,
-    kb: usize,
-    a: *const u8,
-    lda: usize,
-    b: *const u8,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
+/// `p.a` holds `m` rows of `lda` blocks, `p.b` holds `n` rows of `ldb` blocks (`k` ≤ both),
+/// `p.c` holds `n` columns of `ldc` ≥ `m` floats, and [`supported`] is true.
+pub unsafe fn gemm(ith: usize, nth: usize, p: &Product<u8>) {
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        vnni::gemm(ith, nth, m, n, kb, a, lda, b, ldb, c, ldc)
+        vnni::gemm(ith, nth, p)
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("{ith} {nth} {m} {n} {kb} {a:?} {lda} {b:?} {ldb} {c:?} {ldc}")
+    unreachable!("{ith} {nth} {p:?}")
 }
 
 /// The f16 scale at `bytes`.
@@ -87,7 +74,7 @@ unsafe fn f16(bytes: *const u8) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{BLOCK_BYTES, ROWS, f16};
+    use super::{BLOCK_BYTES, Product, ROWS, f16};
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
@@ -109,20 +96,18 @@ mod vnni {
         static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemm(
-        ith: usize,
-        nth: usize,
-        m: usize,
-        n: usize,
-        kb: usize,
-        a: *const u8,
-        lda: usize,
-        b: *const u8,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
+    pub unsafe fn gemm(ith: usize, nth: usize, p: &Product<u8>) {
+        let Product {
+            m,
+            n,
+            k: kb,
+            a,
+            lda,
+            b,
+            ldb,
+            c,
+            ldc,
+        } = *p;
         let panels = m / ROWS;
         let (p0, p1) = super::super::share(panels, 1, ith, nth);
         if p0 == p1 {
@@ -307,21 +292,18 @@ mod tests {
             let ldc = m + 3;
             let mut c = vec![f32::NAN; n * ldc];
             for ith in 0..threads {
-                unsafe {
-                    gemm(
-                        ith,
-                        threads,
-                        m,
-                        n,
-                        kb,
-                        a.as_ptr(),
-                        kb,
-                        b.as_ptr(),
-                        kb,
-                        c.as_mut_ptr(),
-                        ldc,
-                    )
+                let p = Product {
+                    m,
+                    n,
+                    k: kb,
+                    a: a.as_ptr(),
+                    lda: kb,
+                    b: b.as_ptr(),
+                    ldb: kb,
+                    c: c.as_mut_ptr(),
+                    ldc,
                 };
+                unsafe { gemm(ith, threads, &p) };
             }
             for j in 0..n {
                 for i in 0..m {
