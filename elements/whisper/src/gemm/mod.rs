@@ -1,11 +1,11 @@
 //! Matrix products for whisper.cpp on Linux x86-64 CPUs with AVX-512, in place of llamafile's
 //! tinyBLAS.
 //!
-//! whisper.cpp's ggml, built with `GGML_LLAMAFILE=ON` (.cargo/config.toml), calls
-//! `llamafile_sgemm` for every matrix product of two or more columns. The plugin is linked with
-//! `--wrap=llamafile_sgemm` (build.rs), so those calls come to `hook`'s
-//! `__wrap_llamafile_sgemm`, which does the two kinds that make up most of the encoder and
-//! passes the rest on to tinyBLAS:
+//! whisper.cpp's ggml, built with `GGML_LLAMAFILE=ON` (.cargo/config.toml), offers its matrix
+//! products to `llamafile_sgemm` first (tinyBLAS declines single columns, and ggml then does
+//! them itself). The plugin is linked with `--wrap=llamafile_sgemm` (build.rs), so those calls
+//! come to `hook`'s `__wrap_llamafile_sgemm`, which does the two kinds that make up most of the
+//! encoder and passes the rest on to tinyBLAS:
 //!
 //! - [`q8`]: 8-bit weights by 8-bit activations (the 8-bit model's linear layers), with VNNI;
 //! - [`f16`]: f16 by f16 in f32 (attention's scores and their weighted values, and the f16
@@ -46,15 +46,9 @@ pub const HOOKED: bool = cfg!(vox_sgemm_hook);
 /// product, so that a build whose link options did not send the products here shows it.
 pub const Q8_LINE: &str = "whisper.cpp's 8-bit matrix products run on our AVX-512 VNNI kernel";
 pub const F16_LINE: &str = "whisper.cpp's f16 matrix products run on our AVX-512 kernel";
-#[cfg_attr(
-    not(all(target_os = "linux", target_arch = "x86_64")),
-    allow(dead_code)
-)]
+#[cfg_attr(not(vox_sgemm_hook), allow(dead_code))]
 static Q8_TAKEN: std::sync::Once = std::sync::Once::new();
-#[cfg_attr(
-    not(all(target_os = "linux", target_arch = "x86_64")),
-    allow(dead_code)
-)]
+#[cfg_attr(not(vox_sgemm_hook), allow(dead_code))]
 static F16_TAKEN: std::sync::Once = std::sync::Once::new();
 
 /// Whether this CPU has the AVX-512 both kernels need, and `VOX_WHISPER_GEMM` is not
