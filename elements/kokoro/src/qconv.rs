@@ -18,7 +18,7 @@
 //! Channels stay first throughout: no transposition. One sequence at a time (batch 1), as
 //! Kokoro runs; a batched input is an error at run time.
 
-use crate::snake::Out;
+use crate::snake::par_items;
 use ort::operator::{
     BoxedKernel, ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput,
 };
@@ -63,8 +63,8 @@ impl Geometry {
 }
 
 /// From unsigned to signed 8 bits, less 128.
-fn signed(v: u8) -> u8 {
-    v ^ 0x80
+fn signed(v: u8) -> i8 {
+    (v ^ 0x80) as i8
 }
 
 /// Rows `first..first + rows.len() / out_frames` of the matrix of `x` (`channels` rows of
@@ -77,7 +77,7 @@ pub fn im2col(
     zero: u8,
     out_frames: usize,
     first: usize,
-    rows: &mut [u8],
+    rows: &mut [i8],
 ) {
     let frames = x.len() / channels.max(1);
     let pad = signed(zero);
@@ -210,24 +210,13 @@ impl Kernel for Im2ColKernel {
         let mut signed_zero = ctx
             .output(1, Vec::<i64>::new())?
             .ok_or_else(|| ort::Error::new(format!("{IM2COL}: no zero output")))?;
-        signed_zero.try_extract_tensor_mut::<i8>()?.1[0] = signed(zero) as i8;
+        signed_zero.try_extract_tensor_mut::<i8>()?.1[0] = signed(zero);
         let mut out = ctx
             .output(0, vec![rows as i64, out_frames as i64])?
             .ok_or_else(|| ort::Error::new(format!("{IM2COL}: no output")))?;
         let (_, y) = out.try_extract_tensor_mut::<i8>()?;
-        let out = Out::new(y);
-        ctx.par_for(rows.div_ceil(ROWS), 0, |task| {
-            let first = task * ROWS;
-            let count = ROWS.min(rows - first);
-            // SAFETY: rows [first, first + count) lie within the output (rows × out_frames
-            // bytes), and no other task writes them.
-            let y = unsafe {
-                std::slice::from_raw_parts_mut(
-                    out.at(first * out_frames).cast::<u8>(),
-                    count * out_frames,
-                )
-            };
-            im2col(x, channels, g, zero, out_frames, first, y);
+        par_items(ctx, y, out_frames, ROWS, |first, y| {
+            im2col(x, channels, g, zero, out_frames, first, y)
         })
     }
 }
@@ -295,15 +284,8 @@ impl Kernel for DequantiseKernel {
             .output(0, vec![1, channels as i64, frames as i64])?
             .ok_or_else(|| ort::Error::new(format!("{DEQUANTISE}: no output")))?;
         let (_, y) = out.try_extract_tensor_mut::<f32>()?;
-        let out = Out::new(y);
-        ctx.par_for(channels.div_ceil(CHANNELS), 0, |task| {
-            let first = task * CHANNELS;
-            let count = CHANNELS.min(channels - first);
-            // SAFETY: channels [first, first + count) lie within the output (channels ×
-            // frames floats), and no other task writes them.
-            let y =
-                unsafe { std::slice::from_raw_parts_mut(out.at(first * frames), count * frames) };
-            dequantise(acc, frames, scale, bias, first, y);
+        par_items(ctx, y, frames, CHANNELS, |first, y| {
+            dequantise(acc, frames, scale, bias, first, y)
         })
     }
 }
@@ -399,18 +381,18 @@ mod tests {
                 .collect();
             let n = g.frames_out(frames);
             let rows = channels * g.kernel;
-            let mut cols = vec![0u8; rows * n];
+            let mut cols = vec![0i8; rows * n];
             // In two pieces, as two tasks would.
             let split = rows / 2;
             let (a, b) = cols.split_at_mut(split * n);
             im2col(&x, channels, g, zero, n, 0, a);
             im2col(&x, channels, g, zero, n, split, b);
-            let z = signed(zero) as i8 as i32;
+            let z = signed(zero) as i32;
             let mut y = vec![0; outs * n];
             for o in 0..outs {
                 for t in 0..n {
                     y[o * n + t] = (0..rows)
-                        .map(|r| (cols[r * n + t] as i8 as i32 - z) * w[o * rows + r])
+                        .map(|r| (cols[r * n + t] as i32 - z) * w[o * rows + r])
                         .sum();
                 }
             }

@@ -663,7 +663,7 @@ fn int8_conv(g: &Graph, i: usize, weights: &mut HashMap<String, Weight>) -> Opti
         pad_end: 0,
     };
     for a in &conv.attribute {
-        let a = ConvAttribute::decode(a.as_slice()).ok()?;
+        let a = Attribute::decode(a.as_slice()).ok()?;
         let one = |v: &[i64]| match v {
             [x] if *x >= 0 => Some(*x as usize),
             _ => None,
@@ -698,10 +698,11 @@ fn int8_conv(g: &Graph, i: usize, weights: &mut HashMap<String, Weight>) -> Opti
         format!("{y}_sums"),
     );
     let int = |name: &str, i: usize| {
-        NewAttribute {
+        Attribute {
             name: name.into(),
             i: i as i64,
             r#type: ATTRIBUTE_INT,
+            ..Default::default()
         }
         .encode_to_vec()
     };
@@ -879,7 +880,7 @@ fn adain(g: &Graph, y: &str) -> Option<AdaIn> {
     let square = g.made_by(variance.input.first()?, "Mul")?;
     let over_time = |r: &Node| {
         let keeps_dims = r.attribute.iter().all(|a| {
-            IntAttribute::decode(a.as_slice()).is_ok_and(|a| a.name != "keepdims" || a.i == 1)
+            Attribute::decode(a.as_slice()).is_ok_and(|a| a.name != "keepdims" || a.i == 1)
         });
         let axis = r.input.get(1).and_then(|axes| g.tensor(axes)?.int64());
         keeps_dims && matches!(axis, Some(2 | -1))
@@ -936,7 +937,7 @@ fn stft(g: &Graph, i: usize) -> Option<Replacement> {
     let one_sided = node
         .attribute
         .iter()
-        .filter_map(|a| IntAttribute::decode(a.as_slice()).ok())
+        .filter_map(|a| Attribute::decode(a.as_slice()).ok())
         .any(|a| a.name == "onesided" && a.i == 1);
     let length_fits = match rest {
         [] => true,
@@ -960,32 +961,9 @@ fn stft(g: &Graph, i: usize) -> Option<Replacement> {
     })
 }
 
-/// `AttributeProto`'s name and integer value.
+/// The `AttributeProto` fields the rewrites read and write (the others are skipped when read).
 #[derive(Clone, PartialEq, Message)]
-struct IntAttribute {
-    #[prost(string, tag = "1")]
-    name: String,
-    #[prost(int64, tag = "3")]
-    i: i64,
-}
-
-/// `AttributeProto.type` of an integer.
-const ATTRIBUTE_INT: i32 = 2;
-
-/// An integer `AttributeProto` to write.
-#[derive(Clone, PartialEq, Message)]
-struct NewAttribute {
-    #[prost(string, tag = "1")]
-    name: String,
-    #[prost(int64, tag = "3")]
-    i: i64,
-    #[prost(int32, tag = "20")]
-    r#type: i32,
-}
-
-/// The `AttributeProto` fields of a `Conv`'s attributes.
-#[derive(Clone, PartialEq, Message)]
-struct ConvAttribute {
+struct Attribute {
     #[prost(string, tag = "1")]
     name: String,
     #[prost(int64, tag = "3")]
@@ -994,11 +972,17 @@ struct ConvAttribute {
     s: Vec<u8>,
     #[prost(int64, repeated, tag = "8")]
     ints: Vec<i64>,
+    /// `AttributeProto.type`: [`ATTRIBUTE_INT`] for the integers written.
+    #[prost(int32, tag = "20")]
+    r#type: i32,
 }
+
+/// `AttributeProto.type` of an integer.
+const ATTRIBUTE_INT: i32 = 2;
 
 fn casts_to_float(cast: &Node) -> bool {
     cast.attribute.iter().any(|a| {
-        IntAttribute::decode(a.as_slice()).is_ok_and(|a| a.name == "to" && a.i == FLOAT as i64)
+        Attribute::decode(a.as_slice()).is_ok_and(|a| a.name == "to" && a.i == FLOAT as i64)
     })
 }
 

@@ -197,6 +197,30 @@ impl<T> Out<T> {
     }
 }
 
+/// Runs `f(first, items)` on ONNX Runtime's threads over `out` cut into items of `len` values,
+/// `per_task` items to a task: each task gets its own items, `first..first + items.len() / len`.
+pub(crate) fn par_items<T>(
+    ctx: &ComputeContext,
+    out: &mut [T],
+    len: usize,
+    per_task: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) -> ort::Result<()> {
+    let items = out.len().checked_div(len).unwrap_or(0);
+    if items == 0 {
+        return Ok(());
+    }
+    let out = Out::new(out);
+    ctx.par_for(items.div_ceil(per_task), 0, |task| {
+        let first = task * per_task;
+        let count = per_task.min(items - first);
+        // SAFETY: items [first, first + count) lie within `out` (items × len values), and no
+        // other task writes them.
+        let y = unsafe { std::slice::from_raw_parts_mut(out.at(first * len), count * len) };
+        f(first, y)
+    })
+}
+
 impl Kernel for SnakeKernel {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let name = if self.norm { NORM_NAME } else { NAME };
@@ -257,14 +281,10 @@ impl Kernel for SnakeKernel {
         if y.len() != x.len() {
             return Err(error("output of the wrong size".into()));
         }
-        let out = Out::new(y);
         let norm = self.norm;
-        ctx.par_for(rows, 0, |r| {
+        par_items(ctx, y, len, 1, |r, y| {
             let c = r % channels;
             let range = r * len..(r + 1) * len;
-            // SAFETY: `range` lies within `y` (rows × len = its length), and no other task
-            // writes it.
-            let y = unsafe { std::slice::from_raw_parts_mut(out.at(range.start), len) };
             if norm {
                 let p = Channel {
                     scale: pick(scale, r),

@@ -167,37 +167,29 @@ fn every_int8_convolution_snake_and_stft_is_rewritten_and_the_speech_stays_the_s
     // added in float where the graph rounds it to the input's steps first.
     // (Without the CPU's exact 8-bit dot products, loading leaves them out: the graph as it is.)
     let products = speak(only_int8);
-    let close = |a: &[f32], b: &[f32]| (0.95..1.05).contains(&(a.len() as f64 / b.len() as f64));
     // (A rounding step apart in a duration can move the length a little.)
-    assert!(
-        close(&products, &original),
-        "{} against {}",
-        products.len(),
-        original.len()
-    );
-    let r = correlation(&spectrum(&products), &spectrum(&original));
-    assert!(
-        r > 0.98,
-        "log spectra correlate {r:.3}: the 8-bit convolutions changed the speech"
-    );
+    let alike = |a: &[f32], r_min: f64, what: &str| {
+        let ratio = a.len() as f64 / original.len() as f64;
+        assert!(
+            (0.95..1.05).contains(&ratio),
+            "{what}: {} samples against {}",
+            a.len(),
+            original.len()
+        );
+        let r = correlation(&spectrum(a), &spectrum(&original));
+        assert!(
+            r > r_min,
+            "log spectra correlate {r:.3}: {what} changed the speech"
+        );
+    };
+    alike(&products, 0.98, "the 8-bit convolutions");
     if !gstvoxkokoro::qconv::exact() {
         assert_eq!(
             products, original,
             "no 8-bit dot products: the graph as it is"
         );
     }
-    let default = speak(ALL);
-    assert!(
-        close(&default, &original),
-        "{} against {}",
-        default.len(),
-        original.len()
-    );
-    let r = correlation(&spectrum(&default), &spectrum(&original));
-    assert!(
-        r > 0.9,
-        "log spectra correlate {r:.3}: the default rewrites changed the speech"
-    );
+    alike(&speak(ALL), 0.9, "the default rewrites");
     // And the operators in the int8 graph.
     let int8 = speak(int8_ops);
     assert_eq!(int8.len(), original.len());

@@ -14,7 +14,7 @@
 //! columns j < n; the jobs (up to four panels by up to 64 columns) are split among
 //! whisper.cpp's threads.
 
-use super::{GGML_TYPE_F16, GGML_TYPE_F32, MIN_COLUMNS, Product, ROWS};
+use super::{GGML_TYPE_F16, GGML_TYPE_F32, Product, ROWS};
 
 /// Columns of B converted and multiplied together.
 const COLS: usize = 8;
@@ -29,9 +29,7 @@ pub fn takes(m: i64, n: i64, k: i64, a_type: i32, b_type: i32, c_type: i32) -> b
     a_type == GGML_TYPE_F16
         && b_type == GGML_TYPE_F16
         && c_type == GGML_TYPE_F32
-        && m > 0
-        && m % ROWS as i64 == 0
-        && n >= MIN_COLUMNS
+        && super::fits(m, n)
         // The panels' gather indexes rows k apart in 32 bits.
         && k < (i32::MAX / ROWS as i32) as i64
         && supported()

@@ -38,6 +38,12 @@ pub const ROWS: usize = 16;
 /// one, a prompt a few).
 pub const MIN_COLUMNS: i64 = 16;
 
+/// Whether a product of `m` rows by `n` columns has the shape both kernels take: whole
+/// panels, and enough columns.
+fn fits(m: i64, n: i64) -> bool {
+    m > 0 && m % ROWS as i64 == 0 && n >= MIN_COLUMNS
+}
+
 /// Whether this build sends whisper.cpp's products here at all (Linux x86-64, with ggml's
 /// llamafile kernels: build.rs).
 pub const HOOKED: bool = cfg!(vox_sgemm_hook);

@@ -20,7 +20,7 @@
 //! [`gemm`]: C\[j·ldc + i\] = Σ over blocks b of dA(i,b)·dB(j,b)·Σ qA(i,b,·)·qB(j,b,·), for
 //! weight rows i < m and columns j < n, the rows split among whisper.cpp's threads.
 
-use super::{GGML_TYPE_F32, GGML_TYPE_Q8_0, MIN_COLUMNS, Product, ROWS};
+use super::{GGML_TYPE_F32, GGML_TYPE_Q8_0, Product, ROWS};
 
 /// Values per Q8_0 block, and its size in bytes (an f16 scale, then 32 signed bytes).
 pub const QK8_0: usize = 32;
@@ -43,9 +43,7 @@ pub fn takes(m: i64, n: i64, a_type: i32, b_type: i32, c_type: i32) -> bool {
     a_type == GGML_TYPE_Q8_0
         && b_type == GGML_TYPE_Q8_0
         && c_type == GGML_TYPE_F32
-        && m > 0
-        && m % ROWS as i64 == 0
-        && n >= MIN_COLUMNS
+        && super::fits(m, n)
         && supported()
 }
 
