@@ -913,10 +913,16 @@ fn output_into_a_closed_pipe_ends_quietly() {
 
 /// `vox transcribe AUDIO` with `GST_DEBUG=debug`, which must succeed: (transcript, log).
 fn transcribe_logged(audio: &Path, debug: &str) -> (String, String) {
+    transcribe_logged_with(audio, debug, &[])
+}
+
+/// [`transcribe_logged`] with `env` set for `vox`.
+fn transcribe_logged_with(audio: &Path, debug: &str, env: &[(&str, &str)]) -> (String, String) {
     let out = vox()
         .arg("transcribe")
         .arg(audio)
         .env("GST_DEBUG", debug)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -926,29 +932,45 @@ fn transcribe_logged(audio: &Path, debug: &str) -> (String, String) {
 
 /// whisperstt's matrix-product kernels (elements/whisper/src/gemm) are reached only through the
 /// plugin's link options: where the build wraps whisper.cpp's products and the CPU has the
-/// kernels' instructions, the plugin `vox` loads says it used them, and the words are JFK's;
-/// elsewhere tinyBLAS does the products and the plugin does not say so. (A CUDA build runs
-/// Whisper on a GPU where there is one, and its CPU products are not checked here.)
+/// kernels' instructions, the plugin `vox` loads says it used them, with the fastest
+/// instructions the CPU has, or those `VOX_WHISPER_GEMM` keeps to (`avx2`, `avx2-no-vnni`), and
+/// the words are JFK's; elsewhere, and with `VOX_WHISPER_GEMM=tinyblas`, tinyBLAS does the
+/// products and the plugin does not say so. (A CUDA build runs Whisper on a GPU where there is
+/// one, and its CPU products are not checked here.)
 #[test]
 fn the_plugin_uses_its_matrix_kernels_where_the_cpu_has_them() {
-    let (text, log) = transcribe_logged(&fixture("jfk.wav"), "whisper-cpp:4");
-    assert!(
-        normalize(&text).contains("ask not what your country can do for you"),
-        "{text}"
-    );
-    if cfg!(feature = "cuda") {
-        return;
-    }
-    use gstvoxwhisper::gemm;
-    for (line, wanted) in [
-        (gemm::Q8_LINE, gemm::HOOKED && gemm::q8::supported()),
-        (gemm::F16_LINE, gemm::HOOKED && gemm::f16::supported()),
-    ] {
-        assert_eq!(
-            log.contains(line),
-            wanted,
-            "{line:?} (wrapped, and the CPU has it: {wanted})"
+    use gstvoxwhisper::gemm::{self, Isa, allowed_by, choose};
+    for setting in ["", "avx2", "avx2-no-vnni", "tinyblas"] {
+        let (text, log) = transcribe_logged_with(
+            &fixture("jfk.wav"),
+            "whisper-cpp:4",
+            &[("VOX_WHISPER_GEMM", setting)],
         );
+        assert!(
+            normalize(&text).contains("ask not what your country can do for you"),
+            "VOX_WHISPER_GEMM={setting}: {text}"
+        );
+        if cfg!(feature = "cuda") {
+            return;
+        }
+        let allowed = allowed_by(setting).unwrap();
+        type Kernel = (&'static str, fn(Isa) -> bool, fn(Isa) -> String);
+        let kernels: [Kernel; 2] = [
+            ("8-bit", gemm::q8::runs_on, gemm::q8::line),
+            ("f16", gemm::f16::runs_on, gemm::f16::line),
+        ];
+        for (kernel, runs_on, line) in kernels {
+            let wanted = choose(allowed, runs_on).filter(|_| gemm::HOOKED);
+            for isa in Isa::ALL {
+                // (The f16 kernel says the same for AVX-VNNI and AVX2.)
+                assert_eq!(
+                    log.contains(&line(isa)),
+                    wanted.map(line) == Some(line(isa)),
+                    "VOX_WHISPER_GEMM={setting:?}: the {kernel} kernel with {isa:?} (wrapped, \
+                     and what the CPU has: {wanted:?})\n{log}"
+                );
+            }
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! Matrix products for whisper.cpp on Linux x86-64 CPUs with AVX-512, in place of llamafile's
-//! tinyBLAS.
+//! Matrix products for whisper.cpp on Linux x86-64 CPUs with AVX-512 or AVX2, in place of
+//! llamafile's tinyBLAS.
 //!
 //! whisper.cpp's ggml, built with `GGML_LLAMAFILE=ON` (.cargo/config.toml), offers its matrix
 //! products to `llamafile_sgemm` first (tinyBLAS declines single columns, and ggml then does
@@ -7,18 +7,25 @@
 //! come to `hook`'s `__wrap_llamafile_sgemm`, which does the two kinds that make up most of the
 //! encoder and passes the rest on to tinyBLAS:
 //!
-//! - [`q8`]: 8-bit weights by 8-bit activations (the 8-bit model's linear layers), with VNNI;
+//! - [`q8`]: 8-bit weights by 8-bit activations (the 8-bit model's linear layers): with VNNI's
+//!   8-bit dot products (AVX-512 VNNI, or AVX-VNNI, which Intel's client CPUs from Alder Lake on
+//!   have without AVX-512), else AVX2's;
 //! - [`f16`]: f16 by f16 in f32 (attention's scores and their weighted values, and the f16
 //!   model's linear layers).
 //!
 //! tinyBLAS computes each output as one dot product at a time (a row by a column), converting or
 //! scaling at every step; both kernels here lay sixteen rows of the weights out so that one
-//! register holds one step of all sixteen and each column's value is broadcast against it,
-//! which is what the CPU's multiply-add units are built for. Measured on tiny.en under load:
-//! see the README's `vox serve` table.
+//! 512-bit register (or two 256-bit ones) holds one step of all sixteen and each column's value
+//! is broadcast against it, which is what the CPU's multiply-add units are built for. The
+//! kernels choose their instructions ([`Isa`]) when first used, from what the CPU has, not from
+//! the build's flags (ggml's are fixed when it is compiled: `scripts/cpu-flags`). Measured:
+//! the README's `vox serve` table and its Performance section (`scripts/bench-whisper-kernels`,
+//! `cargo bench --bench whisper_gemm`).
 //!
 //! Whisper on the GPU (`cuda`) does its products there and seldom comes here.
-//! `VOX_WHISPER_GEMM=tinyblas` in the environment leaves every product to tinyBLAS.
+//! `VOX_WHISPER_GEMM=tinyblas` in the environment leaves every product to tinyBLAS;
+//! `VOX_WHISPER_GEMM=avx2` keeps the kernels to 256 bits, and `avx2-no-vnni` to AVX2 without
+//! VNNI (for A/B runs of those kernels on a CPU that has more).
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
@@ -30,7 +37,7 @@ pub const GGML_TYPE_F32: i32 = 0;
 pub const GGML_TYPE_F16: i32 = 1;
 pub const GGML_TYPE_Q8_0: i32 = 8;
 
-/// Weight rows per panel: one 512-bit register holds one step of each.
+/// Weight rows per panel: one 512-bit register (or two 256-bit ones) holds one step of each.
 pub const ROWS: usize = 16;
 
 /// Fewer columns than this stay with tinyBLAS: the kernels lay the weights out anew for each
@@ -48,31 +55,81 @@ fn fits(m: i64, n: i64) -> bool {
 /// llamafile kernels: build.rs).
 pub const HOOKED: bool = cfg!(vox_sgemm_hook);
 
-/// Logged (to the `whisper-cpp` debug category, at info) the first time a kernel takes a
-/// product, so that a build whose link options did not send the products here shows it.
-pub const Q8_LINE: &str = "whisper.cpp's 8-bit matrix products run on our AVX-512 VNNI kernel";
-pub const F16_LINE: &str = "whisper.cpp's f16 matrix products run on our AVX-512 kernel";
+/// The vector instructions a kernel runs on, fastest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// 512-bit registers: AVX-512 F and BW, with F16C (and VNNI for the 8-bit kernel).
+    Avx512,
+    /// 256-bit registers with AVX-VNNI's 8-bit dot products (Intel's client CPUs from Alder
+    /// Lake on): only the 8-bit kernel has a form for it; the f16 kernel runs as [`Isa::Avx2`].
+    AvxVnni,
+    /// 256-bit registers: AVX2 with FMA and F16C.
+    Avx2,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::AvxVnni, Isa::Avx2];
+
+    /// Whether this CPU has these instructions (the 8-bit kernel needs VNNI besides with
+    /// [`Isa::Avx512`]: [`q8::runs_on`]).
+    pub fn on_cpu(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            match self {
+                Isa::Avx512 => has!("avx512f") && has!("avx512bw") && has!("f16c"),
+                Isa::AvxVnni => avx2 && has!("avxvnni"),
+                Isa::Avx2 => avx2,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+}
+
+/// The kernels `VOX_WHISPER_GEMM` allows (see the module); another value is warned about once
+/// and allows all.
+fn allowed() -> &'static [Isa] {
+    static ALLOWED: std::sync::LazyLock<&'static [Isa]> = std::sync::LazyLock::new(|| {
+        let setting = std::env::var("VOX_WHISPER_GEMM")
+            .unwrap_or_default()
+            .to_lowercase();
+        allowed_by(&setting).unwrap_or_else(|| {
+            log::warn!(
+                "VOX_WHISPER_GEMM={setting:?} is not tinyblas, avx2 or avx2-no-vnni: using \
+                 the fastest kernels this CPU runs"
+            );
+            &Isa::ALL
+        })
+    });
+    *ALLOWED
+}
+
+/// The kernels a `VOX_WHISPER_GEMM` setting (lower case) allows, fastest first (`None`: no
+/// such setting).
+pub fn allowed_by(setting: &str) -> Option<&'static [Isa]> {
+    match setting {
+        "" => Some(&Isa::ALL),
+        "tinyblas" => Some(&[]),
+        "avx2" => Some(&[Isa::AvxVnni, Isa::Avx2]),
+        "avx2-no-vnni" => Some(&[Isa::Avx2]),
+        _ => None,
+    }
+}
+
+/// The first of `allowed` that `runs_on` says this CPU runs.
+pub fn choose(allowed: &[Isa], runs_on: fn(Isa) -> bool) -> Option<Isa> {
+    allowed.iter().copied().find(|&isa| runs_on(isa))
+}
+
+/// Whether each kernel has logged (to the `whisper-cpp` debug category, at info: its `line`)
+/// that it took a product, which it does once, so that a build whose link options did not send
+/// the products here, or a CPU without the instructions, shows it.
 #[cfg_attr(not(vox_sgemm_hook), allow(dead_code))]
 static Q8_TAKEN: std::sync::Once = std::sync::Once::new();
 #[cfg_attr(not(vox_sgemm_hook), allow(dead_code))]
 static F16_TAKEN: std::sync::Once = std::sync::Once::new();
-
-/// Whether this CPU has the AVX-512 both kernels need, and `VOX_WHISPER_GEMM` is not
-/// `tinyblas` (which leaves all products to tinyBLAS: for A/B runs, or to rule the kernels out).
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-            std::env::var("VOX_WHISPER_GEMM").as_deref() != Ok("tinyblas")
-                && std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("f16c")
-        });
-        *OK
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
 
 /// One product as `llamafile_sgemm` is asked for it: C\[j·ldc + i\] = Σ over l < k of
 /// A\[i·lda + l\]·B\[j·ldb + l\], for rows i < m of A (the weights) and columns j < n (the rows
@@ -175,14 +232,14 @@ mod hook {
             c: c.cast(),
             ldc: ldc as usize,
         };
-        if super::f16::takes(m, n, k, a_type, b_type, c_type) {
-            super::F16_TAKEN.call_once(|| log::info!("{}", super::F16_LINE));
-            unsafe { super::f16::gemm(ith, nth, &product.cast()) };
+        if let Some(isa) = super::f16::takes(m, n, k, a_type, b_type, c_type) {
+            super::F16_TAKEN.call_once(|| log::info!("{}", super::f16::line(isa)));
+            unsafe { super::f16::gemm(isa, ith, nth, &product.cast()) };
             return true;
         }
-        if super::q8::takes(m, n, a_type, b_type, c_type) {
-            super::Q8_TAKEN.call_once(|| log::info!("{}", super::Q8_LINE));
-            unsafe { super::q8::gemm(ith, nth, &product.cast()) };
+        if let Some(isa) = super::q8::takes(m, n, a_type, b_type, c_type) {
+            super::Q8_TAKEN.call_once(|| log::info!("{}", super::q8::line(isa)));
+            unsafe { super::q8::gemm(isa, ith, nth, &product.cast()) };
             return true;
         }
         unsafe {
