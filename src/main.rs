@@ -1114,6 +1114,11 @@ fn cmd_doctor() -> Result<ExitCode> {
             ("fma", std::arch::is_x86_feature_detected!("fma")),
             ("f16c", std::arch::is_x86_feature_detected!("f16c")),
             ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+            (
+                "avx512vnni",
+                std::arch::is_x86_feature_detected!("avx512vnni"),
+            ),
+            ("avxvnni", std::arch::is_x86_feature_detected!("avxvnni")),
         ];
         let have: Vec<_> = features.iter().filter(|f| f.1).map(|f| f.0).collect();
         report(
@@ -1126,6 +1131,15 @@ fn cmd_doctor() -> Result<ExitCode> {
                     .unwrap_or(1),
                 have.join(" ")
             ),
+        );
+    }
+    // whisperstt says which kernels do Whisper's matrix products on this CPU.
+    if let Ok(stt) = gst::ElementFactory::make("whisperstt").build()
+        && stt.has_property("matrix-kernels")
+    {
+        println!(
+            "--   Whisper's matrix products: {}",
+            stt.property::<String>("matrix-kernels")
         );
     }
     println!(

@@ -293,6 +293,12 @@ fn models_list_and_doctor() {
     assert!(doctor.contains("OK   element silerovad"), "{doctor}");
     assert!(doctor.contains("OK   element whisperstt"), "{doctor}");
     assert!(doctor.contains("OK   ONNX Runtime"), "{doctor}");
+    // Which kernels do Whisper's matrix products here (whisperstt's `matrix-kernels`).
+    let kernels = format!(
+        "--   Whisper's matrix products: {}",
+        gstvoxwhisper::gemm::describe()
+    );
+    assert!(doctor.contains(&kernels), "{kernels:?} in\n{doctor}");
     assert!(!doctor.contains("FAIL"), "{doctor}");
 }
 

@@ -119,6 +119,13 @@ fn the_image_runs_vox_doctor_as_non_root_on_a_read_only_root() {
             "doctor did not check {needle}:\n{said}"
         );
     }
+    // The image's ggml is built for AVX2 alone (VOX_PORTABLE=1), and whisperstt's own matrix
+    // kernels still take what this CPU has (AVX-512 where it has it).
+    let kernels = format!(
+        "Whisper's matrix products: {}",
+        gstvoxwhisper::gemm::describe()
+    );
+    assert!(said.contains(&kernels), "{kernels:?} in\n{said}");
 
     // Who it ran as, and that nothing outside /tmp can be written.
     let out = contained(&root, &user, &env, &models, &["id", "-u"]);

@@ -126,6 +126,30 @@ pub fn choose(allowed: &[Isa], runs_on: fn(Isa) -> bool) -> Option<Isa> {
 /// Whether each kernel has logged (to the `whisper-cpp` debug category, at info: its `line`)
 /// that it took a product, which it does once, so that a build whose link options did not send
 /// the products here, or a CPU without the instructions, shows it.
+/// Which kernels do whisper.cpp's CPU matrix products in this process, in a line (whisperstt's
+/// `matrix-kernels` property, which `vox doctor` prints).
+pub fn describe() -> String {
+    if !HOOKED {
+        return "tinyBLAS and ggml's own (this build does not send them to our kernels)".into();
+    }
+    match (q8::isa(), f16::isa()) {
+        (None, None) if allowed().is_empty() => "tinyBLAS (VOX_WHISPER_GEMM=tinyblas)".into(),
+        (None, None) => "tinyBLAS (this CPU has no AVX2)".into(),
+        (q, h) => {
+            let ours = |isa: Option<Isa>, name: fn(Isa) -> &'static str| {
+                isa.map_or("tinyBLAS".to_string(), |isa| {
+                    format!("our {} kernel", name(isa))
+                })
+            };
+            format!(
+                "8-bit on {}, f16 on {}, from {MIN_COLUMNS} columns (fewer: tinyBLAS)",
+                ours(q, q8::name),
+                ours(h, f16::name)
+            )
+        }
+    }
+}
+
 #[cfg_attr(not(vox_sgemm_hook), allow(dead_code))]
 static Q8_TAKEN: std::sync::Once = std::sync::Once::new();
 #[cfg_attr(not(vox_sgemm_hook), allow(dead_code))]

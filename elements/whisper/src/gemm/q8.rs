@@ -49,14 +49,21 @@ pub fn isa() -> Option<Isa> {
     *ISA
 }
 
-/// What the plugin logs the first time the kernel takes a product with these instructions.
-pub fn line(isa: Isa) -> String {
-    let name = match isa {
+/// The kernel's name with these instructions.
+pub fn name(isa: Isa) -> &'static str {
+    match isa {
         Isa::Avx512 => "AVX-512 VNNI",
         Isa::AvxVnni => "AVX-VNNI (256-bit)",
         Isa::Avx2 => "AVX2 (256-bit, no VNNI)",
-    };
-    format!("whisper.cpp's 8-bit matrix products run on our {name} kernel")
+    }
+}
+
+/// What the plugin logs the first time the kernel takes a product with these instructions.
+pub fn line(isa: Isa) -> String {
+    format!(
+        "whisper.cpp's 8-bit matrix products run on our {} kernel",
+        name(isa)
+    )
 }
 
 /// Whether [`gemm`] takes a product of these shapes and types, and with which instructions

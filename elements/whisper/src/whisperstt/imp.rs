@@ -998,6 +998,11 @@ impl ObjectImpl for WhisperStt {
                     .default_value(DEFAULT_LATENCY_MS)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecString::builder("matrix-kernels")
+                    .nick("Matrix kernels")
+                    .blurb("Which kernels do whisper.cpp's matrix products on the CPU in this process: ours (AVX-512, AVX-VNNI or AVX2, chosen from the CPU) or llamafile's tinyBLAS (VOX_WHISPER_GEMM=tinyblas|avx2|avx2-no-vnni restricts ours)")
+                    .read_only()
+                    .build(),
             ]
             .into_iter()
             .chain(vox_common::remote::Settings::param_specs("transcription"))
@@ -1067,6 +1072,7 @@ impl ObjectImpl for WhisperStt {
             "context-pad-ms" => s.context_pad_ms.to_value(),
             "batch-ms" => s.batch_ms.to_value(),
             "send-ahead" => s.send_ahead.to_value(),
+            "matrix-kernels" => crate::gemm::describe().to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }
