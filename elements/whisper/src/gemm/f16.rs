@@ -266,6 +266,8 @@ mod x86 {
         /// `P` panels times `C` columns (see [`Width::tile`]): multiply-adds into `P`·`C`
         /// registers.
         #[target_feature(enable = "avx512f")]
+        // Column q's value at step l is cols[q·k + l]: q indexes it and the sums.
+        #[allow(clippy::needless_range_loop)]
         pub unsafe fn run<const C: usize, const P: usize>(
             panels: [*const f32; 2],
             cols: &[f32],
@@ -275,6 +277,7 @@ mod x86 {
             ldc: usize,
             add: bool,
         ) {
+            assert!(steps.end <= k && cols.len() >= (C - 1) * k + steps.end);
             let mut acc = [[_mm512_setzero_ps(); C]; P];
             for l in steps {
                 let mut w = [_mm512_setzero_ps(); P];
@@ -282,7 +285,8 @@ mod x86 {
                     *w = unsafe { _mm512_loadu_ps(panels[p].add(l * ROWS)) };
                 }
                 for q in 0..C {
-                    let x = _mm512_set1_ps(cols[q * k + l]);
+                    // SAFETY: checked above.
+                    let x = _mm512_set1_ps(unsafe { *cols.get_unchecked(q * k + l) });
                     for p in 0..P {
                         acc[p][q] = _mm512_fmadd_ps(w[p], x, acc[p][q]);
                     }
@@ -360,6 +364,8 @@ mod x86 {
         /// A panel's two `halves` times `C` columns (see [`Width::tile`]): multiply-adds into
         /// 2·`C` registers.
         #[target_feature(enable = "avx2,fma,f16c")]
+        // Column q's value at step l is cols[q·k + l]: q indexes it and the sums.
+        #[allow(clippy::needless_range_loop)]
         pub unsafe fn run<const C: usize>(
             halves: [*const f32; 2],
             cols: &[f32],
@@ -369,6 +375,7 @@ mod x86 {
             ldc: usize,
             add: bool,
         ) {
+            assert!(steps.end <= k && cols.len() >= (C - 1) * k + steps.end);
             let mut acc = [[_mm256_setzero_ps(); C]; 2];
             for l in steps {
                 let w = unsafe {
@@ -378,7 +385,8 @@ mod x86 {
                     ]
                 };
                 for q in 0..C {
-                    let x = _mm256_set1_ps(cols[q * k + l]);
+                    // SAFETY: checked above.
+                    let x = _mm256_set1_ps(unsafe { *cols.get_unchecked(q * k + l) });
                     for h in 0..2 {
                         acc[h][q] = _mm256_fmadd_ps(w[h], x, acc[h][q]);
                     }

@@ -146,18 +146,11 @@ mod x86 {
             s.row_scales.resize(kb * ROWS, 0.0);
             s.col_scales.resize(n * kb, 0.0);
             s.col_offsets.resize(n * kb, 0);
-            for j in 0..n {
-                for blk in 0..kb {
-                    let block = unsafe { b.add((j * ldb + blk) * BLOCK_BYTES) };
-                    s.col_scales[j * kb + blk] = unsafe { f16(block) };
-                    let sum: i32 = (0..32)
-                        .map(|t| unsafe { *block.add(2 + t) } as i8 as i32)
-                        .sum();
-                    s.col_offsets[j * kb + blk] = -128 * sum;
-                }
-            }
-            // VNNI multiplies unsigned weights; AVX2 takes signed ones.
-            let flip = if isa == Isa::Avx2 { 0 } else { 0x80 };
+            // VNNI multiplies unsigned weights (and takes their 128s off again); AVX2 takes
+            // signed ones.
+            let vnni = isa != Isa::Avx2;
+            unsafe { columns(s, n, kb, b, ldb, vnni) };
+            let flip = if vnni { 0x80 } else { 0 };
             for p in p0..p1 {
                 unsafe {
                     pack(s, p * ROWS, kb, a, lda, flip);
@@ -177,15 +170,40 @@ mod x86 {
     /// `flip` (0x80 makes them unsigned for VNNI; [`panel256`] loads each register's halves,
     /// rows 0–7 and 8–15).
     unsafe fn pack(s: &mut Scratch, i0: usize, kb: usize, a: *const u8, lda: usize, flip: u8) {
+        let flip = u32::from_ne_bytes([flip; 4]);
+        let panel = s.panel[..kb * PANEL_BLOCK].as_mut_ptr();
         for r in 0..ROWS {
             for blk in 0..kb {
                 let block = unsafe { a.add(((i0 + r) * lda + blk) * BLOCK_BYTES) };
                 s.row_scales[blk * ROWS + r] = unsafe { f16(block) };
-                let out = &mut s.panel[blk * PANEL_BLOCK..];
                 for t in 0..8 {
-                    for q in 0..4 {
-                        out[t * 64 + r * 4 + q] = unsafe { *block.add(2 + 4 * t + q) } ^ flip;
+                    // SAFETY: t·64 + r·4 + 4 ≤ PANEL_BLOCK within block blk's part of the panel.
+                    unsafe {
+                        let four = (block.add(2 + 4 * t) as *const u32).read_unaligned() ^ flip;
+                        let at = panel.add(blk * PANEL_BLOCK + t * 64 + r * 4) as *mut u32;
+                        at.write_unaligned(four);
                     }
+                }
+            }
+        }
+    }
+
+    /// Every column's block scales, and (`vnni`) −128 × each block's byte sum.
+    #[target_feature(enable = "avx2")]
+    unsafe fn columns(s: &mut Scratch, n: usize, kb: usize, b: *const u8, ldb: usize, vnni: bool) {
+        let (signs, zero) = (_mm256_set1_epi8(-128), _mm256_setzero_si256());
+        for j in 0..n {
+            for blk in 0..kb {
+                let block = unsafe { b.add((j * ldb + blk) * BLOCK_BYTES) };
+                s.col_scales[j * kb + blk] = unsafe { f16(block) };
+                if vnni {
+                    // The bytes made unsigned (+128) and summed by fours of eight; less 32 × 128.
+                    let bytes = unsafe { _mm256_loadu_si256(block.add(2) as *const __m256i) };
+                    let sums = _mm256_sad_epu8(_mm256_xor_si256(bytes, signs), zero);
+                    let mut lanes = [0i64; 4];
+                    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, sums) };
+                    let sum = lanes.iter().sum::<i64>() as i32 - 32 * 128;
+                    s.col_offsets[j * kb + blk] = -128 * sum;
                 }
             }
         }
