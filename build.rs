@@ -1,12 +1,20 @@
 fn main() {
     // tests/cli.rs links the whisperstt plugin's crate (and so whisper.cpp) into its test binary:
-    // whisper.cpp's llamafile_sgemm calls go through elements/whisper/src/gemm there too, with
-    // the link arguments and on the conditions of elements/whisper/build.rs.
+    // whisper.cpp's llamafile_sgemm and softmax calls go through elements/whisper/src/gemm and
+    // src/softmax there too, with the link arguments and on the conditions of
+    // elements/whisper/build.rs.
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=GGML_LLAMAFILE");
     let var = |name| std::env::var(name).unwrap_or_default();
-    if var("CARGO_CFG_TARGET_OS") == "linux"
-        && var("CARGO_CFG_TARGET_ARCH") == "x86_64"
+    let linux_x86_64 =
+        var("CARGO_CFG_TARGET_OS") == "linux" && var("CARGO_CFG_TARGET_ARCH") == "x86_64";
+    if linux_x86_64 {
+        println!("cargo::rustc-link-arg-tests=-Wl,--wrap=ggml_compute_forward_soft_max");
+        println!(
+            "cargo::rustc-link-arg-tests=-Wl,--undefined=__wrap_ggml_compute_forward_soft_max"
+        );
+    }
+    if linux_x86_64
         && ["ON", "1", "TRUE", "YES"].contains(&var("GGML_LLAMAFILE").to_uppercase().as_str())
     {
         println!("cargo::rustc-link-arg-tests=-Wl,--wrap=llamafile_sgemm");

@@ -965,6 +965,12 @@ fn the_plugin_uses_its_matrix_kernels_where_the_cpu_has_them() {
             ("8-bit", gemm::q8::runs_on, gemm::q8::line),
             ("f16", gemm::f16::runs_on, gemm::f16::line),
         ];
+        // The softmax is ours wherever the build wraps it (VOX_WHISPER_SOFTMAX=ggml: below).
+        assert_eq!(
+            log.contains(gstvoxwhisper::softmax::LINE),
+            gstvoxwhisper::softmax::HOOKED,
+            "VOX_WHISPER_GEMM={setting:?}: the softmax\n{log}"
+        );
         for (kernel, runs_on, line) in kernels {
             let wanted = choose(allowed, runs_on).filter(|_| gemm::HOOKED);
             for isa in Isa::ALL {
@@ -978,6 +984,20 @@ fn the_plugin_uses_its_matrix_kernels_where_the_cpu_has_them() {
             }
         }
     }
+}
+
+/// `VOX_WHISPER_SOFTMAX=ggml` leaves whisper.cpp's softmax to ggml (src/softmax), and the words
+/// are the same.
+#[test]
+fn the_softmax_can_be_left_to_ggml() {
+    let (text, log) = transcribe_logged_with(
+        &fixture("jfk.wav"),
+        "whisper-cpp:4",
+        &[("VOX_WHISPER_SOFTMAX", "ggml")],
+    );
+    assert!(!log.contains(gstvoxwhisper::softmax::LINE), "{log}");
+    let (ours, _) = transcribe_logged(&fixture("jfk.wav"), "whisper-cpp:4");
+    assert_eq!(text, ours);
 }
 
 /// On an encoder window cut to the audio, Whisper sometimes says a short utterance again and

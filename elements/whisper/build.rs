@@ -2,9 +2,17 @@ fn main() {
     gst_plugin_version_helper::info();
     // whisper.cpp's calls to llamafile_sgemm go through src/gemm (its `hook` module), on
     // Linux x86-64 (GNU ld's --wrap) and when ggml has llamafile_sgemm (GGML_LLAMAFILE=ON,
-    // which .cargo/config.toml sets for every build; without it there is nothing to wrap).
+    // which .cargo/config.toml sets for every build; without it there is nothing to wrap);
+    // its softmax goes through src/softmax on Linux x86-64.
     println!("cargo::rustc-check-cfg=cfg(vox_sgemm_hook)");
+    println!("cargo::rustc-check-cfg=cfg(vox_softmax_hook)");
     println!("cargo::rerun-if-env-changed=GGML_LLAMAFILE");
+    if linux_x86_64() {
+        println!("cargo::rustc-cfg=vox_softmax_hook");
+        for arg in SOFTMAX_WRAP {
+            println!("cargo::rustc-link-arg={arg}");
+        }
+    }
     if hooked() {
         println!("cargo::rustc-cfg=vox_sgemm_hook");
         for arg in WRAP {
@@ -13,11 +21,18 @@ fn main() {
     }
 }
 
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_default()
+}
+
+/// Whether this build is for Linux x86-64, where GNU ld's --wrap sends ggml's calls to ours.
+fn linux_x86_64() -> bool {
+    var("CARGO_CFG_TARGET_OS") == "linux" && var("CARGO_CFG_TARGET_ARCH") == "x86_64"
+}
+
 /// Whether this build wraps llamafile_sgemm (the root package's build.rs asks the same).
 fn hooked() -> bool {
-    let var = |name| std::env::var(name).unwrap_or_default();
-    var("CARGO_CFG_TARGET_OS") == "linux"
-        && var("CARGO_CFG_TARGET_ARCH") == "x86_64"
+    linux_x86_64()
         && ["ON", "1", "TRUE", "YES"].contains(&var("GGML_LLAMAFILE").to_uppercase().as_str())
 }
 
@@ -27,4 +42,10 @@ const WRAP: [&str; 2] = [
     "-Wl,--wrap=llamafile_sgemm",
     // Linked from an rlib, the wrapper must be pulled in before ggml asks for it.
     "-Wl,--undefined=__wrap_llamafile_sgemm",
+];
+
+/// The same for ggml's softmax.
+const SOFTMAX_WRAP: [&str; 2] = [
+    "-Wl,--wrap=ggml_compute_forward_soft_max",
+    "-Wl,--undefined=__wrap_ggml_compute_forward_soft_max",
 ];

@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod gemm;
 pub mod remote;
+pub mod softmax;
 pub mod utterance;
 mod whisperstt;
 
