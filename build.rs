@@ -1,7 +1,7 @@
 fn main() {
     // tests/cli.rs links the whisperstt plugin's crate (and so whisper.cpp) into its test binary:
-    // whisper.cpp's llamafile_sgemm and softmax calls go through elements/whisper/src/gemm and
-    // src/softmax there too, with the link arguments and on the conditions of
+    // whisper.cpp's llamafile_sgemm, softmax and unary calls go through elements/whisper/src/gemm
+    // and src/ops there too, with the link arguments and on the conditions of
     // elements/whisper/build.rs.
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=GGML_LLAMAFILE");

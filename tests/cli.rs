@@ -965,12 +965,16 @@ fn the_plugin_uses_its_matrix_kernels_where_the_cpu_has_them() {
             ("8-bit", gemm::q8::runs_on, gemm::q8::line),
             ("f16", gemm::f16::runs_on, gemm::f16::line),
         ];
-        // The softmax is ours wherever the build wraps it (VOX_WHISPER_SOFTMAX=ggml: below).
-        assert_eq!(
-            log.contains(gstvoxwhisper::softmax::LINE),
-            gstvoxwhisper::softmax::HOOKED,
-            "VOX_WHISPER_GEMM={setting:?}: the softmax\n{log}"
-        );
+        // The softmax and GELU are ours wherever the build wraps them (VOX_WHISPER_OPS=ggml:
+        // below).
+        use gstvoxwhisper::ops;
+        for line in [ops::softmax::LINE, ops::gelu::LINE] {
+            assert_eq!(
+                log.contains(line),
+                ops::HOOKED,
+                "VOX_WHISPER_GEMM={setting:?}: {line:?}\n{log}"
+            );
+        }
         for (kernel, runs_on, line) in kernels {
             let wanted = choose(allowed, runs_on).filter(|_| gemm::HOOKED);
             for isa in Isa::ALL {
@@ -986,16 +990,18 @@ fn the_plugin_uses_its_matrix_kernels_where_the_cpu_has_them() {
     }
 }
 
-/// `VOX_WHISPER_SOFTMAX=ggml` leaves whisper.cpp's softmax to ggml (src/softmax), and the words
-/// are the same.
+/// `VOX_WHISPER_OPS=ggml` leaves whisper.cpp's softmax and GELU to ggml (src/ops), and the
+/// words are the same.
 #[test]
-fn the_softmax_can_be_left_to_ggml() {
+fn the_softmax_and_gelu_can_be_left_to_ggml() {
     let (text, log) = transcribe_logged_with(
         &fixture("jfk.wav"),
         "whisper-cpp:4",
-        &[("VOX_WHISPER_SOFTMAX", "ggml")],
+        &[("VOX_WHISPER_OPS", "ggml")],
     );
-    assert!(!log.contains(gstvoxwhisper::softmax::LINE), "{log}");
+    use gstvoxwhisper::ops;
+    assert!(!log.contains(ops::softmax::LINE), "{log}");
+    assert!(!log.contains(ops::gelu::LINE), "{log}");
     let (ours, _) = transcribe_logged(&fixture("jfk.wav"), "whisper-cpp:4");
     assert_eq!(text, ours);
 }

@@ -3,13 +3,13 @@ fn main() {
     // whisper.cpp's calls to llamafile_sgemm go through src/gemm (its `hook` module), on
     // Linux x86-64 (GNU ld's --wrap) and when ggml has llamafile_sgemm (GGML_LLAMAFILE=ON,
     // which .cargo/config.toml sets for every build; without it there is nothing to wrap);
-    // its softmax goes through src/softmax on Linux x86-64.
+    // its softmax and unary operations go through src/ops on Linux x86-64.
     println!("cargo::rustc-check-cfg=cfg(vox_sgemm_hook)");
-    println!("cargo::rustc-check-cfg=cfg(vox_softmax_hook)");
+    println!("cargo::rustc-check-cfg=cfg(vox_ops_hook)");
     println!("cargo::rerun-if-env-changed=GGML_LLAMAFILE");
     if linux_x86_64() {
-        println!("cargo::rustc-cfg=vox_softmax_hook");
-        for arg in SOFTMAX_WRAP {
+        println!("cargo::rustc-cfg=vox_ops_hook");
+        for arg in OPS_WRAP {
             println!("cargo::rustc-link-arg={arg}");
         }
     }
@@ -44,8 +44,10 @@ const WRAP: [&str; 2] = [
     "-Wl,--undefined=__wrap_llamafile_sgemm",
 ];
 
-/// The same for ggml's softmax.
-const SOFTMAX_WRAP: [&str; 2] = [
+/// The same for ggml's softmax and unary operations (src/ops).
+const OPS_WRAP: [&str; 4] = [
     "-Wl,--wrap=ggml_compute_forward_soft_max",
     "-Wl,--undefined=__wrap_ggml_compute_forward_soft_max",
+    "-Wl,--wrap=ggml_compute_forward_unary",
+    "-Wl,--undefined=__wrap_ggml_compute_forward_unary",
 ];

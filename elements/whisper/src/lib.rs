@@ -5,8 +5,8 @@
 
 pub mod engine;
 pub mod gemm;
+pub mod ops;
 pub mod remote;
-pub mod softmax;
 pub mod utterance;
 mod whisperstt;
 

@@ -8,7 +8,7 @@
 //! `--wrap=ggml_compute_forward_soft_max` (build.rs), so ggml's softmax comes to `hook`'s
 //! `__wrap_ggml_compute_forward_soft_max`, which does the rows ggml does in the cases whisper.cpp
 //! uses (f32 scores, a mask or none, no ALiBi, no sinks) and passes the rest on to ggml, as it
-//! does everything with `VOX_WHISPER_SOFTMAX=ggml`.
+//! does everything with `VOX_WHISPER_OPS=ggml` ([`super::enabled`]).
 //!
 //! Everything but the maximum is ggml's, step for step: the scaled copy, the mask added, ggml's
 //! own exponentials and sum (`ggml_vec_soft_max_f32`, called), the scaling by the sum's inverse.
@@ -74,8 +74,9 @@ pub fn row(
 }
 
 /// The wrapper (see the module).
-#[cfg(vox_softmax_hook)]
+#[cfg(vox_ops_hook)]
 mod hook {
+    use super::super::ComputeParams;
     use super::Mask;
     use std::cell::RefCell;
     use std::ffi::{c_int, c_void};
@@ -95,7 +96,7 @@ mod hook {
     /// Whether the softmax `dst` is one we do: f32 scores and output with rows of consecutive
     /// values, a mask of f32 or f16 rows or none, no ALiBi (`max_bias` 0), no sinks.
     fn takes(dst: &ggml_tensor) -> bool {
-        if !super::enabled() {
+        if !super::super::enabled() {
             return false;
         }
         let (src0, mask) = (dst.src[0], dst.src[1]);
@@ -115,13 +116,6 @@ mod hook {
             && dst.nb[0] == 4
             && src0.ne == dst.ne
             && dst.ne[0] <= c_int::MAX as i64
-    }
-
-    /// ggml's `struct ggml_compute_params` begins with the thread's index and the thread count.
-    #[repr(C)]
-    struct ComputeParams {
-        ith: c_int,
-        nth: c_int,
     }
 
     #[unsafe(no_mangle)]
@@ -185,20 +179,8 @@ mod hook {
 /// Logged (to the `whisper-cpp` debug category, at info) the first time the wrapper does a
 /// softmax, so that a build whose link options did not send it here shows it.
 pub const LINE: &str = "whisper.cpp's softmax runs on ours (its maximum sixteen values at a time)";
-#[cfg_attr(not(vox_softmax_hook), allow(dead_code))]
+#[cfg_attr(not(vox_ops_hook), allow(dead_code))]
 static TAKEN: std::sync::Once = std::sync::Once::new();
-
-/// Whether this build sends whisper.cpp's softmax here (Linux x86-64: build.rs).
-pub const HOOKED: bool = cfg!(vox_softmax_hook);
-
-/// Whether the wrapper does the softmax: not with `VOX_WHISPER_SOFTMAX=ggml` in the
-/// environment, which leaves it all to ggml (for A/B runs; the weights are the same either way).
-pub fn enabled() -> bool {
-    static ON: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-        !std::env::var("VOX_WHISPER_SOFTMAX").is_ok_and(|v| v.eq_ignore_ascii_case("ggml"))
-    });
-    *ON
-}
 
 #[cfg(test)]
 mod tests {
