@@ -5,7 +5,7 @@
 //! tinyBLAS computes these as dot products, converting both operands from f16 at every step.
 //! Here a job's sixteen-row panels of A (up to four) are converted once into f32 (register
 //! order: one register holds one step of sixteen rows), eight columns of B at a time are
-//! converted once, and each step is a multiply-add of a panel register by a column's broadcast
+//! converted once per job (so again for each tile of panels), and each step is a multiply-add of a panel register by a column's broadcast
 //! value, two panels and eight columns (sixteen sums) at once; with AVX2, one panel's two halves
 //! (eight rows each) and four columns (eight sums) at once. The arithmetic is tinyBLAS's: f16
 //! values widened to f32 and summed in f32, here in sums of 64 steps added together (one running
@@ -57,7 +57,9 @@ pub fn takes(m: i64, n: i64, k: i64, a_type: i32, b_type: i32, c_type: i32) -> O
         && c_type == GGML_TYPE_F32
         && super::fits(m, n)
         // The panels' gather indexes rows k apart in 32 bits.
-        && k < (i32::MAX / ROWS as i32) as i64;
+        && k < (i32::MAX / ROWS as i32) as i64
+        // (tinyBLAS writes zeros for an empty sum; not a product Whisper asks for.)
+        && k > 0;
     isa().filter(|_| fits)
 }
 

@@ -58,7 +58,8 @@ pub const HOOKED: bool = cfg!(vox_sgemm_hook);
 /// The vector instructions a kernel runs on, fastest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
-    /// 512-bit registers: AVX-512 F and BW, with F16C (and VNNI for the 8-bit kernel).
+    /// 512-bit registers: AVX-512 F and BW, with AVX2, FMA and F16C (and VNNI for the 8-bit
+    /// kernel).
     Avx512,
     /// 256-bit registers with AVX-VNNI's 8-bit dot products (Intel's client CPUs from Alder
     /// Lake on): only the 8-bit kernel has a form for it; the f16 kernel runs as [`Isa::Avx2`].
@@ -78,7 +79,8 @@ impl Isa {
             use std::arch::is_x86_feature_detected as has;
             let avx2 = has!("avx2") && has!("fma") && has!("f16c");
             match self {
-                Isa::Avx512 => has!("avx512f") && has!("avx512bw") && has!("f16c"),
+                // (Our AVX-512 kernels use some AVX2 too: conversions, column sums.)
+                Isa::Avx512 => avx2 && has!("avx512f") && has!("avx512bw"),
                 Isa::AvxVnni => avx2 && has!("avxvnni"),
                 Isa::Avx2 => avx2,
             }
@@ -123,9 +125,6 @@ pub fn choose(allowed: &[Isa], runs_on: fn(Isa) -> bool) -> Option<Isa> {
     allowed.iter().copied().find(|&isa| runs_on(isa))
 }
 
-/// Whether each kernel has logged (to the `whisper-cpp` debug category, at info: its `line`)
-/// that it took a product, which it does once, so that a build whose link options did not send
-/// the products here, or a CPU without the instructions, shows it.
 /// Which kernels do whisper.cpp's CPU matrix products in this process, in a line (whisperstt's
 /// `matrix-kernels` property, which `vox doctor` prints).
 pub fn describe() -> String {
@@ -150,6 +149,9 @@ pub fn describe() -> String {
     }
 }
 
+/// Whether each kernel has logged (to the `whisper-cpp` debug category, at info: its `line`)
+/// that it took a product, which it does once, so that a build whose link options did not send
+/// the products here, or a CPU without the instructions, shows it.
 #[cfg_attr(not(vox_sgemm_hook), allow(dead_code))]
 static Q8_TAKEN: std::sync::Once = std::sync::Once::new();
 #[cfg_attr(not(vox_sgemm_hook), allow(dead_code))]

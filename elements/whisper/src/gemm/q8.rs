@@ -342,8 +342,10 @@ mod x86 {
     }
 
     /// [`columns_vnni`] with AVX2 alone, on signed weights: `|w|` times the column's bytes
-    /// with `w`'s signs (`vpsignb`), in pairs to 16 bits (`vpmaddubsw`: at most 2 × 128 × 127,
-    /// which does not saturate while the column holds no −128), then to 32 (`vpmaddwd`).
+    /// with `w`'s signs (`vpsignb`), in pairs to 16 bits (`vpmaddubsw`: at most 2 × 128 × 128
+    /// in magnitude, which fits), then to 32 (`vpmaddwd`). Exact while the column holds no −128,
+    /// which `vpsignb` cannot negate (ggml's own 8-bit dot products have the same limit, and
+    /// its activations are within ±127).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]

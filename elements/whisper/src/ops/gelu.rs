@@ -11,13 +11,23 @@
 /// `ggml_table_gelu_f16`: the f16 GELU of every f16).
 pub fn row(y: &mut [f32], x: &[f32], table: &[u16; 1 << 16]) {
     assert_eq!(y.len(), x.len());
+    // SAFETY: two slices of x.len() values.
+    unsafe { row_in_place(y.as_mut_ptr(), x.as_ptr(), x.len(), table) }
+}
+
+/// [`row`] on `n` values at `x` into `y`, which may be the same (ggml runs GELU in place): each
+/// value is read before it is written.
+///
+/// # Safety
+/// `x` and `y` point at `n` f32s each.
+pub unsafe fn row_in_place(y: *mut f32, x: *const f32, n: usize, table: &[u16; 1 << 16]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
-        // SAFETY: the CPU has the instructions; the slices are as long as each other.
-        return unsafe { x86::row(y, x, table) };
+        // SAFETY: the CPU has the instructions.
+        return unsafe { x86::row(y, x, n, table) };
     }
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = one(x, table);
+    for i in 0..n {
+        unsafe { *y.add(i) = one(*x.add(i), table) };
     }
 }
 
@@ -38,20 +48,21 @@ mod x86 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn row(y: &mut [f32], x: &[f32], table: &[u16; 1 << 16]) {
-        let mut chunks = x.chunks_exact(8).zip(y.chunks_exact_mut(8));
-        for (x, y) in &mut chunks {
-            unsafe { eight(y.as_mut_ptr(), x.as_ptr(), table) };
+    pub unsafe fn row(y: *mut f32, x: *const f32, n: usize, table: &[u16; 1 << 16]) {
+        let done = n / 8 * 8;
+        for i in (0..done).step_by(8) {
+            unsafe { eight(y.add(i), x.add(i), table) };
         }
         // The tail through the same eight lanes (the same roundings as the rest).
-        let done = x.len() / 8 * 8;
-        let rest = x.len() - done;
+        let rest = n - done;
         if rest > 0 {
             let mut xs = [0f32; 8];
             let mut ys = [0f32; 8];
-            xs[..rest].copy_from_slice(&x[done..]);
-            unsafe { eight(ys.as_mut_ptr(), xs.as_ptr(), table) };
-            y[done..].copy_from_slice(&ys[..rest]);
+            unsafe {
+                std::ptr::copy_nonoverlapping(x.add(done), xs.as_mut_ptr(), rest);
+                eight(ys.as_mut_ptr(), xs.as_ptr(), table);
+                std::ptr::copy_nonoverlapping(ys.as_ptr(), y.add(done), rest);
+            }
         }
     }
 
@@ -87,7 +98,8 @@ mod hook {
     use super::super::ComputeParams;
     use std::ffi::c_void;
     use whisper_rs::whisper_rs_sys::{
-        ggml_tensor, ggml_type_GGML_TYPE_F32 as F32, ggml_unary_op_GGML_UNARY_OP_GELU as GELU,
+        ggml_op_GGML_OP_UNARY as UNARY, ggml_tensor, ggml_type_GGML_TYPE_F32 as F32,
+        ggml_unary_op_GGML_UNARY_OP_GELU as GELU,
     };
 
     unsafe extern "C" {
@@ -95,13 +107,14 @@ mod hook {
         static ggml_table_gelu_f16: [u16; 1 << 16];
     }
 
-    /// Whether `t`'s rows are consecutive f32s, one after another across its higher dimensions
-    /// (ggml's `ggml_is_contiguous_1` for rows of f32).
+    /// Whether `t` holds f32 rows of consecutive values whose row r of all its higher
+    /// dimensions is at `r·nb[1]`, which is how ggml's GELU addresses them (after asserting
+    /// `ggml_is_contiguous_1`).
     fn rows(t: &ggml_tensor) -> bool {
         t.type_ == F32
             && t.nb[0] == 4
             && (t.ne[2] == 1 || t.nb[2] == t.nb[1] * t.ne[1] as usize)
-            && (t.ne[3] == 1 || t.nb[3] == t.nb[2] * t.ne[2] as usize)
+            && (t.ne[3] == 1 || t.nb[3] == t.nb[1] * (t.ne[1] * t.ne[2]) as usize)
     }
 
     #[unsafe(no_mangle)]
@@ -112,6 +125,7 @@ mod hook {
         let d = unsafe { &*dst };
         let src = d.src[0];
         let ours = super::super::enabled()
+            && d.op == UNARY
             && d.op_params[0] as u32 == GELU
             && !src.is_null()
             && rows(d)
@@ -129,20 +143,13 @@ mod hook {
         let share = count.div_ceil(nth);
         let table = unsafe { &*std::ptr::addr_of!(ggml_table_gelu_f16) };
         for r in (share * ith).min(count)..(share * (ith + 1)).min(count) {
-            // SAFETY: rows of n f32s inside the tensors (checked above).
-            let (x, y) = unsafe {
-                (
-                    std::slice::from_raw_parts(
-                        (src.data as *const u8).add(r * src.nb[1]) as *const f32,
-                        n,
-                    ),
-                    std::slice::from_raw_parts_mut(
-                        (d.data as *mut u8).add(r * d.nb[1]) as *mut f32,
-                        n,
-                    ),
-                )
-            };
-            super::row(y, x, table);
+            // SAFETY: rows of n f32s inside the tensors (checked above), the same ones when
+            // ggml runs GELU in place.
+            unsafe {
+                let x = (src.data as *const u8).add(r * src.nb[1]) as *const f32;
+                let y = (d.data as *mut u8).add(r * d.nb[1]) as *mut f32;
+                super::row_in_place(y, x, n, table);
+            }
         }
     }
 }

@@ -56,6 +56,13 @@ pub fn row(
     exp_sum: impl FnOnce(&mut [f32], &[f32], f32) -> f64,
 ) {
     let w = &mut scratch[..x.len()];
+    scale_and_mask(w, x, scale, mask);
+    normalise(out, w, exp_sum);
+}
+
+/// The first half of [`row`]: `x·scale + mask` into `w` (ggml runs the softmax in place, so
+/// the hook reads the row whole before it writes it).
+pub fn scale_and_mask(w: &mut [f32], x: &[f32], scale: f32, mask: Mask) {
     for (w, &v) in w.iter_mut().zip(x) {
         *w = v * scale;
     }
@@ -67,6 +74,10 @@ pub fn row(
             .zip(m)
             .for_each(|(w, &m)| *w += half::f16::from_bits(m).to_f32()),
     }
+}
+
+/// The second half of [`row`]: `exp(w − max(w))` over its sum into `out`.
+pub fn normalise(out: &mut [f32], w: &[f32], exp_sum: impl FnOnce(&mut [f32], &[f32], f32) -> f64) {
     let max = max(w);
     let sum = exp_sum(out, w, max);
     let inverse = (1.0 / sum) as f32;
@@ -144,12 +155,6 @@ mod hook {
                 for i02 in 0..d.ne[2] as usize {
                     for i01 in (ith..d.ne[1] as usize).step_by(nth) {
                         // SAFETY: the rows are n consecutive f32s (takes), inside the tensors.
-                        let x = unsafe {
-                            std::slice::from_raw_parts(at(src0, i01, i02, i03) as *const f32, n)
-                        };
-                        let out = unsafe {
-                            std::slice::from_raw_parts_mut(at(d, i01, i02, i03) as *mut f32, n)
-                        };
                         let mask = if mask.is_null() {
                             Mask::None
                         } else {
@@ -166,7 +171,16 @@ mod hook {
                                 })
                             }
                         };
-                        super::row(x, scale, mask, scratch, out, |y, x, max| unsafe {
+                        // The row is read whole before it is written: ggml runs the softmax in
+                        // place, the output over the scores.
+                        let x = unsafe {
+                            std::slice::from_raw_parts(at(src0, i01, i02, i03) as *const f32, n)
+                        };
+                        super::scale_and_mask(scratch, x, scale, mask);
+                        let out = unsafe {
+                            std::slice::from_raw_parts_mut(at(d, i01, i02, i03) as *mut f32, n)
+                        };
+                        super::normalise(out, scratch, |y, x, max| unsafe {
                             ggml_vec_soft_max_f32(n as c_int, y.as_mut_ptr(), x.as_ptr(), max)
                         });
                     }
