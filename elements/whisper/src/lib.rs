@@ -54,6 +54,15 @@ pub fn route_library_logs() {
     });
 }
 
+/// The tests' pseudo-random numbers (xorshift64; a zero state stays zero).
+#[cfg(test)]
+pub(crate) fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     route_library_logs();
     whisperstt::register(plugin)

@@ -420,9 +420,7 @@ mod tests {
         let mut x = seed;
         (0..count)
             .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                let x = crate::xorshift(&mut x);
                 half::f16::from_f32((x % 8000) as f32 / 1000.0 - 4.0).to_bits()
             })
             .collect()

@@ -427,12 +427,7 @@ mod tests {
     /// and −127 with `ggml`.
     fn blocks(rows: usize, blocks: usize, seed: u64, ggml: bool) -> Vec<u8> {
         let mut x = seed;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = || crate::xorshift(&mut x);
         let mut out = Vec::with_capacity(rows * blocks * BLOCK_BYTES);
         for _ in 0..rows * blocks {
             let scale = half::f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5);

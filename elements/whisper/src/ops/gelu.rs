@@ -168,9 +168,7 @@ mod tests {
         let mut s = 7u64;
         let mut t = Box::new([0u16; 1 << 16]);
         for v in t.iter_mut() {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
+            let s = crate::xorshift(&mut s);
             *v = half::f16::from_f32((s % 32_000) as f32 / 1000.0 - 16.0).to_bits();
         }
         t
@@ -182,9 +180,7 @@ mod tests {
         let mut s = 3u64;
         let mut x: Vec<f32> = (0..1541)
             .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
+                let s = crate::xorshift(&mut s);
                 (s % 2_600_000) as f32 / 100_000.0 - 13.0
             })
             .collect();

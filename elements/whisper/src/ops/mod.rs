@@ -102,9 +102,7 @@ mod against_ggml {
         let mut s = seed | 1;
         (0..n)
             .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
+                let s = crate::xorshift(&mut s);
                 if masked && s.is_multiple_of(11) {
                     f32::NEG_INFINITY
                 } else {

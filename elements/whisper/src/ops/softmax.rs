@@ -211,9 +211,7 @@ mod tests {
         let mut s = seed | 1;
         (0..n)
             .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
+                let s = crate::xorshift(&mut s);
                 if s.is_multiple_of(17) {
                     f32::NEG_INFINITY
                 } else {
