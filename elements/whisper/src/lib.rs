@@ -7,6 +7,7 @@ pub mod engine;
 pub mod gemm;
 pub mod ops;
 pub mod remote;
+mod threads;
 pub mod utterance;
 mod whisperstt;
 

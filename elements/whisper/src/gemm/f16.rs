@@ -145,7 +145,7 @@ mod x86 {
         let column_tiles = n.div_ceil(TILE_COLS);
         let jobs = panels.div_ceil(TILE_PANELS) * column_tiles;
         // Jobs go panel tile by panel tile, so a thread's consecutive jobs share panels.
-        let (j0, j1) = super::super::share(jobs, 1, ith, nth);
+        let (j0, j1) = crate::threads::share(jobs, 1, ith, nth);
         if j0 == j1 {
             return;
         }

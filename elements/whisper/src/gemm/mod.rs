@@ -191,13 +191,6 @@ impl<T> Product<T> {
     }
 }
 
-/// Thread `ith` of `nth`'s share of `total` items, in whole multiples of `unit`.
-fn share(total: usize, unit: usize, ith: usize, nth: usize) -> (usize, usize) {
-    let units = total.div_ceil(unit);
-    let (u0, u1) = (units * ith / nth, units * (ith + 1) / nth);
-    ((u0 * unit).min(total), (u1 * unit).min(total))
-}
-
 /// The wrapper (see the module).
 #[cfg(vox_sgemm_hook)]
 mod hook {
@@ -221,13 +214,6 @@ mod hook {
         ) -> bool;
     }
 
-    /// ggml's `struct ggml_compute_params` begins with the thread's index and the thread count.
-    #[repr(C)]
-    struct ComputeParams {
-        ith: c_int,
-        nth: c_int,
-    }
-
     #[unsafe(no_mangle)]
     #[allow(clippy::too_many_arguments)]
     pub unsafe extern "C" fn __wrap_llamafile_sgemm(
@@ -245,8 +231,7 @@ mod hook {
         b_type: c_int,
         c_type: c_int,
     ) -> bool {
-        let p = unsafe { &*(params as *const ComputeParams) };
-        let (ith, nth) = (p.ith as usize, p.nth.max(1) as usize);
+        let (ith, nth) = unsafe { crate::threads::of(params) };
         let product = super::Product::<c_void> {
             m: m as usize,
             n: n as usize,

@@ -137,7 +137,7 @@ mod x86 {
             ldc,
         } = *p;
         let panels = m / ROWS;
-        let (p0, p1) = super::super::share(panels, 1, ith, nth);
+        let (p0, p1) = crate::threads::share(panels, 1, ith, nth);
         if p0 == p1 {
             return;
         }

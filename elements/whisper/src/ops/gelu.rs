@@ -95,7 +95,6 @@ mod x86 {
 /// on to ggml.
 #[cfg(vox_ops_hook)]
 mod hook {
-    use super::super::ComputeParams;
     use std::ffi::c_void;
     use whisper_rs::whisper_rs_sys::{
         ggml_op_GGML_OP_UNARY as UNARY, ggml_tensor, ggml_type_GGML_TYPE_F32 as F32,
@@ -136,13 +135,12 @@ mod hook {
         }
         super::TAKEN.call_once(|| log::info!("{}", super::LINE));
         let src = unsafe { &*src };
-        let p = unsafe { &*(params as *const ComputeParams) };
-        let (ith, nth) = (p.ith.max(0) as usize, p.nth.max(1) as usize);
-        // ggml's split: consecutive rows, a ceiling share per thread.
+        let (ith, nth) = unsafe { crate::threads::of(params) };
+        // Consecutive rows for each thread.
         let (n, count) = (d.ne[0] as usize, (d.ne[1] * d.ne[2] * d.ne[3]) as usize);
-        let share = count.div_ceil(nth);
+        let (r0, r1) = crate::threads::share(count, 1, ith, nth);
         let table = unsafe { &*std::ptr::addr_of!(ggml_table_gelu_f16) };
-        for r in (share * ith).min(count)..(share * (ith + 1)).min(count) {
+        for r in r0..r1 {
             // SAFETY: rows of n f32s inside the tensors (checked above), the same ones when
             // ggml runs GELU in place.
             unsafe {

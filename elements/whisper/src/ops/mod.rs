@@ -23,14 +23,6 @@ pub fn enabled() -> bool {
     *ON
 }
 
-/// ggml's `struct ggml_compute_params` begins with the thread's index and the thread count.
-#[cfg(vox_ops_hook)]
-#[repr(C)]
-struct ComputeParams {
-    ith: std::ffi::c_int,
-    nth: std::ffi::c_int,
-}
-
 /// Our wrappers against ggml's own functions (`__real_…`, linked in this test binary too) on
 /// tensors made here: the same bits, threads split three ways, masks of f32 and f16 broadcast
 /// over heads and batches, in place and not.

@@ -87,7 +87,6 @@ pub fn normalise(out: &mut [f32], w: &[f32], exp_sum: impl FnOnce(&mut [f32], &[
 /// The wrapper (see the module).
 #[cfg(vox_ops_hook)]
 mod hook {
-    use super::super::ComputeParams;
     use super::Mask;
     use std::cell::RefCell;
     use std::ffi::{c_int, c_void};
@@ -139,8 +138,7 @@ mod hook {
             return unsafe { __real_ggml_compute_forward_soft_max(params, dst) };
         }
         super::TAKEN.call_once(|| log::info!("{}", super::LINE));
-        let p = unsafe { &*(params as *const ComputeParams) };
-        let (ith, nth) = (p.ith.max(0) as usize, p.nth.max(1) as usize);
+        let (ith, nth) = unsafe { crate::threads::of(params) };
         let src0 = unsafe { &*d.src[0] };
         let mask = d.src[1];
         let scale = f32::from_bits(d.op_params[0] as u32);
