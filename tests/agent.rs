@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::netns::{Agent, Netns, rss_kib};
+use common::netns::{Agent, Netns, rss_kib, thread_names};
 use common::*;
 use std::path::Path;
 use std::time::Duration;
@@ -399,11 +399,31 @@ fn a_caller_that_vanishes_is_cleaned_up_and_others_go_on() {
         channel(&dir.path().join(&name), 2, &agent_side);
         let heard = normalize(&check(vox().arg("transcribe").arg(&agent_side)));
         assert!(heard.contains("paris"), "the agent said: {heard}");
-        ns.wait_metric(port, "vox_sessions_active", Duration::from_secs(15), |v| {
+        let active = ns.wait_metric(port, "vox_sessions_active", Duration::from_secs(15), |v| {
             v == 0.0
         });
+        assert_eq!(active, Some(0.0), "{}", agent.drain_log());
         rounds.push(rss_kib(agent.child.id()));
     }
+    // No session's WebRTC connection outlives it: with none active, no webrtcbin or ICE thread
+    // runs (a caller's connection that webrtcsrc was closing as the agent stopped the session
+    // used to stay running for good: four threads a call). Stopping takes a moment.
+    let webrtc = |pid: u32| -> Vec<String> {
+        thread_names(pid)
+            .into_iter()
+            .filter(|n| n.starts_with("webrtcbin") || n.starts_with("nicesrc"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut left = webrtc(agent.child.id());
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        left = webrtc(agent.child.id());
+    }
+    assert!(
+        left.is_empty(),
+        "threads of ended sessions still run: {left:?}"
+    );
     // A session that leaks leaves its memory behind every time; the shared buffers may still
     // grow once (a longer piece of speech than any before, key/value cells not touched yet;
     // seen once in CI: +32 MiB over the first two calls), so the test passes when either round

@@ -539,7 +539,7 @@ fn spawn_session(
             metrics.sessions_active.inc();
             tracing::info!("session {call}: caller {caller}");
             let result = run_session(&call, &pipeline, &stop, &metrics, words);
-            if !runner::stop_within(&pipeline, Duration::from_secs(10)) {
+            if !webrtc::stop_within(&pipeline, Duration::from_secs(10)) {
                 // Its threads stay stuck; the session is over for everyone else.
                 tracing::error!(
                     "session {call}: its WebRTC elements did not stop within 10 s \

@@ -315,7 +315,7 @@ pub fn call(options: &CallOptions) -> Result<CallReport, CallError> {
         Err(CallError::Failed("the recording did not finish".into()))
     })();
     drop(watch);
-    if !runner::stop_within(&pipeline, Duration::from_secs(10)) {
+    if !webrtc::stop_within(&pipeline, Duration::from_secs(10)) {
         tracing::warn!(
             "the call's WebRTC elements did not stop within 10 s (gst-plugin-webrtc's \
              signaller can hang when both sides end the session at once); going on without them"

@@ -8,6 +8,7 @@
 //! it (`webrtcsrc`) and publishes its voice (`webrtcsink`, meta `vox-role=agent, call=ID`),
 //! which the caller, watching too, consumes. Each direction is one WebRTC connection.
 
+use gst::glib;
 use gst::prelude::*;
 use gstrswebrtc::signaller::{Signallable, SignallableExt, Signaller, WebRTCSignallerRole};
 use std::net::SocketAddr;
@@ -209,6 +210,46 @@ pub fn no_public_stun(bin: &gst::Bin) {
             element.set_property("stun-server", None::<String>);
         }
     }
+}
+
+/// Stops a pipeline with WebRTC sources in it, as [`runner::stop_within`] does, and then the
+/// sessions those sources were ending on their own at that moment.
+///
+/// `webrtcsrc` (and `livekitwebrtcsrc`, built on it) keeps each session in a bin of its own.
+/// When the peer leaves, it stops that bin on a thread of its own and then takes it out of
+/// itself. A pipeline stopped in that instant sets the bin back to PAUSED on its way down, after
+/// `webrtcsrc` stopped it and before `webrtcsrc` takes it out; the bin is then out of the
+/// pipeline and left running: its webrtcbin's ICE and streaming threads (four) and buffers live
+/// on for good, one set per call that ended so (gst-plugin-webrtc 0.15.4; it happens when the
+/// agent ends a session because the caller left). Holding those bins from before the stop, and
+/// stopping them after it, ends them either way; a bin that stopped cleanly is left as it is.
+pub fn stop_within(pipeline: &gst::Pipeline, limit: std::time::Duration) -> bool {
+    let sessions = source_sessions(pipeline.upcast_ref());
+    if !crate::runner::stop_within(pipeline, limit) {
+        return false;
+    }
+    for session in sessions {
+        if session.current_state() != gst::State::Null {
+            let _ = session.set_state(gst::State::Null);
+        }
+    }
+    true
+}
+
+/// The session bins inside every WebRTC source (a subclass of gst-plugin-webrtc's
+/// `GstBaseWebRTCSrc`) in `bin`.
+fn source_sessions(bin: &gst::Bin) -> Vec<gst::Element> {
+    let Some(base) = glib::Type::from_name("GstBaseWebRTCSrc") else {
+        return Vec::new();
+    };
+    bin.iterate_recurse()
+        .into_iter()
+        .flatten()
+        .filter(|e| e.type_().is_a(base))
+        .filter_map(|e| e.downcast::<gst::Bin>().ok())
+        .flat_map(|src| src.children())
+        .filter(|child| child.is::<gst::Bin>())
+        .collect()
 }
 
 /// The jitter buffer of received WebRTC audio, in ms: webrtcbin's default is 200 ms, meant for
