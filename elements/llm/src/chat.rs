@@ -40,6 +40,9 @@ struct Turn {
 pub struct History {
     turns: VecDeque<Turn>,
     max_turns: usize,
+    /// The last reply was recorded whole (its text was all out) and no turn has begun since:
+    /// downstream may still be speaking it.
+    last_may_play: bool,
 }
 
 /// Appended to a reply that was cut off (barge-in, flush), so the model knows it was not heard
@@ -51,6 +54,24 @@ impl History {
         Self {
             turns: VecDeque::new(),
             max_turns,
+            last_may_play: false,
+        }
+    }
+
+    /// A new turn begins: the reply before it is no longer the one being spoken.
+    pub fn begin_turn(&mut self) {
+        self.last_may_play = false;
+    }
+
+    /// Downstream dropped what it had not spoken yet (a flush: the user barged in). A reply
+    /// recorded whole because its text was all out, with no turn since, was cut off in its
+    /// speech: it is marked as such (once). A reply still being generated is recorded cut off by
+    /// its own turn.
+    pub fn interrupted(&mut self) {
+        if std::mem::take(&mut self.last_may_play)
+            && let Some(last) = self.turns.back_mut()
+        {
+            last.assistant.push_str(CUT_OFF_MARK);
         }
     }
 
@@ -89,6 +110,7 @@ impl History {
             user: user.to_string(),
             assistant,
         });
+        self.last_may_play = !cut_off;
         self.trim();
     }
 
@@ -151,5 +173,35 @@ mod tests {
         );
         h.set_max_turns(0);
         assert_eq!(h.messages("", "x").len(), 1);
+    }
+
+    fn last_reply(h: &History) -> String {
+        h.messages("", "next")
+            .iter()
+            .rev()
+            .find(|m| m.role == Role::Assistant)
+            .map(|m| m.content.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_whole_reply_interrupted_while_spoken_is_marked_cut_off_once() {
+        let mut h = History::new(4);
+        h.begin_turn();
+        h.record("one", "The first reply.", false);
+        h.interrupted();
+        h.interrupted();
+        assert_eq!(last_reply(&h), "The first reply. [interrupted]");
+        // A reply cut off in its generation is marked by its turn, not again.
+        h.begin_turn();
+        h.record("two", "The sec", true);
+        h.interrupted();
+        assert_eq!(last_reply(&h), "The sec [interrupted]");
+        // Once the next turn has begun, the reply before it was heard: a flush then is the
+        // new turn's (nothing recorded yet), and leaves the earlier one as it is.
+        h.record("three", "The third reply.", false);
+        h.begin_turn();
+        h.interrupted();
+        assert_eq!(last_reply(&h), "The third reply.");
     }
 }

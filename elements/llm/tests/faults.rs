@@ -18,6 +18,8 @@ use std::time::Duration;
 struct FakeServer {
     port: u16,
     requests: Arc<Mutex<HashMap<String, usize>>>,
+    /// The body of the last request of each behaviour.
+    bodies: Arc<Mutex<HashMap<String, String>>>,
 }
 
 fn sse(chunks: &[&str]) -> String {
@@ -30,7 +32,11 @@ fn sse(chunks: &[&str]) -> String {
     body
 }
 
-fn serve(mut stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) {
+fn serve(
+    mut stream: TcpStream,
+    requests: Arc<Mutex<HashMap<String, usize>>>,
+    bodies: Arc<Mutex<HashMap<String, String>>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     if reader.read_line(&mut line).is_err() {
@@ -55,6 +61,10 @@ fn serve(mut stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) {
         .next()
         .unwrap_or("")
         .to_string();
+    bodies
+        .lock()
+        .unwrap()
+        .insert(mode.clone(), String::from_utf8_lossy(&body).into_owned());
     let n = {
         let mut r = requests.lock().unwrap();
         let c = r.entry(mode.clone()).or_insert(0);
@@ -128,14 +138,42 @@ impl FakeServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(HashMap::new()));
-        let r = requests.clone();
+        let bodies = Arc::new(Mutex::new(HashMap::new()));
+        let (r, b) = (requests.clone(), bodies.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let r = r.clone();
-                std::thread::spawn(move || serve(stream, r));
+                let (r, b) = (r.clone(), b.clone());
+                std::thread::spawn(move || serve(stream, r, b));
             }
         });
-        Self { port, requests }
+        Self {
+            port,
+            requests,
+            bodies,
+        }
+    }
+
+    /// The conversation the last request of `mode` sent: (role, content) pairs.
+    fn messages(&self, mode: &str) -> Vec<(String, String)> {
+        let body = self
+            .bodies
+            .lock()
+            .unwrap()
+            .get(mode)
+            .cloned()
+            .unwrap_or_default();
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        json["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                (
+                    m["role"].as_str().unwrap_or("").to_string(),
+                    m["content"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
     }
 
     fn url(&self, mode: &str) -> String {
@@ -296,6 +334,38 @@ fn flush_cancels_the_generation_in_flight() {
     assert!(
         (1..20).contains(&closed_at),
         "closed after {closed_at} words"
+    );
+}
+
+/// A barge-in after the reply's text was all out (a small model writes it long before it is
+/// spoken): the flush drops the speech not heard, and the next turn's request tells the model
+/// its reply was cut off; a reply heard whole is not marked.
+#[test]
+fn a_reply_interrupted_while_spoken_is_kept_as_cut_off() {
+    let server = FakeServer::start();
+    let mut chat = Chat::new(&format!("url={}", server.url("ok")));
+    let answer = |chat: &mut Chat, q: &str| {
+        chat.say(q);
+        let t = chat.turn();
+        assert_eq!(t.message.get::<&str>("outcome").unwrap(), "ok");
+    };
+    answer(&mut chat, "What is the capital of France?");
+    answer(&mut chat, "And of Italy?");
+    chat.flush();
+    answer(&mut chat, "Sorry, what?");
+    let messages = server.messages("ok");
+    let replies: Vec<&str> = messages
+        .iter()
+        .filter(|(role, _)| role == "assistant")
+        .map(|(_, text)| text.as_str())
+        .collect();
+    assert_eq!(
+        replies,
+        [
+            "The capital of France is Paris. It is a lovely city.",
+            "The capital of France is Paris. It is a lovely city. [interrupted]",
+        ],
+        "{messages:?}"
     );
 }
 

@@ -16,7 +16,9 @@
 //! token in time) never fails the pipeline: a warning names the cause, the `fallback` sentence is
 //! spoken, and the next turn tries again; after `breaker-failures` faults in a row the backend
 //! is skipped for `breaker-backoff-ms` (doubling while it keeps failing). FlushStart cancels the
-//! generation in flight (the reply so far is kept in the history, marked as cut off).
+//! generation in flight (the reply so far is kept in the history, marked as cut off); a reply
+//! whose text was all out before it is marked cut off too, since downstream drops the speech
+//! not heard yet (a barge-in while it is spoken).
 //!
 //! A transcript after a `vox-turn` event (`state=tentative`; whisperstt `send-ahead`) was made
 //! at a pause, before the caller's turn ended: its reply is made at once, after a `vox-turn`
@@ -326,6 +328,12 @@ impl LlmChat {
         match event.view() {
             EventView::FlushStart(_) => {
                 self.serial.bump();
+                // Downstream drops the speech not heard yet: a reply whose text was all out
+                // is cut off too (a turn in flight sees the flush and marks its own).
+                self.history
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .interrupted();
                 self.srcpad.push_event(event)
             }
             EventView::FlushStop(_) => {
@@ -458,11 +466,11 @@ impl LlmChat {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_open(now);
-        let messages = self
-            .history
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .messages(&settings.system_prompt, &job.text);
+        let messages = {
+            let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            history.begin_turn();
+            history.messages(&settings.system_prompt, &job.text)
+        };
         let result: Result<Usage, LlmError> = if open {
             Err(LlmError::Backend(
                 "skipped: the circuit breaker is open after repeated failures".into(),
@@ -556,7 +564,8 @@ impl LlmChat {
             let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
             history.set_max_turns(settings.history as usize);
             match outcome {
-                "ok" => history.record(&job.text, &reply, false),
+                // A flush since the text was all out (before this lock) cut its speech off.
+                "ok" => history.record(&job.text, &reply, self.serial.generation() != generation),
                 // A reply ahead that was never confirmed was never heard.
                 "cancelled" if confirmed => history.record(&job.text, &reply, true),
                 _ => {}
