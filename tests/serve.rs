@@ -613,6 +613,28 @@ fn startup_errors_name_the_problem() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot read the API key file"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one error line: {err}");
+
+    // A model whose header reads well but which whisper.cpp cannot load (cut short): the
+    // server stops with the model's error instead of serving, never ready.
+    let models = check(vox().args(["models", "dir"]));
+    let whole = std::fs::read(Path::new(models.trim()).join("ggml-tiny.en-q8_0.bin")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut-short.bin");
+    std::fs::write(&cut, &whole[..2_000_000]).unwrap();
+    let port = free_port().to_string();
+    let out = run(vox()
+        .args([
+            "serve",
+            "stt",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--stt-model",
+        ])
+        .arg(&cut));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("vox serve: ready"), "{err}");
+    assert_one_line_error(&out, "cannot load Whisper model");
+    assert!(err.contains("cut-short.bin"), "{err}");
 }
 
 /// `vox reply` with transcription and speech on `vox serve` (whisperstt and kokorotts with

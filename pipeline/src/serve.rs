@@ -42,8 +42,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
@@ -101,6 +101,8 @@ pub enum ServeError {
     Runtime(String),
     #[error(transparent)]
     Model(#[from] vox_common::models::ModelError),
+    #[error("{0}")]
+    WarmUp(String),
 }
 
 /// An error in OpenAI's shape, with its status (and `Retry-After` for a full queue).
@@ -340,6 +342,8 @@ struct App {
     tts: Lane,
     metrics: Metrics,
     ready: AtomicBool,
+    /// Why the models could not load (the server then stops).
+    failed: Mutex<Option<String>>,
 }
 
 /// Runs the service until SIGINT/SIGTERM (requests in flight are finished first).
@@ -377,6 +381,7 @@ pub fn serve(
         english_only,
         metrics: Metrics::new(),
         ready: AtomicBool::new(false),
+        failed: Mutex::new(None),
         options,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -395,62 +400,86 @@ pub fn serve(
                     why: e.to_string(),
                 })?;
         let bound = listener.local_addr().unwrap_or(addr);
-        // Models load in the background; /readyz says when they are in.
+        // Models load in the background; /readyz says when they are in. A model that cannot
+        // load stops the server with its error (an orchestrator sees the exit, not a server
+        // that is never ready).
         let warm = app.clone();
-        tokio::task::spawn_blocking(move || {
-            warm_up(&warm);
-            warm.ready.store(true, Ordering::SeqCst);
-            on_ready(bound);
+        tokio::task::spawn_blocking(move || match warm_up(&warm) {
+            Ok(()) => {
+                warm.ready.store(true, Ordering::SeqCst);
+                on_ready(bound);
+            }
+            Err(e) => *warm.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
         });
         let router = router(app.clone());
         axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown())
+            .with_graceful_shutdown(shutdown(app.clone()))
             .await
-            .map_err(|e| ServeError::Runtime(e.to_string()))
+            .map_err(|e| ServeError::Runtime(e.to_string()))?;
+        match app.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(ServeError::WarmUp(e)),
+            None => Ok(()),
+        }
     })
 }
 
 /// Speech requests streaming at once (Kokoro itself runs one sentence at a time).
 const SPEECH_STREAMS: usize = 4;
 
-/// Resolves on SIGINT/SIGTERM (the command line's handler notes them).
-async fn shutdown() {
-    while !runner::interrupted() {
+/// Resolves on SIGINT/SIGTERM (the command line's handler notes them), or when the models
+/// failed to load.
+async fn shutdown(app: Arc<App>) {
+    loop {
+        if runner::interrupted() {
+            eprintln!("vox serve: stopping after the requests in flight");
+            return;
+        }
+        if app
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            return;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("vox serve: stopping after the requests in flight");
 }
 
-/// Loads the models by using them once, so the first request does not pay for it.
-fn warm_up(app: &App) {
-    if app.options.tts
-        && let Err(e) = synthesise_all(app, "Ready.", &app.options.voice, 1.0)
-    {
-        tracing::warn!("warming up Kokoro failed: {e}");
+/// Loads the models by using them once, so the first request does not pay for it; their
+/// error if they cannot.
+fn warm_up(app: &App) -> Result<(), String> {
+    if app.options.tts {
+        synthesise_all(app, "Ready.", &app.options.voice, 1.0)
+            .map_err(|e| format!("cannot load Kokoro: {e}"))?;
     }
     if app.options.stt {
-        let tmp = tempfile::Builder::new().suffix(".wav").tempfile();
-        let wrote = tmp.as_ref().ok().map(|t| {
-            let spec = hound::WavSpec {
-                channels: 1,
-                sample_rate: 16000,
-                bits_per_sample: 16,
-                sample_format: hound::SampleFormat::Int,
-            };
-            hound::WavWriter::create(t.path(), spec).and_then(|mut w| {
+        let tmp = tempfile::Builder::new()
+            .suffix(".wav")
+            .tempfile()
+            .map_err(|e| format!("cannot make a temporary file to load Whisper with: {e}"))?;
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 16000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        hound::WavWriter::create(tmp.path(), spec)
+            .and_then(|mut w| {
                 for _ in 0..16000 {
                     w.write_sample(0i16)?;
                 }
                 w.finalize()
             })
-        });
-        if let (Ok(t), Some(Ok(()))) = (&tmp, wrote) {
-            let options = stt_options(app, false);
-            if let Err(e) = transcribe::transcribe_file(t.path(), &options, |_| {}) {
-                tracing::warn!("warming up Whisper failed: {e}");
-            }
-        }
+            .map_err(|e| format!("cannot make a temporary file to load Whisper with: {e}"))?;
+        let options = stt_options(app, false);
+        transcribe::transcribe_file(tmp.path(), &options, |_| {}).map_err(|e| match e {
+            // The element's own words (which name the model), not the warm-up file's.
+            transcribe::TranscribeError::Failed { why, .. } => why,
+            e => format!("cannot load Whisper: {e}"),
+        })?;
     }
+    Ok(())
 }
 
 fn router(app: Arc<App>) -> Router {
@@ -517,6 +546,13 @@ async fn authorise(
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     if app.ready.load(Ordering::SeqCst) {
         "ready\n".into_response()
+    } else if let Some(e) = app
+        .failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+    {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "loading models\n").into_response()
     }
