@@ -82,8 +82,18 @@ impl Server {
 
     /// `n` transcriptions of `file` (text format) sent at once: (status, headers, body) each.
     fn transcribe_at_once(&self, n: usize, file: &Path) -> Vec<(u16, String, Vec<u8>)> {
+        self.transcribe_at_once_with(n, file, &[])
+    }
+
+    /// The same, with more arguments to curl.
+    fn transcribe_at_once_with(
+        &self,
+        n: usize,
+        file: &Path,
+        curl: &[&str],
+    ) -> Vec<(u16, String, Vec<u8>)> {
         let f = format!("file=@{}", file.display());
-        let args = [
+        let mut args = vec![
             "-F",
             &f,
             "-F",
@@ -91,6 +101,7 @@ impl Server {
             "-F",
             "response_format=text",
         ];
+        args.extend(curl);
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..n)
                 .map(|_| s.spawn(|| self.curl("/v1/audio/transcriptions", &args)))
@@ -534,6 +545,51 @@ fn twenty_concurrent_transcriptions_get_answers_or_429s_and_memory_stays_bounded
     // Uploads are 350 KB each; what grows is one Whisper state and decoding pipeline per core
     // (two here), bounded by the cores, not by the queue or the clients.
     assert!(peak < idle + 160 * 1024, "idle {idle} KiB, peak {peak} KiB");
+}
+
+/// Twenty 20 MB uploads at once, sent slowly (2 s each), to a server with room for two: the
+/// eighteen beyond its queue are answered 429 before their uploads are read, and the two it
+/// takes go to disk as they arrive, so its memory does not grow with the uploads (it grew by
+/// ~400 MB when each upload was read into memory before the queue was asked).
+#[test]
+fn uploads_beyond_the_queue_are_not_read_and_uploads_are_not_held_in_memory() {
+    let server = Server::start(&["stt", "--queue", "0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.wav");
+    // Not audio: the two taken are refused as undecodable once stored.
+    let bytes: Vec<u8> = (0..20u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(&big, bytes).unwrap();
+    let pid = server.child.id();
+    let idle = common::netns::rss_kib(pid);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (results, peak) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                peak = peak.max(common::netns::rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        let results = server.transcribe_at_once_with(20, &big, &["--limit-rate", "10M"]);
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (results, sampler.join().unwrap())
+    });
+    let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
+    let full = statuses.iter().filter(|&&c| c == 429).count();
+    assert!(
+        full >= 15 && statuses.iter().all(|&c| c == 429 || c == 400),
+        "{statuses:?}"
+    );
+    eprintln!(
+        "20 uploads of 20 MB: {full} turned away; RSS idle {} MiB, peak {} MiB",
+        idle / 1024,
+        peak / 1024
+    );
+    assert!(peak < idle + 64 * 1024, "idle {idle} KiB, peak {peak} KiB");
+    assert_eq!(server.curl("/healthz", &[]).0, 200);
 }
 
 /// The official `openai` Python client (PyPI, pinned; scripts/test installs it in a cached venv)

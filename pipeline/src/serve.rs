@@ -600,10 +600,17 @@ fn stt_options(app: &App, translate: bool) -> transcribe::Options {
     }
 }
 
+/// An uploaded file, written to a temporary file as it arrives (an upload is never held in
+/// memory whole): its bytes.
+struct Upload {
+    file: tempfile::NamedTempFile,
+    bytes: u64,
+}
+
 /// A transcription request's form.
 #[derive(Default)]
 struct Form {
-    file: Option<(String, Bytes)>,
+    file: Option<Upload>,
     model: Option<String>,
     language: Option<String>,
     prompt: Option<String>,
@@ -639,11 +646,27 @@ async fn read_form(multipart: Result<Multipart, MultipartRejection>) -> Result<F
             )
         }
     };
-    while let Some(field) = multipart.next_field().await.map_err(too_big)? {
+    while let Some(mut field) = multipart.next_field().await.map_err(too_big)? {
         let name = field.name().unwrap_or_default().to_string();
         if name == "file" {
-            let filename = field.file_name().unwrap_or("upload").to_string();
-            form.file = Some((filename, field.bytes().await.map_err(too_big)?));
+            // The name's extension helps the decoder find the format.
+            let suffix = std::path::Path::new(field.file_name().unwrap_or("upload"))
+                .extension()
+                .map(|e| format!(".{}", e.to_string_lossy()))
+                .unwrap_or_default();
+            let stored =
+                |e: std::io::Error| ApiError::server(format!("cannot store the upload: {e}"));
+            let mut file = tempfile::Builder::new()
+                .prefix("vox-serve-")
+                .suffix(&suffix)
+                .tempfile()
+                .map_err(stored)?;
+            let mut bytes = 0u64;
+            while let Some(chunk) = field.chunk().await.map_err(too_big)? {
+                std::io::Write::write_all(&mut file, &chunk).map_err(stored)?;
+                bytes += chunk.len() as u64;
+            }
+            form.file = Some(Upload { file, bytes });
             continue;
         }
         let value = field.text().await.map_err(too_big)?;
@@ -702,15 +725,18 @@ async fn transcribe_request(
     multipart: Result<Multipart, MultipartRejection>,
     translate: bool,
 ) -> Result<(Response, f64), ApiError> {
+    // A place in the queue first: a request beyond it is answered 429 before its upload is
+    // read, so many clients at once cost the server no more than the queue's uploads.
+    let place = app.stt.admit()?;
     let form = read_form(multipart).await?;
-    let Some((filename, data)) = form.file else {
+    let Some(upload) = form.file else {
         return Err(ApiError::param(
             "file",
             "missing_file",
             "a file is required",
         ));
     };
-    if data.is_empty() {
+    if upload.bytes == 0 {
         return Err(ApiError::param("file", "empty_file", "the file is empty"));
     }
     let model = form.model.unwrap_or_default();
@@ -794,18 +820,7 @@ async fn transcribe_request(
         ));
     }
 
-    let place = app.stt.admit()?;
-    let suffix = std::path::Path::new(&filename)
-        .extension()
-        .map(|e| format!(".{}", e.to_string_lossy()))
-        .unwrap_or_default();
-    let upload = tempfile::Builder::new()
-        .prefix("vox-serve-")
-        .suffix(&suffix)
-        .tempfile()
-        .and_then(|mut f| std::io::Write::write_all(&mut f, &data).map(|()| f))
-        .map_err(|e| ApiError::server(format!("cannot store the upload: {e}")))?;
-    drop(data);
+    let upload = upload.file;
     let path = upload.path().to_path_buf();
     let max = app.options.max_audio_seconds;
     let duration = tokio::task::spawn_blocking(move || probe(&path))
