@@ -547,6 +547,31 @@ fn twenty_concurrent_transcriptions_get_answers_or_429s_and_memory_stays_bounded
     assert!(peak < idle + 160 * 1024, "idle {idle} KiB, peak {peak} KiB");
 }
 
+/// `temperature` reaches the decoder: 0 gives the same transcript every time; 1 samples the
+/// words, so five tries do not all give the greedy one.
+#[test]
+fn temperature_samples_the_words() {
+    let server = Server::start(&["stt"]);
+    let jfk = fixture("jfk.wav");
+    let at = |t: &str| {
+        let (status, text) =
+            server.transcribe(&jfk, &["response_format=text", &format!("temperature={t}")]);
+        assert_eq!(status, 200, "{text}");
+        text
+    };
+    let greedy = at("0");
+    assert!(
+        normalize(&greedy).contains("ask not what your country"),
+        "{greedy}"
+    );
+    assert_eq!(at("0"), greedy);
+    let sampled: Vec<String> = (0..5).map(|_| at("1")).collect();
+    assert!(
+        sampled.iter().any(|t| *t != greedy),
+        "temperature 1 gave the greedy transcript five times: {greedy}"
+    );
+}
+
 /// Twenty 20 MB uploads at once, sent slowly (2 s each), to a server with room for two: the
 /// eighteen beyond its queue are answered 429 before their uploads are read, and the two it
 /// takes go to disk as they arrive, so its memory does not grow with the uploads (it grew by

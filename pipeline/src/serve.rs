@@ -761,15 +761,19 @@ async fn transcribe_request(
             format!("response_format {format:?}: use json, text, srt, vtt or verbose_json"),
         ));
     }
-    if let Some(t) = &form.temperature
-        && !t.parse::<f32>().is_ok_and(|t| (0.0..=1.0).contains(&t))
-    {
-        return Err(ApiError::param(
-            "temperature",
-            "invalid_value",
-            format!("temperature {t:?}: give a number from 0 to 1"),
-        ));
-    }
+    let temperature = match &form.temperature {
+        None => 0.0,
+        Some(t) => match t.trim().parse::<f32>() {
+            Ok(t) if (0.0..=1.0).contains(&t) => t,
+            _ => {
+                return Err(ApiError::param(
+                    "temperature",
+                    "invalid_value",
+                    format!("temperature {t:?}: give a number from 0 to 1"),
+                ));
+            }
+        },
+    };
     let mut words = false;
     for g in &form.granularities {
         match g.as_str() {
@@ -837,6 +841,7 @@ async fn transcribe_request(
     options.language = language;
     options.prompt = form.prompt.unwrap_or_default();
     options.word_timestamps = words;
+    options.temperature = temperature;
     let (running, cores) = app.stt.turn_for(&app.metrics, true).await;
     options.threads = cores;
     let path = upload.path().to_path_buf();

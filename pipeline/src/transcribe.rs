@@ -28,6 +28,8 @@ pub struct Options {
     pub language: String,
     pub threads: u32,
     pub beam_size: u32,
+    /// Sampling temperature (0: the likeliest words).
+    pub temperature: f32,
     pub min_silence_ms: u32,
     /// Text that came before, to steer the decoder (Whisper's initial prompt).
     pub prompt: String,
@@ -42,6 +44,7 @@ impl Default for Options {
             language: "en".into(),
             threads: 2,
             beam_size: 1,
+            temperature: 0.0,
             min_silence_ms: 500,
             prompt: String::new(),
             translate: false,
@@ -117,6 +120,7 @@ pub fn transcribe_file(
             ("language", options.language.clone()),
             ("threads", options.threads.to_string()),
             ("beam-size", options.beam_size.to_string()),
+            ("temperature", options.temperature.to_string()),
             ("min-silence-ms", options.min_silence_ms.to_string()),
             ("prompt", options.prompt.clone()),
             ("translate", options.translate.to_string()),

@@ -48,6 +48,9 @@ pub struct Options {
     pub initial_prompt: String,
     /// 1 = greedy, more = beam search of that width.
     pub beam_size: u32,
+    /// Sampling temperature: 0 takes the likeliest token; above, tokens are sampled (OpenAI's
+    /// `temperature`). No fallback to higher temperatures.
+    pub temperature: f32,
     /// Encoder context: -1 sized to the utterance, 0 the full 30 s window, else that many frames.
     pub audio_ctx: i32,
     pub word_timestamps: bool,
@@ -61,6 +64,7 @@ impl Default for Options {
             threads: default_threads(),
             initial_prompt: String::new(),
             beam_size: 1,
+            temperature: 0.0,
             audio_ctx: -1,
             word_timestamps: false,
         }
@@ -356,6 +360,7 @@ impl Engine {
         params.set_print_realtime(false);
         params.set_print_timestamps(false);
         params.set_suppress_blank(true);
+        params.set_temperature(opts.temperature);
         params.set_temperature_inc(0.0);
         params.set_token_timestamps(opts.word_timestamps);
         if !opts.initial_prompt.is_empty() {

@@ -34,6 +34,9 @@ pub fn transcribe(
     if !opts.initial_prompt.is_empty() {
         fields.push(("prompt", opts.initial_prompt.clone()));
     }
+    if opts.temperature > 0.0 {
+        fields.push(("temperature", opts.temperature.to_string()));
+    }
     let (content_type, body) = multipart(&fields, "utterance.wav", "audio/wav", &wav);
     let response = remote
         .send(

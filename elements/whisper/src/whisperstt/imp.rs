@@ -942,6 +942,14 @@ impl ObjectImpl for WhisperStt {
                     .default_value(DEFAULT_BEAM_SIZE)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecFloat::builder("temperature")
+                    .nick("Temperature")
+                    .blurb("Sampling temperature: 0 takes the likeliest token (greedy or beam search); above 0 tokens are sampled")
+                    .minimum(0.0)
+                    .maximum(1.0)
+                    .default_value(0.0)
+                    .mutable_playing()
+                    .build(),
                 glib::ParamSpecUInt::builder("max-utterance-ms")
                     .nick("Maximum utterance")
                     .blurb("Longest audio transcribed at once; without a VAD upstream, audio is cut at this length")
@@ -1038,6 +1046,7 @@ impl ObjectImpl for WhisperStt {
             "threads" => s.options.threads = value.get().expect("type checked upstream"),
             "initial-prompt" => s.options.initial_prompt = string(value),
             "beam-size" => s.options.beam_size = value.get().expect("type checked upstream"),
+            "temperature" => s.options.temperature = value.get().expect("type checked upstream"),
             "max-utterance-ms" => s.max_utterance_ms = value.get().expect("type checked upstream"),
             "audio-ctx" => s.options.audio_ctx = value.get().expect("type checked upstream"),
             "word-timestamps" => {
@@ -1064,6 +1073,7 @@ impl ObjectImpl for WhisperStt {
             "threads" => s.options.threads.to_value(),
             "initial-prompt" => s.options.initial_prompt.to_value(),
             "beam-size" => s.options.beam_size.to_value(),
+            "temperature" => s.options.temperature.to_value(),
             "max-utterance-ms" => s.max_utterance_ms.to_value(),
             "audio-ctx" => s.options.audio_ctx.to_value(),
             "word-timestamps" => s.options.word_timestamps.to_value(),
