@@ -144,6 +144,13 @@ enum Command {
         /// Session graph parameters (key=value), e.g. llm=http://127.0.0.1:11434/v1 voice=jf_alpha.
         params: Vec<String>,
     },
+    /// A WebRTC signalling server (gst-plugin-webrtc's protocol) on its own, for agents started
+    /// with `--signalling URL` (several agent processes behind one address) and their callers.
+    Signalling {
+        /// Where it listens.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: String,
+    },
     /// Serve OpenAI's speech API over HTTP: /v1/audio/transcriptions and /v1/audio/translations
     /// (stt), /v1/audio/speech (tts), or both (all); with /v1/models, /healthz, /readyz and
     /// /metrics.
@@ -304,7 +311,11 @@ fn main() -> ExitCode {
     // long-running commands keep ignoring SIGPIPE: a peer that goes away is theirs to handle.
     if !matches!(
         cli.command,
-        Command::Agent { .. } | Command::Serve { .. } | Command::Call { .. } | Command::Run { .. }
+        Command::Agent { .. }
+            | Command::Serve { .. }
+            | Command::Call { .. }
+            | Command::Run { .. }
+            | Command::Signalling { .. }
     ) {
         // SAFETY: restoring the default action of one signal, before any thread starts.
         unsafe {
@@ -442,6 +453,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 graph: graph.unwrap_or_else(|| default_graph.to_string()),
                 params,
             })?
+        }
+        Command::Signalling { listen } => {
+            let server = vox_pipeline::webrtc::Signalling::start(&listen)?;
+            eprintln!(
+                "vox signalling: listening on {} (Ctrl-C or SIGTERM to stop)",
+                server.url()
+            );
+            while !runner::interrupted() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
         Command::Serve {
             what,

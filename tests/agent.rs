@@ -437,6 +437,77 @@ fn a_caller_that_vanishes_is_cleaned_up_and_others_go_on() {
     assert_eq!(ns.metric(port, "vox_sessions_failed_total"), Some(0.0));
 }
 
+/// `vox signalling` on its own and an agent started with `--signalling URL`: the agent answers
+/// callers through it; when the server goes away the agent says so on `/readyz` (503, naming
+/// the transport), and when it is back the agent connects again by itself and answers the
+/// next caller.
+#[test]
+fn an_agent_on_an_external_signalling_server_connects_again_after_it_restarts() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
+    let ns = Netns::new();
+    let listen = format!("{}:8449", common::netns::AGENT_IP);
+    let signalling = || {
+        let mut c = ns.command(env!("CARGO_BIN_EXE_vox"));
+        isolate(&mut c);
+        c.args(["signalling", "--listen", &listen])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().expect("vox signalling");
+        // Its first line says it listens; the rest is read on (and dropped) as it comes.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        assert!(line.contains("vox signalling: listening on"), "{line}");
+        child
+    };
+    let mut server = signalling();
+    let url = format!("ws://{listen}");
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_vox"));
+    isolate(&mut cmd);
+    cmd.args(["agent", "--signalling", &url, "--http"])
+        .arg(format!("{}:9449", common::netns::AGENT_IP))
+        .env("VOX_LOG", "info");
+    let mut agent = Agent::spawn(cmd, url, 9449);
+    let port = agent.http_port;
+    assert_eq!(ns.http_get(port, "/readyz").0, 200, "{}", agent.drain_log());
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut ready = ns.http_get(port, "/readyz");
+    while ready.0 == 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        ready = ns.http_get(port, "/readyz");
+    }
+    assert_eq!(ready.0, 503, "{ready:?}\n{}", agent.drain_log());
+    assert!(ready.1.contains("transport"), "{ready:?}");
+
+    let mut server = signalling();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while ns.http_get(port, "/readyz").0 != 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        ns.http_get(port, "/readyz").0,
+        200,
+        "not ready again: {}",
+        agent.drain_log()
+    );
+    let (heard, log) = ask(&ns, &mut agent, &q, dir.path());
+    assert!(heard.contains("paris"), "the agent said: {heard}\n{log}");
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
 /// SIGTERM: the agent stops being ready and takes no new callers, lets the call in progress
 /// finish, then exits 0 by itself.
 #[test]

@@ -9,7 +9,7 @@ use crate::graph::{self, GraphError};
 use crate::livekit::{self, Assignment, Credentials, JobOutcome, LivekitError, Reporter, Worker};
 use crate::metrics::{HttpError, HttpServer, Metrics};
 use crate::runner::{self, RunError};
-use crate::webrtc::{self, ProducerEvent, Producers, Signalling, WebrtcError};
+use crate::webrtc::{self, ProducerEvent, Signalling, Watch, WebrtcError};
 use gst::glib;
 use gst::prelude::*;
 use std::collections::HashMap;
@@ -102,7 +102,7 @@ pub struct Agent {
     /// The model elements of one session, kept in READY so the models are loaded before the
     /// first caller and stay loaded between callers.
     warm: gst::Pipeline,
-    _watch: Option<Producers>,
+    _watch: Option<Watch>,
 }
 
 impl Agent {
@@ -238,17 +238,23 @@ impl Agent {
         Ok(pipeline)
     }
 
-    fn watch(&self) -> Result<Producers, AgentError> {
+    /// Watches the signalling server for callers, connecting again whenever the connection is
+    /// lost (`/readyz` names the fault meanwhile).
+    fn watch(&self) -> Result<Watch, AgentError> {
         let sessions = self.sessions.clone();
         let accepting = self.accepting.clone();
         let metrics = self.metrics.clone();
         let fault = self.transport_fault.clone();
         let options = self.options.clone();
         let url = self.url.clone();
-        let watch = Producers::watch(&self.url, move |event| match event {
+        let on_event = move |event| match event {
             ProducerEvent::Added(p) if p.meta_str("vox-role").as_deref() == Some("caller") => {
                 let call = p.meta_str("call").unwrap_or_else(|| p.id.clone());
                 let mut map = sessions.lock().unwrap_or_else(|e| e.into_inner());
+                // A new connection reports the callers present again.
+                if map.contains_key(&p.id) {
+                    return;
+                }
                 if !accepting.load(Ordering::SeqCst) || map.len() >= options.max_sessions {
                     metrics.sessions_refused.inc();
                     tracing::warn!(
@@ -307,12 +313,23 @@ impl Agent {
                 }
             }
             ProducerEvent::Error(e) => {
-                tracing::error!("signalling: {e}");
+                tracing::error!("signalling: {e}; connecting again");
                 metrics.error("transport");
                 *fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
             }
-        })?;
-        Ok(watch)
+        };
+        let fault = self.transport_fault.clone();
+        let connected = move || {
+            if fault
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .is_some()
+            {
+                tracing::info!("signalling: connected again");
+            }
+        };
+        Ok(Watch::start(&self.url, on_event, connected)?)
     }
 
     /// Stops taking callers; waits for active sessions to end, up to `timeout` (or until

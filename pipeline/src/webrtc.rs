@@ -194,6 +194,101 @@ impl Drop for Producers {
     }
 }
 
+/// A [`Producers`] watch that outlives its signalling server: when the connection fails or
+/// closes (reported as [`ProducerEvent::Error`]), it connects again, after 0.5 s and then
+/// doubling up to 10 s while the server stays away. `on_connected` is told each time a
+/// connection has held for a second (the producers present are reported again then, as on
+/// any new watch). Stops when dropped.
+pub struct Watch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watch {
+    pub fn start(
+        uri: &str,
+        on_event: impl Fn(ProducerEvent) + Send + Sync + 'static,
+        on_connected: impl Fn() + Send + 'static,
+    ) -> Result<Self, WebrtcError> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, mpsc};
+        use std::time::Duration;
+        register()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let on_event = Arc::new(on_event);
+        let uri = uri.to_string();
+        let thread = std::thread::Builder::new()
+            .name("vox-watch".into())
+            .spawn(move || {
+                // Sleeps up to `d`; false when told to stop meanwhile.
+                let pause = |d: Duration| {
+                    let until = std::time::Instant::now() + d;
+                    while std::time::Instant::now() < until {
+                        if stopping.load(Ordering::SeqCst) {
+                            return false;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    !stopping.load(Ordering::SeqCst)
+                };
+                let mut backoff = Duration::from_millis(500);
+                while !stopping.load(Ordering::SeqCst) {
+                    let (failed, failure) = mpsc::channel::<()>();
+                    let events = on_event.clone();
+                    let watch = Producers::watch(&uri, move |event| {
+                        if matches!(event, ProducerEvent::Error(_)) {
+                            let _ = failed.send(());
+                        }
+                        events(event)
+                    });
+                    if let Ok(watch) = watch {
+                        let mut held = false;
+                        let started = std::time::Instant::now();
+                        loop {
+                            if stopping.load(Ordering::SeqCst) {
+                                drop(watch);
+                                return;
+                            }
+                            match failure.recv_timeout(Duration::from_millis(100)) {
+                                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                            }
+                            if !held && started.elapsed() >= Duration::from_secs(1) {
+                                held = true;
+                                backoff = Duration::from_millis(500);
+                                on_connected();
+                            }
+                        }
+                        // The failed signaller stops on a thread of its own: gst-plugin-webrtc's
+                        // stop can hang (see `stop_within`), and must not hold the next try.
+                        let _ = std::thread::Builder::new()
+                            .name("vox-watch-stop".into())
+                            .spawn(move || drop(watch));
+                    }
+                    if !pause(backoff) {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            })
+            .map_err(|e| WebrtcError::Runtime(e.to_string()))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Clears the public STUN server webrtcsrc/webrtcsink default to: a self-hosted agent and its
 /// callers meet on the local network, and looking the server up where there is no route to it
 /// only slows the connection. Applied to every WebRTC element in `bin`.
