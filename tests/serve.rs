@@ -777,27 +777,52 @@ fn reply_with_remote_stt_and_tts_matches_local() {
 }
 
 /// A speech service that is down costs the elements a warning, not the pipeline: `vox reply`
-/// with an unreachable transcription service finds no words and says so, with one line naming
-/// the service, and does not hang.
+/// with an unreachable transcription service finds no words, and with an unreachable speech
+/// service makes no audio; each says so after a warning naming the service and its attempts,
+/// and does not hang. (Retries, back-off, refusals, time-outs and the circuit breaker of the
+/// service client are unit-tested in `elements/common/src/remote.rs`.)
 #[test]
 fn an_unreachable_speech_service_is_a_warning_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let question = spoken(dir.path(), "What is the capital of France?", "question.wav");
     let port = free_port();
-    let started = Instant::now();
-    let out = run(vox()
-        .arg("reply")
-        .arg(&question)
-        .arg("-o")
-        .arg(dir.path().join("a.wav"))
-        .args(["--stt", &format!("http://127.0.0.1:{port}")]));
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert!(!dir.path().join("a.wav").exists());
+    let service = format!("http://127.0.0.1:{port}");
+    // Transcription down: the element warns (after its retries) and the utterance has no
+    // transcript; the pipeline ends normally and `vox reply` says there was nothing to answer.
+    // Speech down: the same for the answer's audio.
+    for (flag, element, outcome) in [
+        ("--stt", "whisperstt0: utterance 0", "no speech was found"),
+        (
+            "--tts",
+            "kokorotts0: speech service failed",
+            "no answer audio was produced",
+        ),
+    ] {
+        let started = Instant::now();
+        let out = run(vox()
+            .arg("reply")
+            .arg(&question)
+            .arg("-o")
+            .arg(dir.path().join("a.wav"))
+            .args([flag, &service]));
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let warning = err
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains(element))
+            .unwrap_or_else(|| panic!("no warning from {element}: {err}"));
+        assert!(
+            warning.contains(&format!("127.0.0.1:{port}"))
+                && warning.contains("after 3 attempt(s)"),
+            "{warning}"
+        );
+        assert!(err.contains(outcome), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(!dir.path().join("a.wav").exists());
+    }
 }

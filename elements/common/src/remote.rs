@@ -256,3 +256,166 @@ impl Settings {
         .map(Some)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Against a local HTTP server that answers from a script — a test double, because a real
+    //! service cannot be made to fail in these exact ways, in this order, on demand.
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Answers its requests with `script` in turn (the last one from then on): a status code,
+    /// or 0 for an answer that never comes. Returns the service URL and the request count.
+    fn service(script: &'static [u16]) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                let status = script[n.min(script.len() - 1)];
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let _ = reader.read_exact(&mut vec![0; length]);
+                    let mut stream = stream;
+                    if status == 0 {
+                        std::thread::sleep(Duration::from_secs(10));
+                        return;
+                    }
+                    let body = if status == 200 {
+                        "{\"text\": \"ok\"}".to_string()
+                    } else {
+                        format!("{{\"error\": {{\"message\": \"status {status} on purpose\"}}}}")
+                    };
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                });
+            }
+        });
+        (url, count)
+    }
+
+    fn post(remote: &Remote) -> Result<Response, RemoteError> {
+        let url = remote.endpoint("audio/transcriptions");
+        remote.send(|c| c.post(&url).body("x"), || false)
+    }
+
+    #[test]
+    fn server_errors_and_429_are_retried_with_back_off() {
+        let (url, count) = service(&[503, 429, 200]);
+        let remote = Remote::new(&url, Duration::from_secs(5), 2).unwrap();
+        let started = Instant::now();
+        let r = post(&remote).unwrap();
+        assert_eq!(r.text().unwrap(), "{\"text\": \"ok\"}");
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+        // Waited 200 ms, then 400 ms.
+        assert!(
+            started.elapsed() >= RETRY_BASE * 3,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!remote.circuit_open());
+    }
+
+    #[test]
+    fn a_refused_request_is_not_retried_nor_counted_against_the_service() {
+        let (url, count) = service(&[400]);
+        let remote = Remote::new(&url, Duration::from_secs(5), 2).unwrap();
+        for _ in 0..BREAKER_FAILURES + 1 {
+            match post(&remote) {
+                Err(RemoteError::Rejected(why)) => {
+                    assert!(
+                        why.contains("400") && why.contains("status 400 on purpose"),
+                        "{why}"
+                    )
+                }
+                other => panic!("{:?}", other.map(|r| r.status())),
+            }
+        }
+        assert_eq!(count.load(Ordering::SeqCst), BREAKER_FAILURES as usize + 1);
+        assert!(!remote.circuit_open());
+    }
+
+    #[test]
+    fn repeated_failures_open_the_breaker_and_it_skips_the_service() {
+        let (url, count) = service(&[500]);
+        let remote = Remote::new(&url, Duration::from_secs(5), 1).unwrap();
+        for _ in 0..BREAKER_FAILURES {
+            match post(&remote) {
+                Err(RemoteError::Failed(why)) => {
+                    assert!(
+                        why.contains("after 2 attempt(s)") && why.contains("500"),
+                        "{why}"
+                    )
+                }
+                other => panic!("{:?}", other.map(|r| r.status())),
+            }
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 2 * BREAKER_FAILURES as usize);
+        assert!(remote.circuit_open());
+        assert!(matches!(post(&remote), Err(RemoteError::Open)));
+        assert_eq!(count.load(Ordering::SeqCst), 2 * BREAKER_FAILURES as usize);
+    }
+
+    #[test]
+    fn an_answer_that_never_comes_times_out_each_attempt() {
+        let (url, count) = service(&[0]);
+        let remote = Remote::new(&url, Duration::from_millis(300), 1).unwrap();
+        let started = Instant::now();
+        match post(&remote) {
+            Err(RemoteError::Failed(why)) => assert!(why.contains("timed out"), "{why}"),
+            other => panic!("{:?}", other.map(|r| r.status())),
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn an_unreachable_service_fails_with_its_cause_and_a_cancelled_request_is_not_sent() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let remote = Remote::new(
+            &format!("http://127.0.0.1:{port}/v1"),
+            Duration::from_secs(2),
+            0,
+        )
+        .unwrap();
+        match post(&remote) {
+            Err(RemoteError::Failed(why)) => assert!(why.contains("refused"), "{why}"),
+            other => panic!("{:?}", other.map(|r| r.status())),
+        }
+        let (url, count) = service(&[200]);
+        let remote = Remote::new(&url, Duration::from_secs(2), 2).unwrap();
+        let url = remote.endpoint("audio/speech");
+        assert!(matches!(
+            remote.send(|c| c.post(&url), || true),
+            Err(RemoteError::Cancelled)
+        ));
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+        assert!(Remote::new("localhost:8880", Duration::from_secs(1), 0).is_err());
+    }
+}
