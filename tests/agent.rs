@@ -192,6 +192,81 @@ fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
     channel(&record, 2, &agent_side);
     let heard = normalize(&check(vox().arg("transcribe").arg(&agent_side)));
     assert!(heard.contains("paris"), "the agent said: {heard}");
+    assert_eq!(
+        ns.metric(agent.http_port, "vox_interruptions_total"),
+        Some(1.0)
+    );
+}
+
+/// A cough while the agent speaks (0.12 s of speech, under `min-speech-ms`) does not interrupt
+/// it: the voice is held while the sound is judged and then goes on, the reply is not cut off,
+/// and no interruption is counted.
+#[test]
+fn a_cough_while_the_agent_speaks_does_not_interrupt_it() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let story = spoken(
+        dir.path(),
+        "Tell me a long story about a brave dragon and a little girl.",
+        "story.wav",
+    );
+    let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
+    let cough = dir.path().join("cough.wav");
+    check(
+        tool("sox")
+            .arg(&q)
+            .arg(&cough)
+            .args(["trim", "0.05", "0.12"]),
+    );
+    let ns = Netns::new();
+    let mut agent = Agent::start(&ns, 8450, &["max-tokens=60", "first-clause=false"]);
+    let record = dir.path().join("call.wav");
+    let out = call(
+        &ns,
+        &agent.url,
+        &[
+            os("--play"),
+            story.as_os_str(),
+            os("--interrupt-after"),
+            os("0.3"),
+            cough.as_os_str(),
+            os("--record"),
+            record.as_os_str(),
+            os("--timeout-s"),
+            os("90"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = agent.drain_log();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(log.contains("not an interruption, resuming"), "{log}");
+    assert!(!log.contains("interrupted by the caller"), "{log}");
+    assert!(!log.contains("(cancelled)"), "{log}");
+    assert_eq!(
+        ns.metric(agent.http_port, "vox_interruptions_total"),
+        Some(0.0)
+    );
+    // In the recording the agent's voice goes on well past the cough.
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("interrupted:"))
+        .unwrap_or_else(|| {
+            panic!("the cough did not come while the agent spoke:\n{stdout}\n{log}")
+        });
+    let ms: f64 = line
+        .rsplit('(')
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(
+        ms > 1000.0,
+        "the agent stopped {ms} ms after the cough: {line}"
+    );
 }
 
 #[test]
@@ -426,11 +501,11 @@ fn a_caller_that_vanishes_is_cleaned_up_and_others_go_on() {
     );
     // A session that leaks leaves its memory behind every time; the shared buffers may still
     // grow once (a longer piece of speech than any before, key/value cells not touched yet;
-    // seen once in CI: +32 MiB over the first two calls), so the test passes when either round
-    // came back to within 30 MiB of the memory before it.
+    // seen once in CI: +32 MiB over the first two calls), so the first round may grow by up to
+    // 64 MiB, and the second must come back to within 30 MiB of the first.
     let (first, second) = (rounds[0], rounds[1]);
     assert!(
-        first < baseline + 30 * 1024 || second < first + 30 * 1024,
+        first < baseline + 64 * 1024 && second < first + 30 * 1024,
         "memory grew from {baseline} KiB to {first} KiB, then to {second} KiB, over two more \
          calls each"
     );
@@ -509,36 +584,57 @@ fn an_agent_on_an_external_signalling_server_connects_again_after_it_restarts() 
 }
 
 /// SIGTERM: the agent stops being ready and takes no new callers, lets the call in progress
-/// finish, then exits 0 by itself.
+/// finish, then exits 0 by itself. Before it, with `--max-sessions 1`, a second caller is
+/// refused as busy; during the drain, another as draining.
 #[test]
 fn sigterm_drains_the_sessions_then_exits() {
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
     let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();
-    let mut agent = Agent::start(&ns, 8448, &["--drain-timeout-s", "60"]);
+    let mut agent = Agent::start(
+        &ns,
+        8448,
+        &["--drain-timeout-s", "60", "--max-sessions", "1"],
+    );
     let port = agent.http_port;
-    let record = dir.path().join("call.wav");
-    let mut c = ns.command(env!("CARGO_BIN_EXE_vox"));
-    isolate(&mut c);
-    let caller = c
-        .args(["call", "--webrtc", &agent.url, "--play"])
-        .arg(&q)
-        .arg("--record")
-        .arg(&record)
-        .args(["--timeout-s", "60"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let url = agent.url.clone();
+    let place = |name: &str, timeout: &str| {
+        let mut c = ns.command(env!("CARGO_BIN_EXE_vox"));
+        isolate(&mut c);
+        c.args(["call", "--webrtc", &url, "--play"])
+            .arg(&q)
+            .arg("--record")
+            .arg(dir.path().join(name))
+            .args(["--timeout-s", timeout])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let caller = place("call.wav", "60");
     agent
         .wait_for("heard \"What is the capital", Duration::from_secs(60))
         .unwrap_or_else(|| panic!("{}", agent.drain_log()));
+    let mut busy = place("busy.wav", "30");
+    agent
+        .wait_for("refused: all sessions are busy", Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("{}", agent.drain_log()));
+    let _ = busy.kill();
+    let _ = busy.wait();
     check(std::process::Command::new("kill").args(["-TERM", &agent.child.id().to_string()]));
     agent
         .wait_for("draining 1 session", Duration::from_secs(10))
         .unwrap_or_else(|| panic!("{}", agent.drain_log()));
     let (code, body) = ns.http_get(port, "/readyz");
     assert_eq!((code, body.trim()), (503, "not ready: draining"));
+    let mut late = place("late.wav", "30");
+    agent
+        .wait_for("refused: draining", Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("{}", agent.drain_log()));
+    let _ = late.kill();
+    let _ = late.wait();
+    assert_eq!(ns.metric(port, "vox_sessions_refused_total"), Some(2.0));
     // The call in progress is answered in full.
     let out = caller.wait_with_output().unwrap();
     assert!(out.status.success());
@@ -622,7 +718,8 @@ p.close()
         "stereo: {out}\n{}",
         agent.drain_log()
     );
-    // A caller that stops sending (frozen), then vanishes.
+    // A caller that stops sending (frozen) in mid-question, then vanishes.
+    agent.drain_log();
     let mut c = ns.command(env!("CARGO_BIN_EXE_vox"));
     isolate(&mut c);
     let mut frozen = c
@@ -635,8 +732,10 @@ p.close()
         .spawn()
         .unwrap();
     agent
-        .wait_for("session", Duration::from_secs(30))
+        .wait_for(": caller ", Duration::from_secs(30))
         .unwrap_or_else(|| panic!("{}", agent.drain_log()));
+    // Connected and sending: the question takes ~2 s once the call is up.
+    std::thread::sleep(Duration::from_millis(1500));
     check(std::process::Command::new("kill").args(["-STOP", &frozen.id().to_string()]));
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(ns.http_get(port, "/readyz").0, 200);
