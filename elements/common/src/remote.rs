@@ -157,10 +157,24 @@ fn error_message(body: &str) -> String {
         .unwrap_or_else(|| body.chars().take(200).collect())
 }
 
+/// Where an element's model runs: its `backend` property (each element registers its own
+/// GLib enum for it, with these three values in this order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The service at `url` when one is given, else in-process.
+    #[default]
+    Auto,
+    /// In-process, whatever `url` says.
+    Local,
+    /// The service at `url` (which must be given).
+    Remote,
+}
+
 /// The properties of an element that may use a speech service instead of its model in-process:
-/// `url` (empty or `local`: in-process), `timeout-ms` and `retries`.
+/// `backend`, `url` (empty or `local`: in-process), `timeout-ms` and `retries`.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    pub backend: Backend,
     pub url: String,
     pub timeout_ms: u32,
     pub retries: u32,
@@ -169,6 +183,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
+            backend: Backend::Auto,
             url: String::new(),
             timeout_ms: 30_000,
             retries: 2,
@@ -237,16 +252,24 @@ impl Settings {
         })
     }
 
-    /// Whether a service is named (else the model runs in-process).
+    /// Whether the service is used (else the model runs in-process).
     pub fn is_remote(&self) -> bool {
         let url = self.url.trim();
-        !(url.is_empty() || url == "local")
+        match self.backend {
+            Backend::Local => false,
+            Backend::Remote => true,
+            Backend::Auto => !(url.is_empty() || url == "local"),
+        }
     }
 
-    /// The service client, when one is named.
+    /// The service client, when the service is used.
     pub fn remote(&self) -> Result<Option<Remote>, String> {
         if !self.is_remote() {
             return Ok(None);
+        }
+        let url = self.url.trim();
+        if url.is_empty() || url == "local" {
+            return Err("backend=remote needs the service: url=http://HOST:PORT".into());
         }
         Remote::new(
             &self.url,
@@ -417,5 +440,23 @@ mod tests {
         ));
         assert_eq!(count.load(Ordering::SeqCst), 0);
         assert!(Remote::new("localhost:8880", Duration::from_secs(1), 0).is_err());
+    }
+
+    #[test]
+    fn the_backend_chooses_the_service_or_the_model() {
+        let with = |backend, url: &str| Settings {
+            backend,
+            url: url.into(),
+            ..Settings::default()
+        };
+        let service = "http://127.0.0.1:11435";
+        assert!(!with(Backend::Auto, "").is_remote());
+        assert!(!with(Backend::Auto, "local").is_remote());
+        assert!(with(Backend::Auto, service).is_remote());
+        assert!(!with(Backend::Local, service).is_remote());
+        assert!(with(Backend::Local, service).remote().unwrap().is_none());
+        assert!(with(Backend::Remote, service).remote().unwrap().is_some());
+        let err = with(Backend::Remote, "").remote().err().unwrap();
+        assert!(err.contains("url="), "{err}");
     }
 }

@@ -286,3 +286,28 @@ fn a_reply_ahead_is_held_until_confirmed_and_dropped_when_withdrawn() {
         "the next turn was not spoken: {rest:?}"
     );
 }
+
+#[test]
+fn backend_remote_needs_a_url_and_backend_local_keeps_the_model_in_process() {
+    init();
+    let el = gst::ElementFactory::make("kokorotts")
+        .property_from_str("backend", "remote")
+        .build()
+        .unwrap();
+    let bus = gst::Bus::new();
+    el.set_bus(Some(&bus));
+    assert!(el.set_state(gst::State::Ready).is_err());
+    let msg = bus
+        .pop_filtered(&[gst::MessageType::Error])
+        .expect("error message");
+    let gst::MessageView::Error(e) = msg.view() else {
+        unreachable!()
+    };
+    assert!(e.error().to_string().contains("url="), "{}", e.error());
+
+    // With backend=local, a url (of nothing) is not used: the audio comes from the model.
+    let (mut h, _bus) = harness("backend=local url=http://127.0.0.1:1 retries=0");
+    h.push(text("Hello there.", 0)).unwrap();
+    let audio: usize = drain(&mut h).iter().map(|b| b.size()).sum();
+    assert!(audio > 24_000, "{audio} bytes of audio");
+}

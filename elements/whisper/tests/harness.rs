@@ -509,3 +509,36 @@ fn batch_mode_gives_each_utterance_its_own_words() {
         assert!(!t.partial);
     }
 }
+
+#[test]
+fn backend_remote_needs_a_url_and_backend_local_keeps_the_model_in_process() {
+    init();
+    let el = gst::ElementFactory::make("whisperstt")
+        .property_from_str("backend", "remote")
+        .build()
+        .unwrap();
+    let bus = gst::Bus::new();
+    el.set_bus(Some(&bus));
+    assert!(el.set_state(gst::State::Ready).is_err());
+    let msg = bus
+        .pop_filtered(&[gst::MessageType::Error])
+        .expect("error message");
+    let gst::MessageView::Error(e) = msg.view() else {
+        unreachable!()
+    };
+    assert!(e.error().to_string().contains("url="), "{}", e.error());
+
+    // With backend=local, a url (of nothing) is not used: the words come from the model.
+    let mut h = harness("backend=local url=http://127.0.0.1:1 retries=0");
+    let audio = fixture_samples("jfk.wav");
+    push_range(&mut h, &audio, 0, 11000);
+    h.push_event(gst::event::Eos::new());
+    let out = collect(&mut h);
+    let all = normalize(
+        &out.iter()
+            .map(|(_, t)| t.text.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    assert!(all.contains("ask not what your country"), "{all}");
+}

@@ -812,6 +812,13 @@ impl ObjectImpl for KokoroTts {
                     .build(),
             ]
             .into_iter()
+            .chain(std::iter::once(
+                glib::ParamSpecEnum::builder_with_default("backend", super::Backend::Auto)
+                    .nick("Backend")
+                    .blurb("local (the model in-process), remote (the speech service at url), or auto: remote when url is set")
+                    .mutable_ready()
+                    .build(),
+            ))
             .chain(vox_common::remote::Settings::param_specs("speech"))
             .collect()
         });
@@ -826,6 +833,13 @@ impl ObjectImpl for KokoroTts {
                 .expect("type checked upstream")
                 .unwrap_or_else(|| default.into())
         };
+        if pspec.name() == "backend" {
+            s.service.backend = value
+                .get::<super::Backend>()
+                .expect("type checked upstream")
+                .into();
+            return;
+        }
         if s.service.set(pspec.name(), value) {
             return;
         }
@@ -851,6 +865,9 @@ impl ObjectImpl for KokoroTts {
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
         let s = self.settings();
+        if pspec.name() == "backend" {
+            return super::Backend::from(s.service.backend).to_value();
+        }
         if let Some(v) = s.service.get(pspec.name()) {
             return v;
         }

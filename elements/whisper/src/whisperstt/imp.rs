@@ -1013,6 +1013,13 @@ impl ObjectImpl for WhisperStt {
                     .build(),
             ]
             .into_iter()
+            .chain(std::iter::once(
+                glib::ParamSpecEnum::builder_with_default("backend", super::Backend::Auto)
+                    .nick("Backend")
+                    .blurb("local (the model in-process), remote (the transcription service at url), or auto: remote when url is set")
+                    .mutable_ready()
+                    .build(),
+            ))
             .chain(vox_common::remote::Settings::param_specs("transcription"))
             .collect()
         });
@@ -1022,6 +1029,13 @@ impl ObjectImpl for WhisperStt {
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let mut s = self.settings.lock().unwrap_or_else(|p| p.into_inner());
         let string = |v: &glib::Value| v.get::<Option<String>>().ok().flatten().unwrap_or_default();
+        if pspec.name() == "backend" {
+            s.service.backend = value
+                .get::<super::Backend>()
+                .expect("type checked upstream")
+                .into();
+            return;
+        }
         if s.service.set(pspec.name(), value) {
             return;
         }
@@ -1063,6 +1077,9 @@ impl ObjectImpl for WhisperStt {
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
         let s = self.settings();
+        if pspec.name() == "backend" {
+            return super::Backend::from(s.service.backend).to_value();
+        }
         if let Some(v) = s.service.get(pspec.name()) {
             return v;
         }
