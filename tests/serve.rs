@@ -225,6 +225,24 @@ fn transcribes_and_speaks_through_the_openai_api() {
         heard.contains("weather") && heard.contains("rain"),
         "{heard}"
     );
+    // And it streams: the first bytes of five sentences come when the first is spoken, long
+    // before the last one is (curl's own clock).
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{time_starttransfer} %{time_total}"])
+        .args(["-H", "Content-Type: application/json", "-d"])
+        .arg(
+            r#"{"model":"tts-1","voice":"jf_alpha","response_format":"pcm","input":"The weather is sunny today. Tomorrow it will rain in the north. The wind will come from the west. It will be cold at night. Take a coat with you."}"#,
+        )
+        .arg(server.url("/v1/audio/speech"))
+        .output()
+        .unwrap();
+    let times = String::from_utf8_lossy(&out.stdout).to_string();
+    let t: Vec<f64> = times
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert_eq!(t.len(), 2, "{times}");
+    assert!(t[0] < 0.5 * t[1], "first byte at {} s of {} s", t[0], t[1]);
 
     let (status, _, models) = server.curl("/v1/models", &[]);
     assert_eq!(status, 200);
@@ -249,7 +267,7 @@ fn transcribes_and_speaks_through_the_openai_api() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("vox_serve_first_byte_seconds_count 6"),
+        metrics.contains("vox_serve_first_byte_seconds_count 7"),
         "{metrics}"
     );
 }
@@ -260,9 +278,20 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     let key = dir.path().join("key");
     std::fs::write(&key, "sesame\n").unwrap();
     let key_arg = key.display().to_string();
-    let server = Server::start(&["all", "--max-upload-mb", "1", "--api-key-file", &key_arg]);
+    let server = Server::start(&[
+        "all",
+        "--max-upload-mb",
+        "1",
+        "--max-audio-s",
+        "15",
+        "--api-key-file",
+        &key_arg,
+    ]);
     let auth = "Authorization: Bearer sesame";
     let jfk = fixture("jfk.wav");
+    // 20 s of audio in 640 KB: under the upload limit, over the duration limit.
+    let long_audio = dir.path().join("long.wav");
+    silence(20.0, &long_audio);
 
     let empty = dir.path().join("empty.wav");
     std::fs::write(&empty, b"").unwrap();
@@ -287,6 +316,32 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
             ],
             401,
             "invalid_api_key",
+        ),
+        (
+            "wrong key",
+            vec![
+                "-H".into(),
+                "Authorization: Bearer open-sesame".into(),
+                "-F".into(),
+                file(&jfk),
+                "-F".into(),
+                "model=whisper-1".into(),
+            ],
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "too long",
+            vec![
+                "-H".into(),
+                auth.into(),
+                "-F".into(),
+                file(&long_audio),
+                "-F".into(),
+                "model=whisper-1".into(),
+            ],
+            400,
+            "audio_too_long",
         ),
         (
             "missing file",
@@ -395,6 +450,13 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
             "application/json",
             400,
             "invalid_voice",
+        ),
+        (
+            "unknown model",
+            r#"{"model":"tts-9","input":"Hi.","voice":"jf_alpha"}"#.into(),
+            "application/json",
+            404,
+            "model_not_found",
         ),
         (
             "empty input",

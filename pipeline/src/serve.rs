@@ -970,6 +970,22 @@ fn audio_format(name: &str) -> Option<(&'static str, &'static str)> {
     })
 }
 
+/// The first element of a format's encoder chain that this GStreamer does not have.
+fn missing_encoder(format: &str) -> Option<String> {
+    first_missing(format, |name| gst::ElementFactory::find(name).is_some())
+}
+
+/// The first element of `format`'s chain for which `has` is false.
+fn first_missing(format: &str, has: impl Fn(&str) -> bool) -> Option<String> {
+    let (chain, _) = audio_format(format)?;
+    chain
+        .split('!')
+        .filter_map(|part| part.split_whitespace().next())
+        .filter(|name| !name.contains('/'))
+        .find(|name| !has(name))
+        .map(String::from)
+}
+
 async fn speech(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
     let result = speech_request(&app, &headers, &body, started).await;
@@ -1074,6 +1090,16 @@ async fn speech_request(
             format!("response_format {format_name:?}: use mp3, opus, aac, flac, wav or pcm"),
         ));
     };
+    if let Some(missing) = missing_encoder(format_name) {
+        return Err(ApiError::param(
+            "response_format",
+            "unsupported_value",
+            format!(
+                "response_format {format_name:?} needs GStreamer's {missing}, which is not \
+                 installed here: use wav, pcm or another format"
+            ),
+        ));
+    }
     if request
         .stream_format
         .as_deref()
@@ -1264,6 +1290,30 @@ mod tests {
         assert_eq!(&h[8..16], b"WAVEfmt ");
         assert_eq!(u32::from_le_bytes(h[24..28].try_into().unwrap()), 24000);
         assert_eq!(&h[36..40], b"data");
+    }
+
+    #[test]
+    fn a_format_whose_encoder_is_missing_is_named() {
+        let without = |gone: &'static str| move |name: &str| name != gone;
+        assert_eq!(
+            first_missing("mp3", without("lamemp3enc")).as_deref(),
+            Some("lamemp3enc")
+        );
+        assert_eq!(
+            first_missing("aac", without("avenc_aac")).as_deref(),
+            Some("avenc_aac")
+        );
+        assert_eq!(
+            first_missing("opus", without("oggmux")).as_deref(),
+            Some("oggmux")
+        );
+        assert_eq!(first_missing("aac", without("lamemp3enc")), None);
+        assert_eq!(first_missing("wav", |_| false), None);
+        // scripts/setup installs every encoder.
+        gst::init().unwrap();
+        for format in ["mp3", "opus", "aac", "flac", "wav", "pcm"] {
+            assert_eq!(missing_encoder(format), None, "{format}");
+        }
     }
 
     #[test]
