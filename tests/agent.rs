@@ -84,6 +84,13 @@ fn answers_a_call_over_webrtc() {
             ns.http_get(port, "/metrics").1
         );
     }
+    // Underruns are measured (how many is a benchmark's business: scripts/bench-agent).
+    assert!(
+        ns.metric(port, "vox_voice_underrun_seconds_count")
+            .is_some(),
+        "{}",
+        ns.http_get(port, "/metrics").1
+    );
     // The caller hung up: its session ends.
     let active = ns.wait_metric(port, "vox_sessions_active", Duration::from_secs(15), |v| {
         v == 0.0

@@ -12,6 +12,7 @@ use crate::runner::{self, RunError};
 use crate::webrtc::{self, ProducerEvent, Signalling, Watch, WebrtcError};
 use gst::glib;
 use gst::prelude::*;
+use prometheus_client::metrics::histogram::Histogram;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -596,7 +597,12 @@ fn run_session(
 ) -> Result<(), String> {
     webrtc::no_public_stun(pipeline.upcast_ref());
     webrtc::low_latency(pipeline.upcast_ref());
-    let voice = Voice::new(pipeline, words);
+    let voice = Voice::new(
+        pipeline,
+        words,
+        metrics.voice_underrun_seconds.clone(),
+        call,
+    );
     let mut barge_in = BargeIn::new(words);
     let mut clock = TurnClock::default();
     let on_board = Waiting::join(call, pipeline);
@@ -656,6 +662,7 @@ fn run_session(
                                 barge_in.transcript(t.text.split_whitespace().count(), t.partial);
                             if !t.partial && act != Some(Act::Resume) {
                                 voice.replying.store(true, Ordering::SeqCst);
+                                voice.fresh.store(true, Ordering::SeqCst);
                             }
                             act
                         }
@@ -1069,6 +1076,8 @@ struct Voice {
     speaking_until: Arc<AtomicU64>,
     /// A reply is being generated (a final transcript went in, its turn has not ended).
     replying: AtomicBool,
+    /// A reply began: its first audio leaves no gap (see [`live_timestamps`]).
+    fresh: Arc<AtomicBool>,
     /// Barge-in awaits the words of speech heard while the agent spoke: a final transcript
     /// with fewer than the words asked for is a backchannel ("uh-huh"), kept from llmchat.
     awaiting_words: Arc<AtomicBool>,
@@ -1076,12 +1085,25 @@ struct Voice {
 
 impl Voice {
     /// The session's voice, when the graph has `llm`, `tts` and the queue `voice` into a mixer.
-    fn new(pipeline: &gst::Pipeline, words: usize) -> Option<Self> {
+    fn new(
+        pipeline: &gst::Pipeline,
+        words: usize,
+        underruns: Histogram,
+        call: &str,
+    ) -> Option<Self> {
         let tts = pipeline.by_name("tts")?;
         let llm_sink = pipeline.by_name("llm")?.static_pad("sink")?;
         let mix_pad = pipeline.by_name("voice")?.static_pad("src")?.peer()?;
         let speaking_until = Arc::new(AtomicU64::new(0));
-        live_timestamps(pipeline, &tts, speaking_until.clone());
+        let fresh = Arc::new(AtomicBool::new(true));
+        live_timestamps(
+            pipeline,
+            &tts,
+            speaking_until.clone(),
+            fresh.clone(),
+            underruns,
+            call.to_string(),
+        );
         let awaiting_words = Arc::new(AtomicBool::new(false));
         if words > 0 {
             drop_backchannels(&llm_sink, words, awaiting_words.clone());
@@ -1092,6 +1114,7 @@ impl Voice {
             llm_sink,
             speaking_until,
             replying: AtomicBool::new(false),
+            fresh,
             awaiting_words,
         })
     }
@@ -1197,7 +1220,18 @@ fn first_error(bus: &gst::Bus) -> Option<String> {
 /// Re-stamps the agent's speech for the live mix: a reply starts now (its text was stamped when
 /// the user stopped speaking, which is in the past by the time the audio exists), and the
 /// buffers of one reply stay contiguous. `until` gets the end of what was pushed.
-fn live_timestamps(pipeline: &gst::Pipeline, element: &gst::Element, until: Arc<AtomicU64>) {
+///
+/// Audio of a reply that comes after what went before it has played out leaves a gap in the
+/// voice (synthesis fell behind playback: an underrun). Each gap of 20 ms or more goes into
+/// `underruns`; `fresh` is set when a reply begins, whose first audio leaves no such gap.
+fn live_timestamps(
+    pipeline: &gst::Pipeline,
+    element: &gst::Element,
+    until: Arc<AtomicU64>,
+    fresh: Arc<AtomicBool>,
+    underruns: Histogram,
+    call: String,
+) {
     let Some(pad) = element.static_pad("src") else {
         return;
     };
@@ -1224,6 +1258,16 @@ fn live_timestamps(pipeline: &gst::Pipeline, element: &gst::Element, until: Arc<
                     Some(n) if n >= now => n,
                     _ => now,
                 };
+                if !fresh.swap(false, Ordering::SeqCst)
+                    && let Some(gap) = next.map(|n| now.saturating_sub(n))
+                    && gap >= gst::ClockTime::from_mseconds(20)
+                {
+                    underruns.observe(gap.seconds_f64());
+                    tracing::info!(
+                        "session {call}: the voice ran dry for {} ms (synthesis behind playback)",
+                        gap.mseconds()
+                    );
+                }
                 let b = buffer.make_mut();
                 b.set_pts(pts);
                 *next = b.duration().map(|d| pts + d);
@@ -1376,5 +1420,72 @@ mod tests {
         // The agent quiet: a normal turn.
         assert_eq!(b.start(false), None);
         assert_eq!(b.transcript(1, false), None);
+    }
+
+    /// The voice's audio as the agent re-stamps it: a buffer that comes after the one before
+    /// has played out is a gap (an underrun), counted with its length; the first of a reply
+    /// is not. (appsrc stands in for kokorotts: a real synthesis cannot be made late on cue.)
+    #[test]
+    fn audio_that_comes_after_the_voice_ran_dry_is_counted_as_an_underrun() {
+        gst::init().unwrap();
+        let pipeline = runner::launch(
+            "appsrc name=src is-live=true format=time \
+             caps=audio/x-raw,format=F32LE,rate=24000,channels=1,layout=interleaved ! \
+             identity name=tts ! fakesink sync=false",
+        )
+        .unwrap();
+        let tts = pipeline.by_name("tts").unwrap();
+        let underruns = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            0.02, 2.0, 10,
+        ));
+        let fresh = Arc::new(AtomicBool::new(true));
+        live_timestamps(
+            &pipeline,
+            &tts,
+            Arc::new(AtomicU64::new(0)),
+            fresh.clone(),
+            underruns.clone(),
+            "test".into(),
+        );
+        pipeline.set_state(gst::State::Playing).unwrap();
+        let src = pipeline.by_name("src").unwrap();
+        // 100 ms of audio.
+        let push = || {
+            let mut b = gst::Buffer::from_slice(vec![0u8; 2400 * 4]);
+            b.get_mut()
+                .unwrap()
+                .set_duration(gst::ClockTime::from_mseconds(100));
+            let flow = src.emit_by_name::<gst::FlowReturn>("push-buffer", &[&b]);
+            assert_eq!(flow, gst::FlowReturn::Ok);
+        };
+        // (count, sum) of the histogram.
+        let count = |h: &Histogram| {
+            let mut text = String::new();
+            let mut registry = prometheus_client::registry::Registry::default();
+            registry.register("u", "", h.clone());
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            let value = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(-1.0)
+            };
+            (value("u_count "), value("u_sum "))
+        };
+        push(); // a reply's first audio
+        push(); // right after: contiguous
+        std::thread::sleep(Duration::from_millis(500));
+        push(); // ~300 ms after the audio before it ended
+        std::thread::sleep(Duration::from_millis(100));
+        let (n, gap) = count(&underruns);
+        assert_eq!(n, 1.0);
+        assert!((0.25..0.45).contains(&gap), "a gap of {gap} s");
+        // A new reply later on: its first audio is no gap.
+        std::thread::sleep(Duration::from_millis(300));
+        fresh.store(true, Ordering::SeqCst);
+        push();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(count(&underruns).0, 1.0);
+        pipeline.set_state(gst::State::Null).unwrap();
     }
 }

@@ -130,6 +130,7 @@ pub struct Metrics {
     pub first_audio_seconds: Histogram,
     pub voice_to_voice_seconds: Histogram,
     pub llm_circuit_open: Gauge,
+    pub voice_underrun_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -153,6 +154,9 @@ impl Metrics {
             first_audio_seconds: Histogram::new(buckets()),
             voice_to_voice_seconds: Histogram::new(buckets()),
             llm_circuit_open: Gauge::default(),
+            voice_underrun_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.02, 2.0, 10),
+            ),
             registry: registry(),
         };
         m.registry.register(
@@ -208,6 +212,11 @@ impl Metrics {
             "llm_circuit_open",
             "1 while the LLM backend's circuit breaker skips it after repeated faults",
             m.llm_circuit_open.clone(),
+        );
+        m.registry.register(
+            "voice_underrun_seconds",
+            "Gaps of 20 ms or more in the agent's voice within a reply: audio that came after the audio before it had played out (synthesis behind playback)",
+            m.voice_underrun_seconds.clone(),
         );
         m
     }
