@@ -559,6 +559,8 @@ fn speak_local(
             return false;
         }
         let deadline = piece_deadline(imp, loaded, words);
+        let asked = Instant::now();
+        let playing = imp.playing_until();
         let result = loaded.model.synthesise_with(
             &chunk.ids,
             style,
@@ -568,6 +570,23 @@ fn speak_local(
             cancelled,
         );
         *imp.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Where a gap in the voice comes from: GST_DEBUG=kokorotts:5.
+        let ms = |from: Instant, to: Instant| -> i128 {
+            to.saturating_duration_since(from).as_millis() as i128
+                - from.saturating_duration_since(to).as_millis() as i128
+        };
+        gst::debug!(
+            CAT,
+            imp = imp,
+            "piece of {words} words: {} ms of audio left when asked, due in {} ms, made in {} ms \
+             with the wait for the cores (alone: ~{} ms), ready {} ms before the audio ran out",
+            playing.map_or(0, |u| ms(asked, u)),
+            ms(asked, deadline),
+            asked.elapsed().as_millis(),
+            (crate::engine::compute_for(words, loaded.model.real_time_factor(), loaded.speed)
+                * 1000.0) as u64,
+            playing.map_or(0, |u| ms(Instant::now(), u)),
+        );
         let audio = match result {
             Ok(mut a) => {
                 trim_leading_silence(&mut a, LEAD);
