@@ -306,7 +306,7 @@ impl Agent {
                     }
                 }
             }
-            ProducerEvent::Added(_) => {}
+            ProducerEvent::Added(_) | ProducerEvent::Connected => {}
             ProducerEvent::Removed(id) => {
                 if let Some(s) = sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
                     tracing::info!("caller {id} left");
@@ -662,7 +662,6 @@ fn run_session(
                                 barge_in.transcript(t.text.split_whitespace().count(), t.partial);
                             if !t.partial && act != Some(Act::Resume) {
                                 voice.replying.store(true, Ordering::SeqCst);
-                                voice.fresh.store(true, Ordering::SeqCst);
                             }
                             act
                         }
@@ -1076,8 +1075,6 @@ struct Voice {
     speaking_until: Arc<AtomicU64>,
     /// A reply is being generated (a final transcript went in, its turn has not ended).
     replying: AtomicBool,
-    /// A reply began: its first audio leaves no gap (see [`live_timestamps`]).
-    fresh: Arc<AtomicBool>,
     /// Barge-in awaits the words of speech heard while the agent spoke: a final transcript
     /// with fewer than the words asked for is a backchannel ("uh-huh"), kept from llmchat.
     awaiting_words: Arc<AtomicBool>,
@@ -1095,12 +1092,10 @@ impl Voice {
         let llm_sink = pipeline.by_name("llm")?.static_pad("sink")?;
         let mix_pad = pipeline.by_name("voice")?.static_pad("src")?.peer()?;
         let speaking_until = Arc::new(AtomicU64::new(0));
-        let fresh = Arc::new(AtomicBool::new(true));
         live_timestamps(
             pipeline,
             &tts,
             speaking_until.clone(),
-            fresh.clone(),
             underruns,
             call.to_string(),
         );
@@ -1114,7 +1109,6 @@ impl Voice {
             llm_sink,
             speaking_until,
             replying: AtomicBool::new(false),
-            fresh,
             awaiting_words,
         })
     }
@@ -1223,12 +1217,13 @@ fn first_error(bus: &gst::Bus) -> Option<String> {
 ///
 /// Audio of a reply that comes after what went before it has played out leaves a gap in the
 /// voice (synthesis fell behind playback: an underrun). Each gap of 20 ms or more goes into
-/// `underruns`; `fresh` is set when a reply begins, whose first audio leaves no such gap.
+/// `underruns`. A reply's first audio, which kokorotts flags MARKER, leaves no such gap. (The
+/// flag travels with the audio: a reply made ahead is let out when its turn is confirmed, which
+/// can be before the agent has read the transcript's message.)
 fn live_timestamps(
     pipeline: &gst::Pipeline,
     element: &gst::Element,
     until: Arc<AtomicU64>,
-    fresh: Arc<AtomicBool>,
     underruns: Histogram,
     call: String,
 ) {
@@ -1258,7 +1253,7 @@ fn live_timestamps(
                     Some(n) if n >= now => n,
                     _ => now,
                 };
-                if !fresh.swap(false, Ordering::SeqCst)
+                if !buffer.flags().contains(gst::BufferFlags::MARKER)
                     && let Some(gap) = next.map(|n| now.saturating_sub(n))
                     && gap >= gst::ClockTime::from_mseconds(20)
                 {
@@ -1438,23 +1433,23 @@ mod tests {
         let underruns = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
             0.02, 2.0, 10,
         ));
-        let fresh = Arc::new(AtomicBool::new(true));
         live_timestamps(
             &pipeline,
             &tts,
             Arc::new(AtomicU64::new(0)),
-            fresh.clone(),
             underruns.clone(),
             "test".into(),
         );
         pipeline.set_state(gst::State::Playing).unwrap();
         let src = pipeline.by_name("src").unwrap();
-        // 100 ms of audio.
-        let push = || {
+        // 100 ms of audio; a reply's first is flagged MARKER (as kokorotts does).
+        let push = |first: bool| {
             let mut b = gst::Buffer::from_slice(vec![0u8; 2400 * 4]);
-            b.get_mut()
-                .unwrap()
-                .set_duration(gst::ClockTime::from_mseconds(100));
+            let m = b.get_mut().unwrap();
+            m.set_duration(gst::ClockTime::from_mseconds(100));
+            if first {
+                m.set_flags(gst::BufferFlags::MARKER);
+            }
             let flow = src.emit_by_name::<gst::FlowReturn>("push-buffer", &[&b]);
             assert_eq!(flow, gst::FlowReturn::Ok);
         };
@@ -1472,18 +1467,17 @@ mod tests {
             };
             (value("u_count "), value("u_sum "))
         };
-        push(); // a reply's first audio
-        push(); // right after: contiguous
+        push(true); // a reply's first audio
+        push(false); // right after: contiguous
         std::thread::sleep(Duration::from_millis(500));
-        push(); // ~300 ms after the audio before it ended
+        push(false); // ~300 ms after the audio before it ended
         std::thread::sleep(Duration::from_millis(100));
         let (n, gap) = count(&underruns);
         assert_eq!(n, 1.0);
         assert!((0.25..0.45).contains(&gap), "a gap of {gap} s");
         // A new reply later on: its first audio is no gap.
         std::thread::sleep(Duration::from_millis(300));
-        fresh.store(true, Ordering::SeqCst);
-        push();
+        push(true);
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(count(&underruns).0, 1.0);
         pipeline.set_state(gst::State::Null).unwrap();

@@ -656,16 +656,23 @@ async fn read_form(multipart: Result<Multipart, MultipartRejection>) -> Result<F
                 .unwrap_or_default();
             let stored =
                 |e: std::io::Error| ApiError::server(format!("cannot store the upload: {e}"));
-            let mut file = tempfile::Builder::new()
+            let file = tempfile::Builder::new()
                 .prefix("vox-serve-")
                 .suffix(&suffix)
                 .tempfile()
                 .map_err(stored)?;
+            // Written without holding up the runtime's threads.
+            let mut out = tokio::fs::File::from_std(file.reopen().map_err(stored)?);
             let mut bytes = 0u64;
             while let Some(chunk) = field.chunk().await.map_err(too_big)? {
-                std::io::Write::write_all(&mut file, &chunk).map_err(stored)?;
+                tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
+                    .await
+                    .map_err(stored)?;
                 bytes += chunk.len() as u64;
             }
+            tokio::io::AsyncWriteExt::flush(&mut out)
+                .await
+                .map_err(stored)?;
             form.file = Some(Upload { file, bytes });
             continue;
         }
@@ -684,6 +691,20 @@ async fn read_form(multipart: Result<Multipart, MultipartRejection>) -> Result<F
         }
     }
     Ok(form)
+}
+
+/// The longest an upload may take to arrive.
+const UPLOAD_TIME: Duration = Duration::from_secs(120);
+
+/// Reads a request's body and drops it, chunk by chunk, for up to 10 s.
+async fn discard(multipart: Result<Multipart, MultipartRejection>) {
+    let Ok(mut multipart) = multipart else { return };
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(mut field)) = multipart.next_field().await {
+            while let Ok(Some(_)) = field.chunk().await {}
+        }
+    })
+    .await;
 }
 
 async fn transcriptions(
@@ -725,10 +746,29 @@ async fn transcribe_request(
     multipart: Result<Multipart, MultipartRejection>,
     translate: bool,
 ) -> Result<(Response, f64), ApiError> {
-    // A place in the queue first: a request beyond it is answered 429 before its upload is
-    // read, so many clients at once cost the server no more than the queue's uploads.
-    let place = app.stt.admit()?;
-    let form = read_form(multipart).await?;
+    // A place in the queue first: a request beyond it is answered 429 without its upload
+    // being kept (read and dropped as it comes, so that the client, still sending, gets the
+    // answer and not a reset), so many clients at once cost the server no more than the
+    // queue's uploads. An upload that takes too long gives its place up.
+    let place = match app.stt.admit() {
+        Ok(place) => place,
+        Err(e) => {
+            discard(multipart).await;
+            return Err(e);
+        }
+    };
+    let form = tokio::time::timeout(UPLOAD_TIME, read_form(multipart))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_timeout",
+                format!(
+                    "the upload did not arrive within {} s",
+                    UPLOAD_TIME.as_secs()
+                ),
+            )
+        })??;
     let Some(upload) = form.file else {
         return Err(ApiError::param(
             "file",

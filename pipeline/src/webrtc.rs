@@ -143,7 +143,11 @@ impl Producer {
 pub enum ProducerEvent {
     Added(Producer),
     Removed(String),
-    /// The connection to the signalling server failed or closed.
+    /// The signalling server welcomed the watch (it is connected).
+    Connected,
+    /// The connection to the signalling server failed or broke. (A server that closes it
+    /// cleanly, with a WebSocket close, is not reported by gst-plugin-webrtc 0.15.4's
+    /// signaller.)
     Error(String),
 }
 
@@ -176,6 +180,14 @@ impl Producers {
             ));
             None
         });
+        let connected = on_event.clone();
+        signaller.connect_notify(Some("client-id"), move |s, _| {
+            if s.property::<Option<String>>("client-id")
+                .is_some_and(|id| !id.is_empty())
+            {
+                connected(ProducerEvent::Connected);
+            }
+        });
         let error = on_event;
         signaller.connect("error", false, move |args| {
             error(ProducerEvent::Error(
@@ -195,10 +207,10 @@ impl Drop for Producers {
 }
 
 /// A [`Producers`] watch that outlives its signalling server: when the connection fails or
-/// closes (reported as [`ProducerEvent::Error`]), it connects again, after 0.5 s and then
-/// doubling up to 10 s while the server stays away. `on_connected` is told each time a
-/// connection has held for a second (the producers present are reported again then, as on
-/// any new watch). Stops when dropped.
+/// breaks (reported as [`ProducerEvent::Error`]), it connects again, after 0.5 s and then
+/// doubling up to 10 s while the server stays away. `on_connected` is told each time the
+/// server welcomes it (the producers present are reported again then, as on any new watch).
+/// Stops when dropped.
 pub struct Watch {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -234,30 +246,30 @@ impl Watch {
                 };
                 let mut backoff = Duration::from_millis(500);
                 while !stopping.load(Ordering::SeqCst) {
-                    let (failed, failure) = mpsc::channel::<()>();
+                    // true: welcomed; false: failed.
+                    let (tell, told) = mpsc::channel::<bool>();
                     let events = on_event.clone();
                     let watch = Producers::watch(&uri, move |event| {
-                        if matches!(event, ProducerEvent::Error(_)) {
-                            let _ = failed.send(());
+                        match event {
+                            ProducerEvent::Error(_) => drop(tell.send(false)),
+                            ProducerEvent::Connected => drop(tell.send(true)),
+                            _ => {}
                         }
                         events(event)
                     });
                     if let Ok(watch) = watch {
-                        let mut held = false;
-                        let started = std::time::Instant::now();
                         loop {
                             if stopping.load(Ordering::SeqCst) {
                                 drop(watch);
                                 return;
                             }
-                            match failure.recv_timeout(Duration::from_millis(100)) {
-                                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                            match told.recv_timeout(Duration::from_millis(100)) {
+                                Ok(true) => {
+                                    backoff = Duration::from_millis(500);
+                                    on_connected();
+                                }
+                                Ok(false) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                                 Err(mpsc::RecvTimeoutError::Timeout) => {}
-                            }
-                            if !held && started.elapsed() >= Duration::from_secs(1) {
-                                held = true;
-                                backoff = Duration::from_millis(500);
-                                on_connected();
                             }
                         }
                         // The failed signaller stops on a thread of its own: gst-plugin-webrtc's
@@ -323,12 +335,19 @@ pub fn stop_within(pipeline: &gst::Pipeline, limit: std::time::Duration) -> bool
     if !crate::runner::stop_within(pipeline, limit) {
         return false;
     }
-    for session in sessions {
-        if session.current_state() != gst::State::Null {
-            let _ = session.set_state(gst::State::Null);
-        }
-    }
-    true
+    // On a thread of its own, within the same limit: a stop that hangs is left behind.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("webrtc-stop".into())
+        .spawn(move || {
+            for session in sessions {
+                if session.current_state() != gst::State::Null {
+                    let _ = session.set_state(gst::State::Null);
+                }
+            }
+            let _ = tx.send(());
+        });
+    spawned.is_ok() && rx.recv_timeout(limit).is_ok()
 }
 
 /// The session bins inside every WebRTC source (a subclass of gst-plugin-webrtc's

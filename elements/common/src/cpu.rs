@@ -294,7 +294,10 @@ impl Drop for Turn<'_> {
         }
         let mut state = self.cores.lock();
         state.free += self.held;
-        state.freed = (!self.yielded).then(Instant::now);
+        // A yielded turn leaves another's recent hand-off pause as it is.
+        if !self.yielded {
+            state.freed = Some(Instant::now());
+        }
         drop(state);
         self.cores.changed.notify_all();
     }

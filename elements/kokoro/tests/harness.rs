@@ -311,3 +311,37 @@ fn backend_remote_needs_a_url_and_backend_local_keeps_the_model_in_process() {
     let audio: usize = drain(&mut h).iter().map(|b| b.size()).sum();
     assert!(audio > 24_000, "{audio} bytes of audio");
 }
+
+/// The first audio of each reply (text after a `vox-turn` event) is flagged MARKER, and no
+/// other: the agent tells a reply's start from a gap inside one by it.
+#[test]
+fn the_first_audio_of_each_reply_is_flagged() {
+    use vox_common::events::{TurnMark, TurnState};
+    let (mut h, _bus) = harness("first-words=0");
+    let flagged = |buffers: &[gst::Buffer]| -> Vec<bool> {
+        buffers
+            .iter()
+            .map(|b| b.flags().contains(gst::BufferFlags::MARKER))
+            .collect()
+    };
+    let mark = || {
+        TurnMark {
+            state: TurnState::Final,
+            id: 0,
+        }
+        .to_event()
+    };
+    h.push(text("No mark before this.", 0)).unwrap();
+    h.push_event(mark());
+    h.push(text("The first reply.", 1000)).unwrap();
+    h.push(text("Its second sentence.", 2000)).unwrap();
+    h.push_event(mark());
+    h.push(text("The next reply.", 9000)).unwrap();
+    let out = drain(&mut h);
+    let flags = flagged(&out);
+    assert_eq!(flags.iter().filter(|f| **f).count(), 2, "{flags:?}");
+    assert!(!flags[0], "{flags:?}");
+    // The second flagged buffer is the last text's first: what follows it is unflagged.
+    let second = flags.iter().rposition(|f| *f).unwrap();
+    assert!(second > flags.iter().position(|f| *f).unwrap());
+}

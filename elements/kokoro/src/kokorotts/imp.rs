@@ -25,7 +25,9 @@
 //! whisperstt sent ahead of the end of the caller's turn) is a reply ahead: it is synthesised at
 //! once, and its audio held until an out-of-band `vox-turn` confirms the turn; one that
 //! withdraws it drops the text and stops its synthesis. Its `time-to-first-audio` counts from
-//! the confirmation when that came after the text.
+//! the confirmation when that came after the text. The first audio of each reply (the text
+//! after a `vox-turn` event) has the MARKER flag, so that downstream can tell a reply's start
+//! from a gap inside one.
 //!
 //! With `url` set to a speech service (OpenAI's audio API, e.g. `vox serve tts`), each sentence
 //! is spoken there instead and its audio pushed as it streams in (24 kHz PCM); no model is
@@ -134,6 +136,9 @@ struct Job {
     /// The id of the reply ahead this text belongs to: its audio waits for the turn's
     /// confirmation.
     tentative: Option<u64>,
+    /// The first text of a reply (after a `vox-turn` event): its first buffer has the MARKER
+    /// flag.
+    first_of_turn: bool,
 }
 
 pub struct KokoroTts {
@@ -152,6 +157,8 @@ pub struct KokoroTts {
     running: Mutex<Option<Arc<RunOptions>>>,
     /// The reply ahead the text arriving now belongs to (set by serialized `vox-turn` events).
     tentative: Mutex<Option<u64>>,
+    /// A `vox-turn` event came and no text since: the next text begins a reply.
+    turn_began: std::sync::atomic::AtomicBool,
     /// The reply ahead being spoken, whose synthesis a withdrawal terminates.
     speaking_ahead: Mutex<Option<u64>>,
     /// Replies ahead confirmed or withdrawn.
@@ -259,6 +266,9 @@ impl KokoroTts {
             pts: buffer.pts(),
             arrived: Instant::now(),
             tentative: *self.tentative.lock().unwrap_or_else(|p| p.into_inner()),
+            first_of_turn: self
+                .turn_began
+                .swap(false, std::sync::atomic::Ordering::SeqCst),
         };
         if self.serial.queue(job) {
             Ok(gst::FlowSuccess::Ok)
@@ -283,6 +293,10 @@ impl KokoroTts {
         use gst::EventView;
         if let Some(mark) = TurnMark::from_event(&event) {
             let mut tentative = self.tentative.lock().unwrap_or_else(|p| p.into_inner());
+            if matches!(mark.state, TurnState::Tentative | TurnState::Final) {
+                self.turn_began
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             match mark.state {
                 TurnState::Tentative => *tentative = Some(mark.id),
                 TurnState::Final => *tentative = None,
@@ -327,7 +341,13 @@ impl KokoroTts {
     }
 
     /// Pushes one chunk of audio; returns its flow result.
-    fn push_audio(&self, samples: &[f32], pts: gst::ClockTime, discont: bool) -> bool {
+    fn push_audio(
+        &self,
+        samples: &[f32],
+        pts: gst::ClockTime,
+        discont: bool,
+        reply_start: bool,
+    ) -> bool {
         let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
         let mut buffer = gst::Buffer::from_mut_slice(bytes);
         {
@@ -336,6 +356,9 @@ impl KokoroTts {
             b.set_duration(samples_to_time(samples.len() as u64));
             if discont {
                 b.set_flags(gst::BufferFlags::DISCONT);
+            }
+            if reply_start {
+                b.set_flags(gst::BufferFlags::MARKER);
             }
         }
         match self.srcpad.push(buffer) {
@@ -669,7 +692,7 @@ impl Output {
             *next = Some(pts + samples_to_time(audio.len() as u64));
             (pts, discont)
         };
-        if !imp.push_audio(audio, pts, discont) {
+        if !imp.push_audio(audio, pts, discont, job.first_of_turn && self.first_audio) {
             return false;
         }
         {
@@ -748,6 +771,7 @@ impl ObjectSubclass for KokoroTts {
             audio_until: Mutex::new(None),
             running: Mutex::new(None),
             tentative: Mutex::new(None),
+            turn_began: std::sync::atomic::AtomicBool::new(false),
             speaking_ahead: Mutex::new(None),
             decisions: Decisions::default(),
         }

@@ -468,7 +468,11 @@ impl LlmChat {
             .is_open(now);
         let messages = {
             let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-            history.begin_turn();
+            // A reply made ahead at a pause may be withdrawn: until its turn is confirmed, the
+            // reply before it may still be the one being spoken (and cut off).
+            if job.tentative.is_none() {
+                history.begin_turn();
+            }
             history.messages(&settings.system_prompt, &job.text)
         };
         let result: Result<Usage, LlmError> = if open {
