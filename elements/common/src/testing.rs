@@ -78,3 +78,25 @@ pub fn min_latency(element: &gst::Element) -> gst::ClockTime {
     assert!(pad.query(&mut q), "latency query failed");
     q.result().1
 }
+
+/// Makes the element `description` gives (gst-launch syntax: `factory prop=value ...`) and
+/// brings it to READY, which must fail; returns the error message it posted.
+pub fn start_error(description: &str) -> String {
+    use gst::prelude::*;
+    let element = gst::parse::launch(description).expect("the element is registered");
+    let bus = gst::Bus::new();
+    element.set_bus(Some(&bus));
+    assert!(
+        element.set_state(gst::State::Ready).is_err(),
+        "{description} started"
+    );
+    let msg = bus
+        .pop_filtered(&[gst::MessageType::Error])
+        .expect("an error message");
+    let gst::MessageView::Error(e) = msg.view() else {
+        unreachable!()
+    };
+    let text = e.error().to_string();
+    let _ = element.set_state(gst::State::Null);
+    text
+}

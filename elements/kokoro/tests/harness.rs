@@ -187,19 +187,7 @@ fn long_text_streams_and_flush_stops_it() {
 
 fn start_error(props: &str) -> String {
     init();
-    let pipeline = gst::parse::launch(&format!("appsrc ! kokorotts {props} ! fakesink")).unwrap();
-    assert!(pipeline.set_state(gst::State::Ready).is_err());
-    let bus = pipeline.bus().unwrap();
-    let msg = bus
-        .iter_filtered(&[gst::MessageType::Error])
-        .next()
-        .expect("an error message");
-    let gst::MessageView::Error(err) = msg.view() else {
-        unreachable!()
-    };
-    let text = err.error().to_string();
-    pipeline.set_state(gst::State::Null).unwrap();
-    text
+    vox_common::testing::start_error(&format!("kokorotts {props}"))
 }
 
 #[test]
@@ -289,21 +277,8 @@ fn a_reply_ahead_is_held_until_confirmed_and_dropped_when_withdrawn() {
 
 #[test]
 fn backend_remote_needs_a_url_and_backend_local_keeps_the_model_in_process() {
-    init();
-    let el = gst::ElementFactory::make("kokorotts")
-        .property_from_str("backend", "remote")
-        .build()
-        .unwrap();
-    let bus = gst::Bus::new();
-    el.set_bus(Some(&bus));
-    assert!(el.set_state(gst::State::Ready).is_err());
-    let msg = bus
-        .pop_filtered(&[gst::MessageType::Error])
-        .expect("error message");
-    let gst::MessageView::Error(e) = msg.view() else {
-        unreachable!()
-    };
-    assert!(e.error().to_string().contains("url="), "{}", e.error());
+    let err = start_error("backend=remote");
+    assert!(err.contains("url="), "{err}");
 
     // With backend=local, a url (of nothing) is not used: the audio comes from the model.
     let (mut h, _bus) = harness("backend=local url=http://127.0.0.1:1 retries=0");

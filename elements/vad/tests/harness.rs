@@ -4,7 +4,7 @@
 use gst::prelude::*;
 use gst_check::Harness;
 use vox_common::events::{SpeechBoundary, SpeechPause};
-use vox_common::testing::{audio_caps, f32_buffer, fixture_samples, min_latency};
+use vox_common::testing::{audio_caps, f32_buffer, fixture_samples, min_latency, start_error};
 
 fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -267,24 +267,6 @@ fn accepts_8khz() {
 #[test]
 fn missing_model_fails_at_start_naming_the_file() {
     init();
-    let el = gst::ElementFactory::make("silerovad")
-        .property("model", "/nonexistent/silero_vad.onnx")
-        .build()
-        .unwrap();
-    let bus = gst::Bus::new();
-    el.set_bus(Some(&bus));
-    assert!(el.set_state(gst::State::Ready).is_err());
-    let msg = bus
-        .pop_filtered(&[gst::MessageType::Error])
-        .expect("error message");
-    let gst::MessageView::Error(e) = msg.view() else {
-        unreachable!()
-    };
-    assert!(
-        e.error()
-            .to_string()
-            .contains("/nonexistent/silero_vad.onnx"),
-        "{}",
-        e.error()
-    );
+    let err = start_error("silerovad model=/nonexistent/silero_vad.onnx");
+    assert!(err.contains("/nonexistent/silero_vad.onnx"), "{err}");
 }

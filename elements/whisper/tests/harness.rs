@@ -5,7 +5,7 @@
 use gst::prelude::*;
 use gst_check::Harness;
 use vox_common::events::{SpeechBoundary, SpeechPause, Transcript, TurnMark, TurnState};
-use vox_common::testing::{audio_caps, f32_buffer, fixture_samples, min_latency};
+use vox_common::testing::{audio_caps, f32_buffer, fixture_samples, min_latency, start_error};
 
 fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -449,24 +449,8 @@ fn model_is_loaded_once_per_process() {
 #[test]
 fn missing_model_fails_at_start_with_fetch_command() {
     init();
-    let el = gst::ElementFactory::make("whisperstt")
-        .property("model", "huge")
-        .build()
-        .unwrap();
-    let bus = gst::Bus::new();
-    el.set_bus(Some(&bus));
-    assert!(el.set_state(gst::State::Ready).is_err());
-    let msg = bus
-        .pop_filtered(&[gst::MessageType::Error])
-        .expect("error message");
-    let gst::MessageView::Error(e) = msg.view() else {
-        unreachable!()
-    };
-    assert!(
-        e.error().to_string().contains("unknown model \"huge\""),
-        "{}",
-        e.error()
-    );
+    let err = start_error("whisperstt model=huge");
+    assert!(err.contains("unknown model \"huge\""), "{err}");
 }
 
 #[test]
@@ -513,20 +497,8 @@ fn batch_mode_gives_each_utterance_its_own_words() {
 #[test]
 fn backend_remote_needs_a_url_and_backend_local_keeps_the_model_in_process() {
     init();
-    let el = gst::ElementFactory::make("whisperstt")
-        .property_from_str("backend", "remote")
-        .build()
-        .unwrap();
-    let bus = gst::Bus::new();
-    el.set_bus(Some(&bus));
-    assert!(el.set_state(gst::State::Ready).is_err());
-    let msg = bus
-        .pop_filtered(&[gst::MessageType::Error])
-        .expect("error message");
-    let gst::MessageView::Error(e) = msg.view() else {
-        unreachable!()
-    };
-    assert!(e.error().to_string().contains("url="), "{}", e.error());
+    let err = start_error("whisperstt backend=remote");
+    assert!(err.contains("url="), "{err}");
 
     // With backend=local, a url (of nothing) is not used: the words come from the model.
     let mut h = harness("backend=local url=http://127.0.0.1:1 retries=0");

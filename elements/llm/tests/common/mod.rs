@@ -92,18 +92,5 @@ impl Chat {
 /// `llmchat` refuses to start with `props`; returns its error message.
 pub fn start_error(props: &str) -> String {
     init();
-    let pipeline = gst::parse::launch(&format!("appsrc ! llmchat {props} ! fakesink")).unwrap();
-    assert!(pipeline.set_state(gst::State::Ready).is_err());
-    let msg = pipeline
-        .bus()
-        .unwrap()
-        .iter_filtered(&[gst::MessageType::Error])
-        .next()
-        .unwrap();
-    let gst::MessageView::Error(err) = msg.view() else {
-        unreachable!()
-    };
-    let text = err.error().to_string();
-    pipeline.set_state(gst::State::Null).unwrap();
-    text
+    vox_common::testing::start_error(&format!("llmchat {props}"))
 }
