@@ -98,6 +98,16 @@ fn answers_a_call_over_webrtc() {
     assert_eq!(active, Some(0.0), "{}", agent.drain_log());
 }
 
+/// How long the agent's voice went on after the caller spoke, from `vox call`'s
+/// "interrupted: … (N ms later)" line.
+fn interruption_ms(line: &str) -> f64 {
+    line.rsplit('(')
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"))
+}
+
 /// `vox call ARGS` inside `ns`, returning its output (not checked).
 fn call(ns: &Netns, url: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
     let mut c = ns.command(env!("CARGO_BIN_EXE_vox"));
@@ -188,12 +198,7 @@ fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
         .lines()
         .find(|l| l.starts_with("interrupted:"))
         .unwrap_or_else(|| panic!("no interruption seen in the recording:\n{stdout}\n{log}"));
-    let ms: f64 = line
-        .rsplit('(')
-        .next()
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
+    let ms = interruption_ms(line);
     assert!(ms <= 200.0, "the agent went on for {ms} ms: {line}");
     let agent_side = dir.path().join("agent.wav");
     channel(&record, 2, &agent_side);
@@ -264,12 +269,7 @@ fn a_cough_while_the_agent_speaks_does_not_interrupt_it() {
         .unwrap_or_else(|| {
             panic!("the cough did not come while the agent spoke:\n{stdout}\n{log}")
         });
-    let ms: f64 = line
-        .rsplit('(')
-        .next()
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
+    let ms = interruption_ms(line);
     assert!(
         ms > 1000.0,
         "the agent stopped {ms} ms after the cough: {line}"

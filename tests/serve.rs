@@ -566,14 +566,11 @@ fn a_full_queue_answers_429_with_retry_after() {
     assert_eq!(status, 200);
 }
 
-#[test]
-fn twenty_concurrent_transcriptions_get_answers_or_429s_and_memory_stays_bounded() {
-    let server = Server::start(&["stt", "--queue", "8"]);
-    let jfk = fixture("jfk.wav");
-    let pid = server.child.id();
-    let idle = common::netns::rss_kib(pid);
+/// What `work` returns, and the peak resident memory of process `pid` (KiB, sampled every
+/// 50 ms) while it ran.
+fn peak_rss_during<T: Send>(pid: u32, work: impl FnOnce() -> T + Send) -> (T, u64) {
     let done = std::sync::atomic::AtomicBool::new(false);
-    let (results, peak) = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let sampler = s.spawn(|| {
             let mut peak = 0;
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
@@ -582,10 +579,19 @@ fn twenty_concurrent_transcriptions_get_answers_or_429s_and_memory_stays_bounded
             }
             peak
         });
-        let results = server.transcribe_at_once(20, &jfk);
+        let result = work();
         done.store(true, std::sync::atomic::Ordering::SeqCst);
-        (results, sampler.join().unwrap())
-    });
+        (result, sampler.join().unwrap())
+    })
+}
+
+#[test]
+fn twenty_concurrent_transcriptions_get_answers_or_429s_and_memory_stays_bounded() {
+    let server = Server::start(&["stt", "--queue", "8"]);
+    let jfk = fixture("jfk.wav");
+    let pid = server.child.id();
+    let idle = common::netns::rss_kib(pid);
+    let (results, peak) = peak_rss_during(pid, || server.transcribe_at_once(20, &jfk));
     let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
     let ok = statuses.iter().filter(|&&c| c == 200).count();
     // Two run (one per core) and eight wait: at least those ten are answered, the rest only
@@ -650,19 +656,8 @@ fn uploads_beyond_the_queue_are_turned_away_and_uploads_are_not_held_in_memory()
     std::fs::write(&big, bytes).unwrap();
     let pid = server.child.id();
     let idle = common::netns::rss_kib(pid);
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let (results, peak) = std::thread::scope(|s| {
-        let sampler = s.spawn(|| {
-            let mut peak = 0;
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                peak = peak.max(common::netns::rss_kib(pid));
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            peak
-        });
-        let results = server.transcribe_at_once_with(20, &big, &["--limit-rate", "10M"]);
-        done.store(true, std::sync::atomic::Ordering::SeqCst);
-        (results, sampler.join().unwrap())
+    let (results, peak) = peak_rss_during(pid, || {
+        server.transcribe_at_once_with(20, &big, &["--limit-rate", "10M"])
     });
     let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
     let full = statuses.iter().filter(|&&c| c == 429).count();
