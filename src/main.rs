@@ -130,7 +130,8 @@ enum Command {
         drain_timeout_s: u64,
         /// Barge-in also needs this many transcribed words (0: min-speech-ms of speech is
         /// enough); shorter speech while the agent talks ("uh-huh") neither interrupts nor is
-        /// answered. Turns on partial transcripts (interim-ms=300) unless given.
+        /// answered. Partial transcripts every interim-ms (300 unless given) while such speech
+        /// is judged. 3 or more with tiny.en (it can hear "Okay." as two words).
         #[arg(long, default_value_t = 0)]
         barge_in_words: usize,
         /// Where /healthz, /readyz and /metrics are served (empty: nowhere).

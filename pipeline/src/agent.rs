@@ -597,13 +597,13 @@ fn run_session(
 ) -> Result<(), String> {
     webrtc::no_public_stun(pipeline.upcast_ref());
     webrtc::low_latency(pipeline.upcast_ref());
-    let voice = Voice::new(
-        pipeline,
-        words,
-        metrics.voice_underrun_seconds.clone(),
-        call,
-    );
-    let mut barge_in = BargeIn::new(words);
+    let voice = Voice::new(pipeline, metrics.voice_underrun_seconds.clone(), call).map(Arc::new);
+    let barge_in = Arc::new(Mutex::new(BargeIn::new(words)));
+    let interim = (words > 0).then(|| Interim::new(pipeline)).flatten();
+    if let (Some(voice), true) = (&voice, words > 0) {
+        decide_finals(voice, barge_in.clone());
+    }
+
     let mut clock = TurnClock::default();
     let on_board = Waiting::join(call, pipeline);
     let bus = pipeline.bus().expect("a pipeline has a bus");
@@ -646,31 +646,49 @@ fn run_session(
                     board.heard(s.name().as_str());
                 }
                 let Some(voice) = &voice else { continue };
+                let mut b = barge_in.lock().unwrap_or_else(|p| p.into_inner());
                 let act = match s.name().as_str() {
-                    events::SPEECH_ONSET => barge_in.onset(voice.busy()),
-                    events::SPEECH_CANCEL => barge_in.cancel(),
-                    events::SPEECH_START => barge_in.start(voice.busy()),
+                    events::SPEECH_ONSET => b.onset(voice.busy()),
+                    events::SPEECH_CANCEL => b.cancel(),
+                    events::SPEECH_START => b.start(voice.busy()),
                     // A reply made ahead and withdrawn was never this session's reply.
                     "vox-llm-turn" if withdrawn(s) => None,
                     "vox-llm-turn" => {
                         voice.replying.store(false, Ordering::SeqCst);
                         None
                     }
+                    // A final transcript of speech heard over the agent, decided in the stream.
+                    BARGE_IN => match s.get::<&str>("act") {
+                        Ok("interrupt") => {
+                            voice.replying.store(true, Ordering::SeqCst);
+                            Some(Act::Interrupted)
+                        }
+                        _ => {
+                            clock.not_a_turn();
+                            Some(Act::Resume)
+                        }
+                    },
                     _ => match events::Transcript::from_structure(s) {
-                        Some(t) => {
-                            let act =
-                                barge_in.transcript(t.text.split_whitespace().count(), t.partial);
-                            if !t.partial && act != Some(Act::Resume) {
-                                voice.replying.store(true, Ordering::SeqCst);
-                            }
-                            act
+                        // Partial transcripts count words here: an interruption flushes the
+                        // reply while the lock keeps the final transcript out of the way.
+                        Some(t) if t.partial => b.transcript(sure_words(&t), true),
+                        // Finals of speech heard over the agent are decided by the probe, in
+                        // the stream (`decide_finals`), which posts BARGE_IN.
+                        Some(_) if b.awaiting_words() => None,
+                        Some(t) if b.backchannel == Some(t.utterance) => {
+                            clock.not_a_turn();
+                            None
+                        }
+                        Some(_) => {
+                            voice.replying.store(true, Ordering::SeqCst);
+                            None
                         }
                         None => None,
                     },
                 };
-                voice
-                    .awaiting_words
-                    .store(barge_in.awaiting_words(), Ordering::SeqCst);
+                if let Some(interim) = &interim {
+                    interim.set(b.awaiting_words());
+                }
                 match act {
                     Some(Act::Pause) => voice.mute(true),
                     Some(Act::Resume) => {
@@ -682,6 +700,10 @@ fn run_session(
                         tracing::info!("session {call}: interrupted by the caller");
                         metrics.interruptions.inc();
                         voice.interrupt();
+                    }
+                    Some(Act::Interrupted) => {
+                        tracing::info!("session {call}: interrupted by the caller");
+                        metrics.interruptions.inc();
                     }
                     None => {}
                 }
@@ -891,6 +913,12 @@ impl Breakdown {
 }
 
 impl TurnClock {
+    /// The last final transcript is not answered (a backchannel heard over the agent).
+    fn not_a_turn(&mut self) {
+        self.awaiting_audio = None;
+        self.transcript_at = None;
+    }
+
     fn mark(
         &mut self,
         call: &str,
@@ -980,6 +1008,75 @@ impl TurnClock {
     }
 }
 
+/// A word of speech heard while the agent talks counts for the barge-in word rule when Whisper
+/// gave it at least this probability (its letters' least). What tiny.en makes of the end of
+/// audio cut mid-word, or of a murmur, comes at 0.05–0.1 ("Oof.", "the...", "Lotho" for
+/// "uh-huh"); real words over Opus at 0.25 and up. It cannot tell a word added to a short
+/// utterance: "Okay." came out as "Okay, sir." (0.30, 0.49), as sure as "Wait, stop." heard as
+/// "We stop!" (0.36, 0.25), so a rule of 2 words cannot tell those apart with tiny.en.
+const SURE: f64 = 0.2;
+
+/// The words of `t` that count for barge-in ([`BargeIn`]), lowercased, without punctuation:
+/// those Whisper was sure of ([`SURE`]), or all of the text's words when the transcript carries
+/// none (a speech service that gives no words).
+pub fn sure_words(t: &events::Transcript) -> Vec<String> {
+    let norm = |w: &str| -> String {
+        w.chars()
+            .filter(|c| c.is_alphanumeric() || *c == '\'')
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let mut words = t.segments.iter().flat_map(|s| &s.words).peekable();
+    let texts: Vec<String> = if words.peek().is_none() {
+        t.text.split_whitespace().map(norm).collect()
+    } else {
+        words
+            .filter(|w| w.probability >= SURE)
+            .map(|w| norm(&w.text))
+            .collect()
+    };
+    texts.into_iter().filter(|w| !w.is_empty()).collect()
+}
+
+/// With the barge-in word rule, whisperstt's partial transcripts, made only while speech heard
+/// over the agent awaits its words (each is a Whisper run, on the cores the reply being made
+/// needs too; the interval is the graph's `interim-ms`), and its words with their probability
+/// ([`sure_words`]).
+///
+/// `send-ahead` is off meanwhile: a transcript made at a pause would reach llmchat as a reply
+/// ahead before the words are counted; the final one is decided before it goes on
+/// ([`decide_finals`]).
+struct Interim {
+    stt: gst::Element,
+    interval: u32,
+    send_ahead: bool,
+    on: std::cell::Cell<bool>,
+}
+
+impl Interim {
+    fn new(pipeline: &gst::Pipeline) -> Option<Self> {
+        let stt = pipeline.by_name("stt")?;
+        let interval = stt.property::<u32>("interim-interval-ms");
+        let send_ahead = stt.property::<bool>("send-ahead");
+        stt.set_property("word-timestamps", true);
+        stt.set_property("interim-interval-ms", 0u32);
+        Some(Self {
+            stt,
+            interval,
+            send_ahead,
+            on: std::cell::Cell::new(false),
+        })
+    }
+
+    fn set(&self, on: bool) {
+        if self.on.replace(on) != on {
+            let interval = if on { self.interval } else { 0 };
+            self.stt.set_property("interim-interval-ms", interval);
+            self.stt.set_property("send-ahead", self.send_ahead && !on);
+        }
+    }
+}
+
 /// What barge-in does about the caller's speech while the agent has the turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Act {
@@ -992,18 +1089,27 @@ pub enum Act {
     Interrupt,
     /// Confirmed speech, silenced, waiting for enough words to interrupt.
     Wait,
+    /// The reply was stopped for good already (by [`decide_finals`], in the stream).
+    Interrupted,
 }
 
 /// The barge-in rule (no GStreamer types): an onset while the agent speaks pauses it; the
 /// onset confirmed as speech interrupts it; an onset cancelled resumes it. With `words`, the
-/// speech must also be transcribed to that many words (a partial transcript will do): the agent
-/// stays silent while that is decided, and speaks on if the utterance ends with fewer.
+/// speech must also be transcribed to that many words: the agent stays silent while that is
+/// decided, and speaks on if the utterance ends with fewer. Only the words Whisper is sure of
+/// count ([`sure_words`]), and of a partial transcript only those the partial before it had
+/// too: Whisper guesses at the end of audio cut mid-word, and a guess is rarely the same
+/// twice.
 #[derive(Debug, Default)]
 pub struct BargeIn {
     paused: bool,
     words: usize,
     /// Speech confirmed while the agent spoke; its words are awaited.
     waiting: bool,
+    /// The sure words of the last partial transcript of that speech.
+    partial: Vec<String>,
+    /// The last utterance heard over the agent that had too few words (not answered).
+    pub backchannel: Option<u64>,
 }
 
 impl BargeIn {
@@ -1034,6 +1140,7 @@ impl BargeIn {
             return Some(Act::Interrupt);
         }
         self.waiting = true;
+        self.partial.clear();
         Some(if std::mem::replace(&mut self.paused, true) {
             Act::Wait
         } else {
@@ -1046,20 +1153,36 @@ impl BargeIn {
         self.waiting
     }
 
-    /// A transcript of `words` words (`partial`: while the speech goes on).
-    pub fn transcript(&mut self, words: usize, partial: bool) -> Option<Act> {
+    /// A transcript's sure `words` ([`sure_words`]; `partial`: while the speech goes on).
+    pub fn transcript(&mut self, words: Vec<String>, partial: bool) -> Option<Act> {
         if !self.waiting {
             return None;
         }
-        if words >= self.words {
-            (self.waiting, self.paused) = (false, false);
+        let count = if partial {
+            let agreed = words
+                .iter()
+                .zip(&self.partial)
+                .take_while(|(a, b)| a == b)
+                .count();
+            self.partial = words;
+            agreed
+        } else {
+            words.len()
+        };
+        if count >= self.words {
+            self.decided();
             return Some(Act::Interrupt);
         }
         if partial {
             return None;
         }
-        (self.waiting, self.paused) = (false, false);
+        self.decided();
         Some(Act::Resume)
+    }
+
+    fn decided(&mut self) {
+        (self.waiting, self.paused) = (false, false);
+        self.partial.clear();
     }
 }
 
@@ -1075,19 +1198,11 @@ struct Voice {
     speaking_until: Arc<AtomicU64>,
     /// A reply is being generated (a final transcript went in, its turn has not ended).
     replying: AtomicBool,
-    /// Barge-in awaits the words of speech heard while the agent spoke: a final transcript
-    /// with fewer than the words asked for is a backchannel ("uh-huh"), kept from llmchat.
-    awaiting_words: Arc<AtomicBool>,
 }
 
 impl Voice {
     /// The session's voice, when the graph has `llm`, `tts` and the queue `voice` into a mixer.
-    fn new(
-        pipeline: &gst::Pipeline,
-        words: usize,
-        underruns: Histogram,
-        call: &str,
-    ) -> Option<Self> {
+    fn new(pipeline: &gst::Pipeline, underruns: Histogram, call: &str) -> Option<Self> {
         let tts = pipeline.by_name("tts")?;
         let llm_sink = pipeline.by_name("llm")?.static_pad("sink")?;
         let mix_pad = pipeline.by_name("voice")?.static_pad("src")?.peer()?;
@@ -1099,17 +1214,12 @@ impl Voice {
             underruns,
             call.to_string(),
         );
-        let awaiting_words = Arc::new(AtomicBool::new(false));
-        if words > 0 {
-            drop_backchannels(&llm_sink, words, awaiting_words.clone());
-        }
         Some(Self {
             pipeline: pipeline.downgrade(),
             mix_pad,
             llm_sink,
             speaking_until,
             replying: AtomicBool::new(false),
-            awaiting_words,
         })
     }
 
@@ -1142,31 +1252,71 @@ impl Voice {
     }
 }
 
-/// Keeps from llmchat the final transcripts of fewer than `words` words that come while
-/// `awaiting` (speech heard while the agent spoke): the agent talks on, and does not answer
-/// "uh-huh" afterwards. The same count decides barge-in on the bus ([`BargeIn::transcript`]).
-fn drop_backchannels(llm_sink: &gst::Pad, words: usize, awaiting: Arc<AtomicBool>) {
-    // whisperstt sends a `vox-transcript` event (partial or final) before each text buffer.
-    let partial = AtomicBool::new(false);
-    llm_sink.add_probe(
+/// The message a session's [`decide_finals`] posts (from `stt`) when it decided a final
+/// transcript of speech heard over the agent: `act` "interrupt" (the reply was flushed, the
+/// transcript went on to llmchat) or "resume" (too few words: kept from llmchat).
+const BARGE_IN: &str = "vox-barge-in";
+
+/// With the barge-in word rule, decides each final transcript of speech heard over the agent
+/// in the stream, on whisperstt's output before llmchat sees it: enough words interrupt the
+/// reply (flushed before the transcript goes on, which llmchat then answers), fewer keep it
+/// from llmchat ("uh-huh" is not answered). Decided on the bus instead, the flush could come
+/// after the transcript had gone in, and cancel its answer too. The lock is the one the bus
+/// thread holds while it counts partial transcripts and flushes, so the two never both decide.
+fn decide_finals(voice: &Arc<Voice>, barge_in: Arc<Mutex<BargeIn>>) {
+    let Some(stt_src) = voice.llm_sink.peer() else {
+        return;
+    };
+    let voice = Arc::downgrade(voice);
+    // The text buffer after a transcript kept from llmchat.
+    let drop_next = AtomicBool::new(false);
+    stt_src.add_probe(
         gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM,
-        move |_, info| {
+        move |pad, info| {
             match &info.data {
                 Some(gst::PadProbeData::Event(e)) => {
-                    if let Some(t) = e.structure().and_then(events::Transcript::from_structure) {
-                        partial.store(t.partial, Ordering::SeqCst);
+                    let Some(t) = e.structure().and_then(events::Transcript::from_structure) else {
+                        return gst::PadProbeReturn::Ok;
+                    };
+                    // Each transcript event comes before its text buffer, if it has text.
+                    drop_next.store(false, Ordering::SeqCst);
+                    if t.partial {
+                        return gst::PadProbeReturn::Ok;
                     }
-                }
-                Some(gst::PadProbeData::Buffer(b))
-                    if !partial.load(Ordering::SeqCst) && awaiting.load(Ordering::SeqCst) =>
-                {
-                    let count = b
-                        .map_readable()
-                        .map(|m| String::from_utf8_lossy(&m).split_whitespace().count())
-                        .unwrap_or(0);
-                    if count < words {
+                    let mut b = barge_in.lock().unwrap_or_else(|p| p.into_inner());
+                    let act = match b.transcript(sure_words(&t), false) {
+                        Some(Act::Interrupt) => {
+                            if let Some(voice) = voice.upgrade() {
+                                voice.interrupt();
+                            }
+                            "interrupt"
+                        }
+                        Some(Act::Resume) => {
+                            b.backchannel = Some(t.utterance);
+                            drop_next.store(!t.text.is_empty(), Ordering::SeqCst);
+                            "resume"
+                        }
+                        _ => return gst::PadProbeReturn::Ok,
+                    };
+                    drop(b);
+                    if let Some(element) = pad.parent_element() {
+                        let _ = element.post_message(
+                            gst::message::Element::builder(
+                                gst::Structure::builder(BARGE_IN)
+                                    .field("act", act)
+                                    .field("utterance", t.utterance)
+                                    .build(),
+                            )
+                            .src(&element)
+                            .build(),
+                        );
+                    }
+                    if act == "resume" {
                         return gst::PadProbeReturn::Drop;
                     }
+                }
+                Some(gst::PadProbeData::Buffer(_)) if drop_next.swap(false, Ordering::SeqCst) => {
+                    return gst::PadProbeReturn::Drop;
                 }
                 _ => {}
             }
@@ -1186,6 +1336,17 @@ fn log_message(call: &str, s: &gst::StructureRef) {
         if !t.partial {
             tracing::info!("session {call}: heard {:?}", t.text);
         }
+        let words: Vec<String> = t
+            .segments
+            .iter()
+            .flat_map(|s| &s.words)
+            .map(|w| format!("{} {:.2}", w.text.trim(), w.probability))
+            .collect();
+        tracing::debug!(
+            "session {call}: {} transcript, words and their probability: {}",
+            if t.partial { "partial" } else { "final" },
+            words.join(", ")
+        );
         return;
     }
     match s.name().as_str() {
@@ -1391,7 +1552,15 @@ mod tests {
         // Confirmed at once (no onset first) while speaking.
         assert_eq!(b.start(true), Some(Act::Interrupt));
         // Transcripts change nothing without a word rule.
-        assert_eq!(b.transcript(1, false), None);
+        assert_eq!(b.transcript(vec!["yes".into()], false), None);
+    }
+
+    /// Words as [`sure_words`] gives them.
+    fn words(text: &str) -> Vec<String> {
+        sure_words(&events::Transcript {
+            text: text.into(),
+            ..Default::default()
+        })
     }
 
     #[test]
@@ -1401,20 +1570,76 @@ mod tests {
         assert_eq!(b.onset(true), Some(Act::Pause));
         assert_eq!(b.start(true), Some(Act::Wait));
         assert_eq!(b.cancel(), None, "confirmed speech is decided by its words");
-        assert_eq!(b.transcript(1, true), None);
-        assert_eq!(b.transcript(1, false), Some(Act::Resume));
-        // A real interruption: the partial transcript reaches three words.
+        assert_eq!(b.transcript(words("Uh-huh"), true), None);
+        assert_eq!(b.transcript(words("Uh-huh."), false), Some(Act::Resume));
+        // A real interruption: partial transcripts agree on three words.
         assert_eq!(b.onset(true), Some(Act::Pause));
         assert_eq!(b.start(true), Some(Act::Wait));
-        assert_eq!(b.transcript(2, true), None);
-        assert_eq!(b.transcript(3, true), Some(Act::Interrupt));
-        assert_eq!(b.transcript(4, false), None, "decided already");
-        // Confirmed without an onset first: silenced at once, then decided.
+        assert_eq!(b.transcript(words("Wait, what"), true), None);
+        assert_eq!(b.transcript(words("Wait, what is"), true), None);
+        assert_eq!(
+            b.transcript(words("wait what is the"), true),
+            Some(Act::Interrupt)
+        );
+        assert_eq!(
+            b.transcript(words("Wait, what is the"), false),
+            None,
+            "decided already"
+        );
+        // Confirmed without an onset first: silenced at once, then decided by the final one.
         assert_eq!(b.start(true), Some(Act::Pause));
-        assert_eq!(b.transcript(5, false), Some(Act::Interrupt));
+        assert_eq!(
+            b.transcript(words("What is it then?"), false),
+            Some(Act::Interrupt)
+        );
         // The agent quiet: a normal turn.
         assert_eq!(b.start(false), None);
-        assert_eq!(b.transcript(1, false), None);
+        assert_eq!(b.transcript(words("Yes"), false), None);
+    }
+
+    /// A partial transcript's last words are a guess at audio cut mid-word: three words in one
+    /// partial do not interrupt unless the next partial has them too, and a guess that changes
+    /// counts only up to where the two differ.
+    #[test]
+    fn barge_in_counts_the_words_two_partials_agree_on() {
+        let mut b = BargeIn::new(3);
+        assert_eq!(b.start(true), Some(Act::Pause));
+        assert_eq!(b.transcript(words("Okay, so then"), true), None);
+        assert_eq!(b.transcript(words("Okay, sir."), true), None);
+        assert_eq!(b.transcript(words("Okay, sir, yes"), true), None);
+        // Agreement starts again with each utterance heard over the agent.
+        assert_eq!(b.transcript(words("Okay."), false), Some(Act::Resume));
+        assert_eq!(b.start(true), Some(Act::Pause));
+        assert_eq!(b.transcript(words("sir yes"), true), None);
+        assert_eq!(b.transcript(words("Sir, yes, sir."), true), None);
+        assert_eq!(
+            b.transcript(words("Sir, yes, sir. Now"), true),
+            Some(Act::Interrupt)
+        );
+    }
+
+    /// Words Whisper was unsure of do not count; without words (a speech service), the text's.
+    #[test]
+    fn only_the_words_whisper_is_sure_of_count() {
+        let word = |text: &str, probability: f64| events::Word {
+            text: text.into(),
+            probability,
+            ..Default::default()
+        };
+        let t = events::Transcript {
+            text: "Okay, sir.".into(),
+            segments: vec![events::Segment {
+                words: vec![word("Okay,", 0.91), word("sir.", 0.18), word("...", 0.9)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(sure_words(&t), ["okay"]);
+        assert_eq!(
+            words("Don't stop, it's 5 o'clock!"),
+            ["don't", "stop", "it's", "5", "o'clock"]
+        );
+        assert!(words(" ... ").is_empty());
     }
 
     /// The voice's audio as the agent re-stamps it: a buffer that comes after the one before

@@ -17,6 +17,9 @@ pub const SAMPLE_RATE: usize = 16_000;
 const MIN_SAMPLES: usize = SAMPLE_RATE * 11 / 10;
 /// Silence put between utterances transcribed together.
 pub const BATCH_GAP: usize = SAMPLE_RATE * 4 / 10;
+/// An utterance in a joined pass whose words end this long before it does is transcribed again
+/// alone (see [`cut_short`]): more than a VAD's trailing silence and padding.
+const CUT_SHORT_MS: u64 = 2000;
 /// In a batch, a word belongs to the utterance that started at most this long before its time:
 /// the last word of an utterance is often timed a little after the utterance's end.
 const OWNER_LEAD_MS: u64 = 100;
@@ -554,7 +557,7 @@ impl Engine {
         }
         let budget = token_budget(joined.len());
         let mut state = PooledState::take(&self.ctx, runs_at_once(opts.threads))?;
-        self.run(&mut state, opts, &joined, cancelled, budget, false)?;
+        self.run(&mut state, opts, &joined, cancelled.clone(), budget, false)?;
         let ms = |samples: usize| (samples * 1000 / SAMPLE_RATE) as u64;
         // Piece i owns the words timed from OWNER_LEAD_MS before its start to the next's.
         let owner = |t_ms: u64| {
@@ -595,7 +598,17 @@ impl Engine {
         }
         let language = self.detected_language(&state, opts);
         drop(state);
-        Ok(words
+        // Where each utterance's last word ends (ms into it), before the words are dropped.
+        let ends: Vec<Option<u64>> = words
+            .iter()
+            .map(|w| {
+                w.iter()
+                    .filter(|w| !w.text.trim().is_empty())
+                    .map(|w| w.end_ms)
+                    .max()
+            })
+            .collect();
+        let mut outputs: Vec<Output> = words
             .into_iter()
             .zip(&spans)
             .map(|(mut words, &(_, len))| {
@@ -627,8 +640,28 @@ impl Engine {
                     segments,
                 }
             })
-            .collect())
+            .collect();
+        // The decoder can stop early in a joined pass (an end of text where speech goes on):
+        // an utterance it left without words for its last seconds is transcribed again alone.
+        for (i, piece) in pieces.iter().enumerate() {
+            if cut_short(ends[i], piece.len()) && !cancelled() {
+                log::info!(
+                    "utterance {i} of a batch cut short ({:?}): transcribed again alone",
+                    outputs[i].text
+                );
+                outputs[i] = self.transcribe(piece, opts, cancelled.clone())?;
+            }
+        }
+        Ok(outputs)
     }
+}
+
+/// Whether an utterance of `len` samples (speech by the VAD's account, to within its padding)
+/// whose last word in a joined pass ended at `last_word_end` (ms into it; `None`: no word) was
+/// left without words for its last [`CUT_SHORT_MS`], or without any when longer than that.
+fn cut_short(last_word_end: Option<u64>, len: usize) -> bool {
+    let len_ms = (len * 1000 / SAMPLE_RATE) as u64;
+    len_ms.saturating_sub(last_word_end.unwrap_or(0)) > CUT_SHORT_MS
 }
 
 /// The text tokens of a segment (special and timestamp tokens skipped), with their data.
@@ -674,15 +707,52 @@ fn add_token(words: &mut Vec<WordOut>, piece: &str, t0: u64, t1: u64, p: f32) {
             probability: p,
         });
     } else if let Some(w) = words.last_mut() {
+        let begun = w.text.chars().any(char::is_alphanumeric);
         w.text.push_str(piece);
         w.end_ms = t1.max(w.end_ms);
-        w.probability = w.probability.min(p);
+        // A word's probability is its letters' least: punctuation around it is a guess about
+        // the sentence, not about the word.
+        if piece.chars().any(char::is_alphanumeric) {
+            w.probability = if begun { w.probability.min(p) } else { p };
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_utterance_left_without_words_for_its_last_seconds_was_cut_short() {
+        let second = SAMPLE_RATE;
+        // Words to within a VAD's trailing silence of the end.
+        assert!(!cut_short(Some(9_400), 10 * second));
+        assert!(!cut_short(Some(8_200), 10 * second));
+        // "Once a", then nothing for 14 s of speech.
+        assert!(cut_short(Some(900), 15 * second));
+        // No word at all: a short murmur may have none; three seconds of speech may not.
+        assert!(!cut_short(None, second));
+        assert!(cut_short(None, 3 * second));
+    }
+
+    #[test]
+    fn a_words_probability_is_its_letters_least() {
+        let mut words = Vec::new();
+        for (piece, p) in [
+            (" \"", 0.2),
+            ("Lo", 0.9),
+            ("tha", 0.7),
+            ("\".", 0.1),
+            (" sir", 0.4),
+        ] {
+            add_token(&mut words, piece, 0, 0, p);
+        }
+        let got: Vec<_> = words
+            .iter()
+            .map(|w| (w.text.as_str(), w.probability))
+            .collect();
+        assert_eq!(got, [("\"Lotha\".", 0.7), ("sir", 0.4)]);
+    }
 
     #[test]
     fn audio_ctx_grows_with_length_and_is_capped() {
