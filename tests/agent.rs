@@ -150,6 +150,63 @@ fn ask(ns: &Netns, agent: &mut Agent, q: &Path, dir: &Path) -> (String, String) 
     )
 }
 
+/// A call that plays `story` and, 0.3 s into the agent's answer, `over` (the caller speaking
+/// over the agent), recorded to `record`: how long the agent's voice went on after `over`
+/// began, in the recording, and the call's output.
+fn talk_over(ns: &Netns, url: &str, story: &Path, over: &Path, record: &Path) -> (f64, String) {
+    let out = call(
+        ns,
+        url,
+        &[
+            os("--play"),
+            story.as_os_str(),
+            os("--interrupt-after"),
+            os("0.3"),
+            over.as_os_str(),
+            os("--record"),
+            record.as_os_str(),
+            os("--timeout-s"),
+            os("90"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("interrupted:"))
+        .unwrap_or_else(|| panic!("the caller did not speak over the agent:\n{stdout}"));
+    (interruption_ms(line), stdout)
+}
+
+/// A barge-in by "What is the capital of France?", as the agent and the recording saw it: the
+/// agent's voice stopped within 200 ms of the caller's speech (`ms`), the cut-off reply is
+/// recorded as such, the question is answered (Paris), and one interruption is counted.
+fn assert_barged_in(ns: &Netns, agent: &mut Agent, record: &Path, ms: f64, stdout: &str) {
+    let log = agent.drain_log();
+    assert!(log.contains("interrupted by the caller"), "{log}");
+    assert!(log.contains("(cancelled)"), "{log}");
+    assert!(
+        log.contains("heard \"What is the capital of France?\""),
+        "{log}"
+    );
+    assert!(ms <= 200.0, "the agent went on for {ms} ms:\n{stdout}");
+    let agent_side = record.with_extension("agent.wav");
+    channel(record, 2, &agent_side);
+    let heard = normalize(&check(vox().arg("transcribe").arg(&agent_side)));
+    assert!(
+        heard.contains("paris"),
+        "the agent said: {heard}\n{stdout}\n{log}"
+    );
+    assert_eq!(
+        ns.metric(agent.http_port, "vox_interruptions_total"),
+        Some(1.0)
+    );
+}
+
 #[test]
 fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
     let _one = exclusive();
@@ -164,53 +221,8 @@ fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
     // Whole sentences, so the agent is in the middle of a long one when it is interrupted.
     let mut agent = Agent::start(&ns, 8444, &["max-tokens=300", "first-clause=false"]);
     let record = dir.path().join("call.wav");
-    let out = call(
-        &ns,
-        &agent.url,
-        &[
-            os("--play"),
-            story.as_os_str(),
-            os("--interrupt-after"),
-            os("0.3"),
-            q.as_os_str(),
-            os("--record"),
-            record.as_os_str(),
-            os("--timeout-s"),
-            os("90"),
-        ],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let log = agent.drain_log();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(log.contains("interrupted by the caller"), "{log}");
-    // The cut-off reply is recorded as such, and the second question is answered.
-    assert!(log.contains("(cancelled)"), "{log}");
-    assert!(
-        log.contains("heard \"What is the capital of France?\""),
-        "{log}"
-    );
-    // In the recording, the agent's voice stops within 200 ms of the caller's speech.
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("interrupted:"))
-        .unwrap_or_else(|| panic!("no interruption seen in the recording:\n{stdout}\n{log}"));
-    let ms = interruption_ms(line);
-    assert!(ms <= 200.0, "the agent went on for {ms} ms:\n{stdout}");
-    let agent_side = dir.path().join("agent.wav");
-    channel(&record, 2, &agent_side);
-    let heard = normalize(&check(vox().arg("transcribe").arg(&agent_side)));
-    assert!(
-        heard.contains("paris"),
-        "the agent said: {heard}\n{stdout}\n{log}"
-    );
-    assert_eq!(
-        ns.metric(agent.http_port, "vox_interruptions_total"),
-        Some(1.0)
-    );
+    let (ms, stdout) = talk_over(&ns, &agent.url, &story, &q, &record);
+    assert_barged_in(&ns, &mut agent, &record, ms, &stdout);
 }
 
 /// A cough while the agent speaks (0.12 s of speech, under `min-speech-ms`) does not interrupt
@@ -236,28 +248,8 @@ fn a_cough_while_the_agent_speaks_does_not_interrupt_it() {
     let ns = Netns::new();
     let mut agent = Agent::start(&ns, 8450, &["max-tokens=60", "first-clause=false"]);
     let record = dir.path().join("call.wav");
-    let out = call(
-        &ns,
-        &agent.url,
-        &[
-            os("--play"),
-            story.as_os_str(),
-            os("--interrupt-after"),
-            os("0.3"),
-            cough.as_os_str(),
-            os("--record"),
-            record.as_os_str(),
-            os("--timeout-s"),
-            os("90"),
-        ],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (ms, stdout) = talk_over(&ns, &agent.url, &story, &cough, &record);
     let log = agent.drain_log();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(log.contains("not an interruption, resuming"), "{log}");
     assert!(!log.contains("interrupted by the caller"), "{log}");
     assert!(!log.contains("(cancelled)"), "{log}");
@@ -266,16 +258,9 @@ fn a_cough_while_the_agent_speaks_does_not_interrupt_it() {
         Some(0.0)
     );
     // In the recording the agent's voice goes on well past the cough.
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("interrupted:"))
-        .unwrap_or_else(|| {
-            panic!("the cough did not come while the agent spoke:\n{stdout}\n{log}")
-        });
-    let ms = interruption_ms(line);
     assert!(
         ms > 1000.0,
-        "the agent stopped {ms} ms after the cough: {line}"
+        "the agent stopped {ms} ms after the cough:\n{stdout}"
     );
 }
 
@@ -305,39 +290,8 @@ fn with_a_word_rule_a_backchannel_does_not_interrupt_and_a_question_does() {
             "first-clause=false",
         ],
     );
-    let url = agent.url.clone();
-    let talk_over = |over: &Path, record: &Path| {
-        let out = call(
-            &ns,
-            &url,
-            &[
-                os("--play"),
-                story.as_os_str(),
-                os("--interrupt-after"),
-                os("0.3"),
-                over.as_os_str(),
-                os("--record"),
-                record.as_os_str(),
-                os("--timeout-s"),
-                os("90"),
-            ],
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with("interrupted:"))
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("the caller did not speak over the agent:\n{stdout}"));
-        (interruption_ms(&line), stdout)
-    };
-
     let record = dir.path().join("okay.call.wav");
-    let (_, stdout) = talk_over(&okay, &record);
+    let (_, stdout) = talk_over(&ns, &agent.url, &story, &okay, &record);
     let log = agent.drain_log();
     assert!(log.contains("not an interruption, resuming"), "{log}");
     assert!(!log.contains("interrupted by the caller"), "{log}");
@@ -367,23 +321,9 @@ fn with_a_word_rule_a_backchannel_does_not_interrupt_and_a_question_does() {
     );
 
     let record = dir.path().join("question.call.wav");
-    let (ms, stdout) = talk_over(&q, &record);
-    let log = agent.drain_log();
-    assert!(log.contains("interrupted by the caller"), "{log}");
-    assert!(log.contains("(cancelled)"), "{log}");
+    let (ms, stdout) = talk_over(&ns, &agent.url, &story, &q, &record);
     // Silenced at the speech's onset, as without the word rule.
-    assert!(ms <= 200.0, "the agent went on for {ms} ms:\n{stdout}");
-    let agent_side = dir.path().join("agent.wav");
-    channel(&record, 2, &agent_side);
-    let heard = normalize(&check(vox().arg("transcribe").arg(&agent_side)));
-    assert!(
-        heard.contains("paris"),
-        "the agent said: {heard}\n{stdout}\n{log}"
-    );
-    assert_eq!(
-        ns.metric(agent.http_port, "vox_interruptions_total"),
-        Some(1.0)
-    );
+    assert_barged_in(&ns, &mut agent, &record, ms, &stdout);
 }
 
 #[test]
