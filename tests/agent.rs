@@ -194,6 +194,13 @@ fn assert_barged_in(ns: &Netns, agent: &mut Agent, record: &Path, ms: f64, stdou
         "{log}"
     );
     assert!(ms <= 200.0, "the agent went on for {ms} ms:\n{stdout}");
+    // One answer after the interruption: not one to a partial transcript besides.
+    let after = &log[log.rfind("interrupted by the caller").unwrap_or(0)..];
+    let answers = after
+        .lines()
+        .filter(|l| l.contains(": replied ") && !l.contains("(cancelled)"))
+        .count();
+    assert_eq!(answers, 1, "{log}");
     let agent_side = record.with_extension("agent.wav");
     channel(record, 2, &agent_side);
     let heard = normalize(&check(vox().arg("transcribe").arg(&agent_side)));

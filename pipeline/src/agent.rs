@@ -614,6 +614,16 @@ fn run_session(
     }
     while !stop.load(Ordering::SeqCst) {
         let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
+            if let Some(voice) = &voice {
+                let overdue = barge_in.lock().unwrap_or_else(|p| p.into_inner()).overdue();
+                if overdue.is_some() {
+                    tracing::info!("session {call}: no transcript of the speech, resuming");
+                    voice.mute(false);
+                    if let Some(interim) = &interim {
+                        interim.set(false);
+                    }
+                }
+            }
             continue;
         };
         match msg.view() {
@@ -651,16 +661,25 @@ fn run_session(
                     events::SPEECH_ONSET => b.onset(voice.busy()),
                     events::SPEECH_CANCEL => b.cancel(),
                     events::SPEECH_START => b.start(voice.busy()),
-                    // A reply made ahead and withdrawn was never this session's reply.
-                    "vox-llm-turn" if withdrawn(s) => None,
+                    events::SPEECH_END => {
+                        b.end();
+                        None
+                    }
+                    // A reply made ahead and withdrawn was never this session's reply; one
+                    // cancelled by a barge-in was over at the flush (`Voice::interrupt`), and
+                    // its message may come after the answer to the interruption has begun.
+                    "vox-llm-turn" if withdrawn(s) || cancelled(s) => None,
                     "vox-llm-turn" => {
                         voice.replying.store(false, Ordering::SeqCst);
                         None
                     }
-                    // A final transcript of speech heard over the agent, decided in the stream.
+                    // Speech heard over the agent, decided in the stream (`decide_finals`).
                     BARGE_IN => match s.get::<&str>("act") {
                         Ok("interrupt") => {
-                            voice.replying.store(true, Ordering::SeqCst);
+                            // Decided on its final transcript, which goes on to be answered.
+                            if s.get::<bool>("final").unwrap_or(false) {
+                                voice.replying.store(true, Ordering::SeqCst);
+                            }
                             Some(Act::Interrupted)
                         }
                         _ => {
@@ -669,11 +688,9 @@ fn run_session(
                         }
                     },
                     _ => match events::Transcript::from_structure(s) {
-                        // Partial transcripts count words here: an interruption flushes the
-                        // reply while the lock keeps the final transcript out of the way.
-                        Some(t) if t.partial => b.transcript(sure_words(&t), true),
-                        // Finals of speech heard over the agent are decided by the probe, in
-                        // the stream (`decide_finals`), which posts BARGE_IN.
+                        // Speech heard over the agent is decided by the probe, in the stream
+                        // (`decide_finals`), which posts BARGE_IN.
+                        Some(t) if t.partial => None,
                         Some(_) if b.awaiting_words() => None,
                         Some(t) if b.backchannel == Some(t.utterance) => {
                             clock.not_a_turn();
@@ -696,6 +713,7 @@ fn run_session(
                         voice.mute(false);
                     }
                     Some(Act::Wait) => {}
+                    // Without the word rule: confirmed speech (no transcript is awaited).
                     Some(Act::Interrupt) => {
                         tracing::info!("session {call}: interrupted by the caller");
                         metrics.interruptions.inc();
@@ -1110,7 +1128,15 @@ pub struct BargeIn {
     partial: Vec<String>,
     /// The last utterance heard over the agent that had too few words (not answered).
     pub backchannel: Option<u64>,
+    /// The caller is speaking (the VAD's start, not yet its end).
+    speaking: bool,
+    /// When the speech awaiting its words ended (see [`BargeIn::overdue`]).
+    ended: Option<Instant>,
 }
+
+/// How long after the end of speech heard over the agent its final transcript is awaited at
+/// most (a transcription that failed, or never came): then the agent speaks on.
+const JUDGE_LIMIT: Duration = Duration::from_secs(4);
 
 impl BargeIn {
     pub fn new(words: usize) -> Self {
@@ -1132,6 +1158,8 @@ impl BargeIn {
     }
 
     pub fn start(&mut self, agent_busy: bool) -> Option<Act> {
+        self.speaking = true;
+        self.ended = None;
         if !(self.paused || agent_busy) {
             return None;
         }
@@ -1145,6 +1173,24 @@ impl BargeIn {
             Act::Wait
         } else {
             Act::Pause
+        })
+    }
+
+    /// The VAD's end of speech.
+    pub fn end(&mut self) {
+        self.speaking = false;
+        if self.waiting {
+            self.ended = Some(Instant::now());
+        }
+    }
+
+    /// Speech heard over the agent whose final transcript has not come [`JUDGE_LIMIT`] after
+    /// it ended: the agent speaks on.
+    pub fn overdue(&mut self) -> Option<Act> {
+        let late = self.ended.is_some_and(|at| at.elapsed() > JUDGE_LIMIT);
+        (self.waiting && !self.speaking && late).then(|| {
+            self.decided();
+            Act::Resume
         })
     }
 
@@ -1176,6 +1222,12 @@ impl BargeIn {
         if partial {
             return None;
         }
+        if self.speaking {
+            // The final of an earlier utterance while the caller speaks again: kept from the
+            // LLM, and the agent stays silent for the speech going on.
+            self.partial.clear();
+            return Some(Act::Wait);
+        }
         self.decided();
         Some(Act::Resume)
     }
@@ -1183,6 +1235,7 @@ impl BargeIn {
     fn decided(&mut self) {
         (self.waiting, self.paused) = (false, false);
         self.partial.clear();
+        self.ended = None;
     }
 }
 
@@ -1252,17 +1305,18 @@ impl Voice {
     }
 }
 
-/// The message a session's [`decide_finals`] posts (from `stt`) when it decided a final
-/// transcript of speech heard over the agent: `act` "interrupt" (the reply was flushed, the
-/// transcript went on to llmchat) or "resume" (too few words: kept from llmchat).
+/// The message a session's [`decide_finals`] posts (from `stt`) when it decided speech heard
+/// over the agent: `act` "interrupt" (the reply was flushed; `final`: on the final transcript,
+/// which went on to llmchat) or "resume" (too few words: kept from llmchat).
 const BARGE_IN: &str = "vox-barge-in";
 
-/// With the barge-in word rule, decides each final transcript of speech heard over the agent
-/// in the stream, on whisperstt's output before llmchat sees it: enough words interrupt the
-/// reply (flushed before the transcript goes on, which llmchat then answers), fewer keep it
-/// from llmchat ("uh-huh" is not answered). Decided on the bus instead, the flush could come
-/// after the transcript had gone in, and cancel its answer too. The lock is the one the bus
-/// thread holds while it counts partial transcripts and flushes, so the two never both decide.
+/// With the barge-in word rule, decides speech heard over the agent in the stream, on
+/// whisperstt's output before llmchat sees it: a partial or final transcript with enough words
+/// interrupts the reply (flushed before anything after it goes on; a final one then goes on to
+/// be answered), a final with fewer keeps it from llmchat ("uh-huh" is not answered). Partial
+/// transcripts stop here. Decided on the bus instead, the flush could come after the
+/// transcript had gone in (or between a partial's event and its text, which llmchat would then
+/// answer), and cancel its answer too. The bus thread takes the same lock for the VAD's events.
 fn decide_finals(voice: &Arc<Voice>, barge_in: Arc<Mutex<BargeIn>>) {
     let Some(stt_src) = voice.llm_sink.peer() else {
         return;
@@ -1280,30 +1334,34 @@ fn decide_finals(voice: &Arc<Voice>, barge_in: Arc<Mutex<BargeIn>>) {
                     };
                     // Each transcript event comes before its text buffer, if it has text.
                     drop_next.store(false, Ordering::SeqCst);
-                    if t.partial {
-                        return gst::PadProbeReturn::Ok;
-                    }
                     let mut b = barge_in.lock().unwrap_or_else(|p| p.into_inner());
-                    let act = match b.transcript(sure_words(&t), false) {
+                    // Partial transcripts stop here (llmchat ignores them), and so do the
+                    // finals of backchannels; the final of an interruption goes on.
+                    let (act, keep) = match b.transcript(sure_words(&t), t.partial) {
                         Some(Act::Interrupt) => {
                             if let Some(voice) = voice.upgrade() {
                                 voice.interrupt();
                             }
-                            "interrupt"
+                            (Some("interrupt"), !t.partial)
                         }
                         Some(Act::Resume) => {
                             b.backchannel = Some(t.utterance);
-                            drop_next.store(!t.text.is_empty(), Ordering::SeqCst);
-                            "resume"
+                            (Some("resume"), false)
                         }
-                        _ => return gst::PadProbeReturn::Ok,
+                        // An earlier utterance's final, while the caller speaks again.
+                        Some(Act::Wait) => {
+                            b.backchannel = Some(t.utterance);
+                            (None, false)
+                        }
+                        _ => (None, !t.partial),
                     };
                     drop(b);
-                    if let Some(element) = pad.parent_element() {
+                    if let (Some(act), Some(element)) = (act, pad.parent_element()) {
                         let _ = element.post_message(
                             gst::message::Element::builder(
                                 gst::Structure::builder(BARGE_IN)
                                     .field("act", act)
+                                    .field("final", !t.partial)
                                     .field("utterance", t.utterance)
                                     .build(),
                             )
@@ -1311,7 +1369,8 @@ fn decide_finals(voice: &Arc<Voice>, barge_in: Arc<Mutex<BargeIn>>) {
                             .build(),
                         );
                     }
-                    if act == "resume" {
+                    if !keep {
+                        drop_next.store(!t.text.is_empty(), Ordering::SeqCst);
                         return gst::PadProbeReturn::Drop;
                     }
                 }
@@ -1328,6 +1387,11 @@ fn decide_finals(voice: &Arc<Voice>, barge_in: Arc<Mutex<BargeIn>>) {
 /// A `vox-llm-turn` of a reply made ahead and withdrawn (the caller spoke on): never heard.
 fn withdrawn(s: &gst::StructureRef) -> bool {
     s.get::<&str>("outcome").is_ok_and(|o| o == "withdrawn")
+}
+
+/// A `vox-llm-turn` of a reply cut off by a flush (barge-in).
+fn cancelled(s: &gst::StructureRef) -> bool {
+    s.get::<&str>("outcome").is_ok_and(|o| o == "cancelled")
 }
 
 /// What a session heard and said goes to the log (info); the rest of our messages to debug.
@@ -1571,6 +1635,7 @@ mod tests {
         assert_eq!(b.start(true), Some(Act::Wait));
         assert_eq!(b.cancel(), None, "confirmed speech is decided by its words");
         assert_eq!(b.transcript(words("Uh-huh"), true), None);
+        b.end();
         assert_eq!(b.transcript(words("Uh-huh."), false), Some(Act::Resume));
         // A real interruption: partial transcripts agree on three words.
         assert_eq!(b.onset(true), Some(Act::Pause));
@@ -1581,6 +1646,7 @@ mod tests {
             b.transcript(words("wait what is the"), true),
             Some(Act::Interrupt)
         );
+        b.end();
         assert_eq!(
             b.transcript(words("Wait, what is the"), false),
             None,
@@ -1588,13 +1654,46 @@ mod tests {
         );
         // Confirmed without an onset first: silenced at once, then decided by the final one.
         assert_eq!(b.start(true), Some(Act::Pause));
+        b.end();
         assert_eq!(
             b.transcript(words("What is it then?"), false),
             Some(Act::Interrupt)
         );
         // The agent quiet: a normal turn.
         assert_eq!(b.start(false), None);
+        b.end();
         assert_eq!(b.transcript(words("Yes"), false), None);
+    }
+
+    /// "Uh-huh", then at once "wait, stop": the first's final comes while the caller speaks
+    /// again; it is kept from the LLM and the agent stays silent for the second.
+    #[test]
+    fn a_backchannels_final_does_not_decide_the_speech_after_it() {
+        let mut b = BargeIn::new(2);
+        assert_eq!(b.start(true), Some(Act::Pause));
+        b.end();
+        assert_eq!(b.start(true), Some(Act::Wait));
+        assert_eq!(b.transcript(words("Uh-huh."), false), Some(Act::Wait));
+        assert!(b.awaiting_words());
+        b.end();
+        assert_eq!(
+            b.transcript(words("Wait, stop."), false),
+            Some(Act::Interrupt)
+        );
+    }
+
+    /// Speech heard over the agent whose transcript never comes does not keep it silent.
+    #[test]
+    fn speech_without_a_transcript_lets_the_agent_speak_on() {
+        let mut b = BargeIn::new(2);
+        assert_eq!(b.start(true), Some(Act::Pause));
+        assert_eq!(b.overdue(), None, "still speaking");
+        b.end();
+        assert_eq!(b.overdue(), None, "just ended");
+        b.ended = Some(Instant::now() - JUDGE_LIMIT - Duration::from_millis(1));
+        assert_eq!(b.overdue(), Some(Act::Resume));
+        assert!(!b.awaiting_words());
+        assert_eq!(b.onset(true), Some(Act::Pause), "no longer paused");
     }
 
     /// A partial transcript's last words are a guess at audio cut mid-word: three words in one
@@ -1608,6 +1707,7 @@ mod tests {
         assert_eq!(b.transcript(words("Okay, sir."), true), None);
         assert_eq!(b.transcript(words("Okay, sir, yes"), true), None);
         // Agreement starts again with each utterance heard over the agent.
+        b.end();
         assert_eq!(b.transcript(words("Okay."), false), Some(Act::Resume));
         assert_eq!(b.start(true), Some(Act::Pause));
         assert_eq!(b.transcript(words("sir yes"), true), None);

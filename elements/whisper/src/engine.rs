@@ -649,7 +649,11 @@ impl Engine {
                     "utterance {i} of a batch cut short ({:?}): transcribed again alone",
                     outputs[i].text
                 );
-                outputs[i] = self.transcribe(piece, opts, cancelled.clone())?;
+                // A failed second look keeps what the joined pass gave.
+                match self.transcribe(piece, opts, cancelled.clone()) {
+                    Ok(alone) => outputs[i] = alone,
+                    Err(e) => log::warn!("utterance {i} of a batch, alone: {e}"),
+                }
             }
         }
         Ok(outputs)
