@@ -613,17 +613,18 @@ fn run_session(
         );
     }
     while !stop.load(Ordering::SeqCst) {
-        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
-            if let Some(voice) = &voice {
-                let overdue = barge_in.lock().unwrap_or_else(|p| p.into_inner()).overdue();
-                if overdue.is_some() {
-                    tracing::info!("session {call}: no transcript of the speech, resuming");
-                    voice.mute(false);
-                    if let Some(interim) = &interim {
-                        interim.set(false);
-                    }
+        // Looked at every turn of the loop, whatever the bus brings.
+        if let Some(voice) = &voice {
+            let overdue = barge_in.lock().unwrap_or_else(|p| p.into_inner()).overdue();
+            if overdue.is_some() {
+                tracing::info!("session {call}: no transcript of the speech, resuming");
+                voice.mute(false);
+                if let Some(interim) = &interim {
+                    interim.set(false);
                 }
             }
+        }
+        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
             continue;
         };
         match msg.view() {
