@@ -150,6 +150,9 @@ fn ask(ns: &Netns, agent: &mut Agent, q: &Path, dir: &Path) -> (String, String) 
     )
 }
 
+/// A question with a long answer, for the caller to speak over.
+const STORY: &str = "Tell me a long story about a brave dragon and a little girl.";
+
 /// A call that plays `story` and, 0.3 s into the agent's answer, `over` (the caller speaking
 /// over the agent), recorded to `record`: how long the agent's voice went on after `over`
 /// began, in the recording, and the call's output.
@@ -218,11 +221,7 @@ fn assert_barged_in(ns: &Netns, agent: &mut Agent, record: &Path, ms: f64, stdou
 fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let story = spoken(
-        dir.path(),
-        "Tell me a long story about a brave dragon and a little girl.",
-        "story.wav",
-    );
+    let story = spoken(dir.path(), STORY, "story.wav");
     let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();
     // Whole sentences, so the agent is in the middle of a long one when it is interrupted.
@@ -233,17 +232,13 @@ fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
 }
 
 /// A cough while the agent speaks (0.12 s of speech, under `min-speech-ms`) does not interrupt
-/// it: the voice is held while the sound is judged and then goes on, the reply is not cut off,
+/// it: the voice is muted while the sound is judged and then goes on, the reply is not cut off,
 /// and no interruption is counted.
 #[test]
 fn a_cough_while_the_agent_speaks_does_not_interrupt_it() {
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let story = spoken(
-        dir.path(),
-        "Tell me a long story about a brave dragon and a little girl.",
-        "story.wav",
-    );
+    let story = spoken(dir.path(), STORY, "story.wav");
     let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
     let cough = dir.path().join("cough.wav");
     check(
@@ -279,11 +274,7 @@ fn a_cough_while_the_agent_speaks_does_not_interrupt_it() {
 fn with_a_word_rule_a_backchannel_does_not_interrupt_and_a_question_does() {
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let story = spoken(
-        dir.path(),
-        "Tell me a long story about a brave dragon and a little girl.",
-        "story.wav",
-    );
+    let story = spoken(dir.path(), STORY, "story.wav");
     let okay = spoken(dir.path(), "Okay.", "okay.wav");
     let q = spoken(dir.path(), "What is the capital of France?", "q.wav");
     let ns = Netns::new();

@@ -1077,7 +1077,6 @@ impl Interim {
         let stt = pipeline.by_name("stt")?;
         let interval = stt.property::<u32>("interim-interval-ms");
         let send_ahead = stt.property::<bool>("send-ahead");
-        stt.set_property("word-timestamps", true);
         stt.set_property("interim-interval-ms", 0u32);
         Some(Self {
             stt,
@@ -1091,6 +1090,7 @@ impl Interim {
         if self.on.replace(on) != on {
             let interval = if on { self.interval } else { 0 };
             self.stt.set_property("interim-interval-ms", interval);
+            self.stt.set_property("word-timestamps", on);
             self.stt.set_property("send-ahead", self.send_ahead && !on);
         }
     }
@@ -1401,17 +1401,19 @@ fn log_message(call: &str, s: &gst::StructureRef) {
         if !t.partial {
             tracing::info!("session {call}: heard {:?}", t.text);
         }
-        let words: Vec<String> = t
-            .segments
-            .iter()
-            .flat_map(|s| &s.words)
-            .map(|w| format!("{} {:.2}", w.text.trim(), w.probability))
-            .collect();
-        tracing::debug!(
-            "session {call}: {} transcript, words and their probability: {}",
-            if t.partial { "partial" } else { "final" },
-            words.join(", ")
-        );
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let words: Vec<String> = t
+                .segments
+                .iter()
+                .flat_map(|s| &s.words)
+                .map(|w| format!("{} {:.2}", w.text.trim(), w.probability))
+                .collect();
+            tracing::debug!(
+                "session {call}: {} transcript, words and their probability: {}",
+                if t.partial { "partial" } else { "final" },
+                words.join(", ")
+            );
+        }
         return;
     }
     match s.name().as_str() {

@@ -598,21 +598,13 @@ impl Engine {
         }
         let language = self.detected_language(&state, opts);
         drop(state);
-        // Where each utterance's last word ends (ms into it), before the words are dropped.
-        let ends: Vec<Option<u64>> = words
-            .iter()
-            .map(|w| {
-                w.iter()
-                    .filter(|w| !w.text.trim().is_empty())
-                    .map(|w| w.end_ms)
-                    .max()
-            })
-            .collect();
-        let mut outputs: Vec<Output> = words
+        // Each utterance's output, and where its last word ends (ms into it).
+        let (mut outputs, ends): (Vec<Output>, Vec<Option<u64>>) = words
             .into_iter()
             .zip(&spans)
             .map(|(mut words, &(_, len))| {
                 words.retain(|w| !w.text.trim().is_empty());
+                let end = words.iter().map(|w| w.end_ms).max();
                 let text = collapse_repeats(
                     &words
                         .iter()
@@ -634,13 +626,14 @@ impl Engine {
                         },
                     }]
                 };
-                Output {
+                let output = Output {
                     text,
                     language: language.clone(),
                     segments,
-                }
+                };
+                (output, end)
             })
-            .collect();
+            .unzip();
         // The decoder can stop early in a joined pass (an end of text where speech goes on):
         // an utterance it left without words for its last seconds is transcribed again alone.
         for (i, piece) in pieces.iter().enumerate() {
