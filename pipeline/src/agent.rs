@@ -598,10 +598,12 @@ fn run_session(
     webrtc::no_public_stun(pipeline.upcast_ref());
     webrtc::low_latency(pipeline.upcast_ref());
     let voice = Voice::new(pipeline, metrics.voice_underrun_seconds.clone(), call).map(Arc::new);
-    let barge_in = Arc::new(Mutex::new(BargeIn::new(words)));
-    let interim = (words > 0).then(|| Interim::new(pipeline)).flatten();
-    if let (Some(voice), true) = (&voice, words > 0) {
-        decide_finals(voice, barge_in.clone());
+    let judge = Arc::new(Mutex::new(Judge {
+        rule: BargeIn::new(words),
+        interim: (words > 0).then(|| Interim::new(pipeline)).flatten(),
+    }));
+    if let Some(voice) = &voice {
+        judge_in_stream(call, pipeline, voice, &judge);
     }
 
     let mut clock = TurnClock::default();
@@ -615,13 +617,13 @@ fn run_session(
     while !stop.load(Ordering::SeqCst) {
         // Looked at every turn of the loop, whatever the bus brings.
         if let Some(voice) = &voice {
-            let overdue = barge_in.lock().unwrap_or_else(|p| p.into_inner()).overdue();
-            if overdue.is_some() {
-                tracing::info!("session {call}: no transcript of the speech, resuming");
+            let mut j = judge.lock().unwrap_or_else(|p| p.into_inner());
+            if j.rule.overdue().is_some() {
+                tracing::info!(
+                    "session {call}: no transcript of the speech 4 s after it, resuming"
+                );
                 voice.mute(false);
-                if let Some(interim) = &interim {
-                    interim.set(false);
-                }
+                j.sync();
             }
         }
         let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
@@ -656,75 +658,19 @@ fn run_session(
                 if let Some(board) = &on_board {
                     board.heard(s.name().as_str());
                 }
-                let Some(voice) = &voice else { continue };
-                let mut b = barge_in.lock().unwrap_or_else(|p| p.into_inner());
-                let act = match s.name().as_str() {
-                    events::SPEECH_ONSET => b.onset(voice.busy()),
-                    events::SPEECH_CANCEL => b.cancel(),
-                    events::SPEECH_START => b.start(voice.busy()),
-                    events::SPEECH_END => {
-                        b.end();
-                        None
-                    }
-                    // A reply made ahead and withdrawn was never this session's reply; one
-                    // cancelled by a barge-in was over at the flush (`Voice::interrupt`), and
-                    // its message may come after the answer to the interruption has begun.
-                    "vox-llm-turn" if withdrawn(s) || cancelled(s) => None,
-                    "vox-llm-turn" => {
-                        voice.replying.store(false, Ordering::SeqCst);
-                        None
-                    }
-                    // Speech heard over the agent, decided in the stream (`decide_finals`).
-                    BARGE_IN => match s.get::<&str>("act") {
+                // What the stream decided about speech over the agent (`judge_in_stream`).
+                if s.name() == BARGE_IN {
+                    match s.get::<&str>("act") {
                         Ok("interrupt") => {
-                            // Decided on its final transcript, which goes on to be answered.
-                            if s.get::<bool>("final").unwrap_or(false) {
-                                voice.replying.store(true, Ordering::SeqCst);
-                            }
-                            Some(Act::Interrupted)
+                            tracing::info!("session {call}: interrupted by the caller");
+                            metrics.interruptions.inc();
                         }
-                        _ => {
+                        Ok("resume") => {
                             clock.not_a_turn();
-                            Some(Act::Resume)
+                            tracing::info!("session {call}: not an interruption, resuming");
                         }
-                    },
-                    _ => match events::Transcript::from_structure(s) {
-                        // Speech heard over the agent is decided by the probe, in the stream
-                        // (`decide_finals`), which posts BARGE_IN.
-                        Some(t) if t.partial => None,
-                        Some(_) if b.awaiting_words() => None,
-                        Some(t) if b.backchannel == Some(t.utterance) => {
-                            clock.not_a_turn();
-                            None
-                        }
-                        Some(_) => {
-                            voice.replying.store(true, Ordering::SeqCst);
-                            None
-                        }
-                        None => None,
-                    },
-                };
-                if let Some(interim) = &interim {
-                    interim.set(b.awaiting_words());
-                }
-                match act {
-                    Some(Act::Pause) => voice.mute(true),
-                    Some(Act::Resume) => {
-                        tracing::info!("session {call}: not an interruption, resuming");
-                        voice.mute(false);
+                        _ => clock.not_a_turn(),
                     }
-                    Some(Act::Wait) => {}
-                    // Without the word rule: confirmed speech (no transcript is awaited).
-                    Some(Act::Interrupt) => {
-                        tracing::info!("session {call}: interrupted by the caller");
-                        metrics.interruptions.inc();
-                        voice.interrupt();
-                    }
-                    Some(Act::Interrupted) => {
-                        tracing::info!("session {call}: interrupted by the caller");
-                        metrics.interruptions.inc();
-                    }
-                    None => {}
                 }
             }
             _ => {}
@@ -1064,9 +1010,10 @@ pub fn sure_words(t: &events::Transcript) -> Vec<String> {
 ///
 /// `send-ahead` is off meanwhile: a transcript made at a pause would reach llmchat as a reply
 /// ahead before the words are counted; the final one is decided before it goes on
-/// ([`decide_finals`]).
+/// ([`judge_in_stream`]).
 struct Interim {
-    stt: gst::Element,
+    /// Weak: the probes on `stt`'s pads hold the [`Judge`] that holds this.
+    stt: glib::WeakRef<gst::Element>,
     interval: u32,
     send_ahead: bool,
     on: std::cell::Cell<bool>,
@@ -1079,7 +1026,7 @@ impl Interim {
         let send_ahead = stt.property::<bool>("send-ahead");
         stt.set_property("interim-interval-ms", 0u32);
         Some(Self {
-            stt,
+            stt: stt.downgrade(),
             interval,
             send_ahead,
             on: std::cell::Cell::new(false),
@@ -1087,11 +1034,13 @@ impl Interim {
     }
 
     fn set(&self, on: bool) {
-        if self.on.replace(on) != on {
+        if let Some(stt) = self.stt.upgrade()
+            && self.on.replace(on) != on
+        {
             let interval = if on { self.interval } else { 0 };
-            self.stt.set_property("interim-interval-ms", interval);
-            self.stt.set_property("word-timestamps", on);
-            self.stt.set_property("send-ahead", self.send_ahead && !on);
+            stt.set_property("interim-interval-ms", interval);
+            stt.set_property("word-timestamps", on);
+            stt.set_property("send-ahead", self.send_ahead && !on);
         }
     }
 }
@@ -1108,7 +1057,7 @@ pub enum Act {
     Interrupt,
     /// Confirmed speech, silenced, waiting for enough words to interrupt.
     Wait,
-    /// The reply was stopped for good already (by [`decide_finals`], in the stream).
+    /// The reply was stopped for good already, in the stream ([`judge_in_stream`]).
     Interrupted,
 }
 
@@ -1127,12 +1076,12 @@ pub struct BargeIn {
     waiting: bool,
     /// The sure words of the last partial transcript of that speech.
     partial: Vec<String>,
-    /// The last utterance heard over the agent that had too few words (not answered).
-    pub backchannel: Option<u64>,
     /// The caller is speaking (the VAD's start, not yet its end).
     speaking: bool,
     /// When the speech awaiting its words ended (see [`BargeIn::overdue`]).
     ended: Option<Instant>,
+    /// Its final is overdue: the agent speaks on, and the final is judged if it comes.
+    late: bool,
 }
 
 /// How long after the end of speech heard over the agent its final transcript is awaited at
@@ -1152,7 +1101,7 @@ impl BargeIn {
     }
 
     pub fn cancel(&mut self) -> Option<Act> {
-        if self.waiting {
+        if self.waiting && !self.late {
             return None;
         }
         std::mem::take(&mut self.paused).then_some(Act::Resume)
@@ -1162,8 +1111,11 @@ impl BargeIn {
         self.speaking = true;
         self.ended = None;
         if !(self.paused || agent_busy) {
+            // A normal turn: no longer awaiting the words of speech that was overdue.
+            (self.waiting, self.late) = (false, false);
             return None;
         }
+        self.late = false;
         if self.words == 0 {
             self.paused = false;
             return Some(Act::Interrupt);
@@ -1186,11 +1138,13 @@ impl BargeIn {
     }
 
     /// Speech heard over the agent whose final transcript has not come [`JUDGE_LIMIT`] after
-    /// it ended: the agent speaks on.
+    /// it ended: the agent speaks on. Its final, if it comes after all (a machine so loaded
+    /// that transcription takes longer), is still judged by its words: with too few it is not
+    /// answered, with enough it interrupts then.
     pub fn overdue(&mut self) -> Option<Act> {
         let late = self.ended.is_some_and(|at| at.elapsed() > JUDGE_LIMIT);
-        (self.waiting && !self.speaking && late).then(|| {
-            self.decided();
+        (self.waiting && !self.late && !self.speaking && late).then(|| {
+            (self.late, self.paused, self.ended) = (true, false, None);
             Act::Resume
         })
     }
@@ -1198,6 +1152,12 @@ impl BargeIn {
     /// Speech heard while the agent spoke awaits its words.
     pub fn awaiting_words(&self) -> bool {
         self.waiting
+    }
+
+    /// Partial transcripts help: the agent is silent while speech over it awaits its words
+    /// (not once it spoke on, [`BargeIn::overdue`]).
+    pub fn wants_partials(&self) -> bool {
+        self.waiting && !self.late
     }
 
     /// A transcript's sure `words` ([`sure_words`]; `partial`: while the speech goes on).
@@ -1234,7 +1194,7 @@ impl BargeIn {
     }
 
     fn decided(&mut self) {
-        (self.waiting, self.paused) = (false, false);
+        (self.waiting, self.paused, self.late) = (false, false, false);
         self.partial.clear();
         self.ended = None;
     }
@@ -1306,23 +1266,149 @@ impl Voice {
     }
 }
 
-/// The message a session's [`decide_finals`] posts (from `stt`) when it decided speech heard
-/// over the agent: `act` "interrupt" (the reply was flushed; `final`: on the final transcript,
-/// which went on to llmchat) or "resume" (too few words: kept from llmchat).
+/// The message a session's [`judge_in_stream`] posts (from `stt`) when it decided speech heard
+/// over the agent: `act` "interrupt" (the reply was flushed: at the start of speech without a
+/// word rule, `final` false, `utterance` the VAD's count; or on a transcript, `final` true when
+/// that went on to llmchat to be answered, `utterance` whisperstt's count), "resume" (a final
+/// with too few words, kept from llmchat: the agent speaks on) or "wait" (such a final while the
+/// caller speaks again: kept from llmchat, the agent stays silent).
 const BARGE_IN: &str = "vox-barge-in";
 
-/// With the barge-in word rule, decides speech heard over the agent in the stream, on
-/// whisperstt's output before llmchat sees it: a partial or final transcript with enough words
-/// interrupts the reply (flushed before anything after it goes on; a final one then goes on to
-/// be answered), a final with fewer keeps it from llmchat ("uh-huh" is not answered). Partial
-/// transcripts stop here. Decided on the bus instead, the flush could come after the
-/// transcript had gone in (or between a partial's event and its text, which llmchat would then
-/// answer), and cancel its answer too. The bus thread takes the same lock for the VAD's events.
-fn decide_finals(voice: &Arc<Voice>, barge_in: Arc<Mutex<BargeIn>>) {
+/// A session's barge-in rule, and the partial transcripts it needs while it awaits words.
+struct Judge {
+    rule: BargeIn,
+    interim: Option<Interim>,
+}
+
+impl Judge {
+    /// Partial transcripts on while the agent is silent for speech that awaits its words.
+    fn sync(&self) {
+        if let Some(interim) = &self.interim {
+            interim.set(self.rule.wants_partials());
+        }
+    }
+}
+
+/// Decides barge-in where the VAD's and whisperstt's findings are made, in their order: the
+/// start and end of speech on `stt`'s sink pad, its transcripts on its source pad before llmchat
+/// sees them, and the VAD's onsets and cancels, whisperstt's transcript messages and llmchat's
+/// end of a reply in the bus's sync handler (on the thread that posts them). Speech that starts
+/// while the agent speaks silences it, and interrupts it at once without a word rule. With one,
+/// a partial or final transcript with enough words interrupts the reply (flushed before
+/// anything after it goes on; a final one then goes on to be answered); a final with fewer is
+/// kept from llmchat ("uh-huh" is not answered). Partial transcripts stop here.
+///
+/// Decided on the session's bus thread instead, a transcript could be judged before the start
+/// of its speech: that thread was once more than a second behind the stream in CI (a
+/// backchannel's final went to llmchat and was answered); a late onset could silence the
+/// agent after its speech was decided; and a flush could come after the transcript had gone in
+/// (or between a partial's event and its text, which llmchat would then answer), and cancel its
+/// answer too. The bus thread only logs and counts what was decided ([`BARGE_IN`]), and lets the
+/// agent speak on when a transcript never comes ([`BargeIn::overdue`]).
+fn judge_in_stream(
+    call: &str,
+    pipeline: &gst::Pipeline,
+    voice: &Arc<Voice>,
+    judge: &Arc<Mutex<Judge>>,
+) {
     let Some(stt_src) = voice.llm_sink.peer() else {
         return;
     };
-    let voice = Arc::downgrade(voice);
+    let Some(stt) = stt_src.parent_element() else {
+        return;
+    };
+    fn lock(judge: &Mutex<Judge>) -> std::sync::MutexGuard<'_, Judge> {
+        judge.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    let post = |element: &gst::Element, act: &str, last: bool, utterance: u64| {
+        let _ = element.post_message(
+            gst::message::Element::builder(
+                gst::Structure::builder(BARGE_IN)
+                    .field("act", act)
+                    .field("final", last)
+                    .field("utterance", utterance)
+                    .build(),
+            )
+            .src(element)
+            .build(),
+        );
+    };
+
+    // Messages only (onsets, cancels), or whose order with the stream matters.
+    if let Some(bus) = pipeline.bus() {
+        let (call, voice, judge) = (call.to_string(), Arc::downgrade(voice), judge.clone());
+        bus.set_sync_handler(move |_, msg| {
+            let (Some(s), Some(voice)) = (msg.structure(), voice.upgrade()) else {
+                return gst::BusSyncReply::Pass;
+            };
+            match s.name().as_str() {
+                events::SPEECH_ONSET => {
+                    if lock(&judge).rule.onset(voice.busy()) == Some(Act::Pause) {
+                        voice.mute(true);
+                    }
+                }
+                events::SPEECH_CANCEL => {
+                    if lock(&judge).rule.cancel() == Some(Act::Resume) {
+                        tracing::info!("session {call}: not an interruption, resuming");
+                        voice.mute(false);
+                    }
+                }
+                // A reply made ahead and withdrawn was never this session's reply; one
+                // cancelled by a barge-in was over at the flush (`Voice::interrupt`), and its
+                // message may come after the answer to the interruption has begun.
+                "vox-llm-turn" if !(withdrawn(s) || cancelled(s)) => {
+                    voice.replying.store(false, Ordering::SeqCst);
+                }
+                // Posted before its event reaches the probe below; one of speech over the
+                // agent is decided there.
+                _ => {
+                    if let Some(t) = events::Transcript::from_structure(s)
+                        && !t.partial
+                        && !t.text.is_empty()
+                        && !lock(&judge).rule.awaiting_words()
+                    {
+                        voice.replying.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+            gst::BusSyncReply::Pass
+        });
+    }
+
+    if let Some(stt_sink) = stt.static_pad("sink") {
+        let (voice, judge) = (Arc::downgrade(voice), judge.clone());
+        stt_sink.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |pad, info| {
+            let Some(gst::PadProbeData::Event(e)) = &info.data else {
+                return gst::PadProbeReturn::Ok;
+            };
+            let (Some(boundary), Some(voice)) =
+                (events::SpeechBoundary::from_event(e), voice.upgrade())
+            else {
+                return gst::PadProbeReturn::Ok;
+            };
+            let mut j = lock(&judge);
+            if !boundary.start {
+                j.rule.end();
+                return gst::PadProbeReturn::Ok;
+            }
+            let act = j.rule.start(voice.busy());
+            j.sync();
+            match act {
+                Some(Act::Pause) => voice.mute(true),
+                Some(Act::Interrupt) => {
+                    voice.interrupt();
+                    drop(j);
+                    if let Some(stt) = pad.parent_element() {
+                        post(&stt, "interrupt", false, boundary.utterance);
+                    }
+                }
+                _ => {}
+            }
+            gst::PadProbeReturn::Ok
+        });
+    }
+
+    let (voice, judge) = (Arc::downgrade(voice), judge.clone());
     // The text buffer after a transcript kept from llmchat.
     let drop_next = AtomicBool::new(false);
     stt_src.add_probe(
@@ -1333,42 +1419,36 @@ fn decide_finals(voice: &Arc<Voice>, barge_in: Arc<Mutex<BargeIn>>) {
                     let Some(t) = e.structure().and_then(events::Transcript::from_structure) else {
                         return gst::PadProbeReturn::Ok;
                     };
+                    let Some(voice) = voice.upgrade() else {
+                        return gst::PadProbeReturn::Ok;
+                    };
                     // Each transcript event comes before its text buffer, if it has text.
                     drop_next.store(false, Ordering::SeqCst);
-                    let mut b = barge_in.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut j = lock(&judge);
                     // Partial transcripts stop here (llmchat ignores them), and so do the
                     // finals of backchannels; the final of an interruption goes on.
-                    let (act, keep) = match b.transcript(sure_words(&t), t.partial) {
+                    let (act, keep) = match j.rule.transcript(sure_words(&t), t.partial) {
                         Some(Act::Interrupt) => {
-                            if let Some(voice) = voice.upgrade() {
-                                voice.interrupt();
+                            voice.interrupt();
+                            if !t.partial {
+                                // Its message came while its words were awaited.
+                                voice.replying.store(true, Ordering::SeqCst);
                             }
-                            (Some("interrupt"), !t.partial)
+                            ("interrupt", !t.partial)
                         }
                         Some(Act::Resume) => {
-                            b.backchannel = Some(t.utterance);
-                            (Some("resume"), false)
+                            voice.mute(false);
+                            ("resume", false)
                         }
-                        // An earlier utterance's final, while the caller speaks again.
-                        Some(Act::Wait) => {
-                            b.backchannel = Some(t.utterance);
-                            (None, false)
-                        }
-                        _ => (None, !t.partial),
+                        // An earlier utterance's final, while the caller speaks again: the
+                        // agent stays silent for the new speech.
+                        Some(Act::Wait) => ("wait", false),
+                        _ => ("", !t.partial),
                     };
-                    drop(b);
-                    if let (Some(act), Some(element)) = (act, pad.parent_element()) {
-                        let _ = element.post_message(
-                            gst::message::Element::builder(
-                                gst::Structure::builder(BARGE_IN)
-                                    .field("act", act)
-                                    .field("final", !t.partial)
-                                    .field("utterance", t.utterance)
-                                    .build(),
-                            )
-                            .src(&element)
-                            .build(),
-                        );
+                    j.sync();
+                    drop(j);
+                    if let (false, Some(element)) = (act.is_empty(), pad.parent_element()) {
+                        post(&element, act, !t.partial, t.utterance);
                     }
                     if !keep {
                         drop_next.store(!t.text.is_empty(), Ordering::SeqCst);
@@ -1695,8 +1775,32 @@ mod tests {
         assert_eq!(b.overdue(), None, "just ended");
         b.ended = Some(Instant::now() - JUDGE_LIMIT - Duration::from_millis(1));
         assert_eq!(b.overdue(), Some(Act::Resume));
+        assert_eq!(b.overdue(), None, "once");
+        assert!(!b.wants_partials());
+        // A cough meanwhile silences the agent for a moment only.
+        assert_eq!(b.onset(true), Some(Act::Pause));
+        assert_eq!(b.cancel(), Some(Act::Resume));
+        // Its final, late after all, is still judged: too few words are not answered.
+        assert_eq!(b.transcript(words("Okay."), false), Some(Act::Resume));
         assert!(!b.awaiting_words());
         assert_eq!(b.onset(true), Some(Act::Pause), "no longer paused");
+        // Enough words interrupt, late.
+        assert_eq!(b.start(true), Some(Act::Wait));
+        b.end();
+        b.ended = Some(Instant::now() - JUDGE_LIMIT - Duration::from_millis(1));
+        assert_eq!(b.overdue(), Some(Act::Resume));
+        assert_eq!(
+            b.transcript(words("What is the capital?"), false),
+            Some(Act::Interrupt)
+        );
+        // A late final that never comes does not make the next turn's words count.
+        assert_eq!(b.start(true), Some(Act::Pause));
+        b.end();
+        b.ended = Some(Instant::now() - JUDGE_LIMIT - Duration::from_millis(1));
+        assert_eq!(b.overdue(), Some(Act::Resume));
+        assert_eq!(b.start(false), None);
+        assert!(!b.awaiting_words());
+        assert_eq!(b.transcript(words("Yes."), false), None, "a normal turn");
     }
 
     /// A partial transcript's last words are a guess at audio cut mid-word: three words in one
