@@ -1057,8 +1057,6 @@ pub enum Act {
     Interrupt,
     /// Confirmed speech, silenced, waiting for enough words to interrupt.
     Wait,
-    /// The reply was stopped for good already, in the stream ([`judge_in_stream`]).
-    Interrupted,
 }
 
 /// The barge-in rule (no GStreamer types): an onset while the agent speaks pauses it; the
