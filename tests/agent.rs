@@ -156,10 +156,17 @@ const STORY: &str = "Tell me a long story about a brave dragon and a little girl
 /// A call that plays `story` and, 0.3 s into the agent's answer, `over` (the caller speaking
 /// over the agent), recorded to `record`: how long the agent's voice went on after `over`
 /// began, in the recording, and the call's output.
-fn talk_over(ns: &Netns, url: &str, story: &Path, over: &Path, record: &Path) -> (f64, String) {
+fn talk_over(
+    ns: &Netns,
+    agent: &mut Agent,
+    story: &Path,
+    over: &Path,
+    record: &Path,
+) -> (f64, String) {
+    let url = agent.url.clone();
     let out = call(
         ns,
-        url,
+        &url,
         &[
             os("--play"),
             story.as_os_str(),
@@ -175,13 +182,19 @@ fn talk_over(ns: &Netns, url: &str, story: &Path, over: &Path, record: &Path) ->
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.drain_log()
     );
     let line = stdout
         .lines()
         .find(|l| l.starts_with("interrupted:"))
-        .unwrap_or_else(|| panic!("the caller did not speak over the agent:\n{stdout}"));
+        .unwrap_or_else(|| {
+            panic!(
+                "the caller did not speak over the agent:\n{stdout}\n{}",
+                agent.drain_log()
+            )
+        });
     (interruption_ms(line), stdout)
 }
 
@@ -227,7 +240,7 @@ fn barge_in_stops_the_agent_and_the_next_question_is_answered() {
     // Whole sentences, so the agent is in the middle of a long one when it is interrupted.
     let mut agent = Agent::start(&ns, 8444, &["max-tokens=300", "first-clause=false"]);
     let record = dir.path().join("call.wav");
-    let (ms, stdout) = talk_over(&ns, &agent.url, &story, &q, &record);
+    let (ms, stdout) = talk_over(&ns, &mut agent, &story, &q, &record);
     assert_barged_in(&ns, &mut agent, &record, ms, &stdout);
 }
 
@@ -250,7 +263,7 @@ fn a_cough_while_the_agent_speaks_does_not_interrupt_it() {
     let ns = Netns::new();
     let mut agent = Agent::start(&ns, 8450, &["max-tokens=60", "first-clause=false"]);
     let record = dir.path().join("call.wav");
-    let (ms, stdout) = talk_over(&ns, &agent.url, &story, &cough, &record);
+    let (ms, stdout) = talk_over(&ns, &mut agent, &story, &cough, &record);
     let log = agent.drain_log();
     assert!(log.contains("not an interruption, resuming"), "{log}");
     assert!(!log.contains("interrupted by the caller"), "{log}");
@@ -289,7 +302,7 @@ fn with_a_word_rule_a_backchannel_does_not_interrupt_and_a_question_does() {
         ],
     );
     let record = dir.path().join("okay.call.wav");
-    let (_, stdout) = talk_over(&ns, &agent.url, &story, &okay, &record);
+    let (_, stdout) = talk_over(&ns, &mut agent, &story, &okay, &record);
     let log = agent.drain_log();
     assert!(log.contains("not an interruption, resuming"), "{log}");
     assert!(!log.contains("interrupted by the caller"), "{log}");
@@ -319,7 +332,7 @@ fn with_a_word_rule_a_backchannel_does_not_interrupt_and_a_question_does() {
     );
 
     let record = dir.path().join("question.call.wav");
-    let (ms, stdout) = talk_over(&ns, &agent.url, &story, &q, &record);
+    let (ms, stdout) = talk_over(&ns, &mut agent, &story, &q, &record);
     // Silenced at the speech's onset, as without the word rule.
     assert_barged_in(&ns, &mut agent, &record, ms, &stdout);
 }
