@@ -620,7 +620,8 @@ fn run_session(
             let mut j = judge.lock().unwrap_or_else(|p| p.into_inner());
             if j.rule.overdue().is_some() {
                 tracing::info!(
-                    "session {call}: no transcript of the speech 4 s after it, resuming"
+                    "session {call}: no transcript of the speech {} s after it, resuming",
+                    JUDGE_LIMIT.as_secs()
                 );
                 voice.mute(false);
                 j.sync();
